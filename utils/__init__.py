@@ -1,0 +1,1 @@
+"""Shared utilities: data loading and helpers."""

@@ -1,0 +1,171 @@
+"""L∞ attacks (SPEC §2): PGD (untargeted / targeted, CE / C&W-margin / TRADES-KL / DLR), FGSM, C&W∞.
+
+Every attack runs the model in eval mode inside :func:`attack_mode`, takes gradients with
+respect to the input only, and returns images inside the ε-ball around ``x`` and in [0, 1].
+"""
+from contextlib import contextmanager
+
+import torch
+import torch.nn.functional as F
+
+EPS = 8 / 255
+INITS = ("none", "normal", "uniform")
+LOSSES = ("ce", "cw", "kl", "dlr", "margin")
+
+
+@contextmanager
+def attack_mode(model):
+    """Eval mode and frozen parameters for the duration of an attack; both restored afterwards."""
+    was_training = model.training
+    flags = [p.requires_grad for p in model.parameters()]
+    model.eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    try:
+        yield model
+    finally:
+        for p, flag in zip(model.parameters(), flags):
+            p.requires_grad_(flag)
+        model.train(was_training)
+
+
+def _other_max(logits, y):
+    """max_{j≠y} logits_j per row."""
+    return logits.masked_fill(F.one_hot(y, logits.shape[1]).bool(), float("-inf")).amax(1)
+
+
+def per_example_loss(name, logits, y, clean_probs=None):
+    """Loss each example's attack ascends (untargeted) or descends (targeted, y = target).
+
+    ``ce``: cross-entropy; ``cw``: −relu(z_y − max_{j≠y} z_j) (reference C&W form);
+    ``margin``: max_{j≠y} z_j − z_y (un-clipped margin); ``kl``: KL(clean ‖ adv) as in TRADES;
+    ``dlr``: −(z_y − max_{j≠y} z_j)/(z_π1 − z_π3) (Croce & Hein).
+    """
+    if name == "ce":
+        return F.cross_entropy(logits.float(), y, reduction="none")
+    if name == "cw":
+        return -F.relu(logits.gather(1, y[:, None])[:, 0] - _other_max(logits, y))
+    if name == "margin":
+        return _other_max(logits, y) - logits.gather(1, y[:, None])[:, 0]
+    if name == "kl":
+        if clean_probs is None:
+            raise ValueError("the 'kl' attack loss needs the clean probabilities")
+        logp = F.log_softmax(logits.float(), dim=1)
+        return (clean_probs * (clean_probs.clamp_min(1e-12).log() - logp)).sum(1)
+    if name == "dlr":
+        top = logits.sort(1, descending=True).values
+        gap = (top[:, 0] - top[:, 2]).clamp_min(1e-12)
+        return -(logits.gather(1, y[:, None])[:, 0] - _other_max(logits, y)) / gap
+    raise ValueError(f"unknown attack loss {name!r}; choose one of {', '.join(LOSSES)}")
+
+
+def attack_objective(model, x, y, loss="ce", aux_weight=0.0, clean=None):
+    """Per-example objective on the final logits, plus ``aux_weight``·mean_k on the RA heads
+    ("with p" protocol). Returns ``(objective, final logits)``. ``clean`` holds per-head clean
+    probabilities for the KL loss."""
+    if aux_weight:
+        logits, aux = model(x, return_aux=True)
+    else:
+        logits, aux = model(x), []
+    final_clean = clean[0] if clean is not None else None
+    obj = per_example_loss(loss, logits, y, final_clean)
+    if aux_weight and aux:
+        heads = [per_example_loss(loss, p, y, clean[k + 1] if clean is not None else None) for k, p in enumerate(aux)]
+        obj = obj + aux_weight * torch.stack(heads).mean(0)
+    return obj, logits
+
+
+def _clean_probs(model, x, aux_weight):
+    """Clean probabilities of the final and auxiliary heads, for the KL loss."""
+    with torch.no_grad():
+        if aux_weight:
+            logits, aux = model(x, return_aux=True)
+            return [F.softmax(o.float(), 1) for o in [logits, *aux]]
+        return [F.softmax(model(x).float(), 1)]
+
+
+def _init(x, eps, init, generator=None):
+    if init == "none":
+        return x.clone()
+    if init == "normal":
+        noise = 0.001 * torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+    elif init == "uniform":
+        noise = (torch.rand(x.shape, generator=generator, device=x.device, dtype=x.dtype) * 2 - 1) * eps
+    else:
+        raise ValueError(f"unknown PGD init {init!r}; choose one of {', '.join(INITS)}")
+    return (x + noise).clamp(0, 1)
+
+
+def _rows(mask):
+    """Per-example bool mask shaped to broadcast over N×C×H×W."""
+    return mask.view(-1, 1, 1, 1)
+
+
+def _success(logits, y, targeted):
+    pred = logits.argmax(1)
+    return torch.where(targeted, pred == y, pred != y)
+
+
+def pgd(model, x, y, eps=EPS, step_size=0.007, steps=10, *, loss="ce", targeted=False, init="normal",
+        restarts=1, aux_weight=0.0, keep="last", generator=None):
+    """L∞ PGD: ``x ← Π_{B(x0,ε)∩[0,1]}(x ± step·sign ∇ loss)``; ascend for untargeted examples,
+    descend toward ``y`` for targeted ones.
+
+    ``targeted`` may be a bool or a per-example bool tensor (so adversarial examples and
+    targeted negatives can run as one batch). ``keep="last"`` returns the last iterate (the
+    paper's protocol); ``keep="success"`` returns, per example, the first iterate that fooled
+    the model (or reached the target), which can only lower robust accuracy. With
+    ``restarts > 1`` an example keeps the first restart that succeeded.
+    """
+    if keep not in ("last", "success"):
+        raise ValueError(f"keep must be 'last' or 'success', got {keep!r}")
+    targeted = torch.as_tensor(targeted, device=x.device).expand(x.shape[0])
+    sign = torch.where(targeted, -1.0, 1.0).to(x.dtype).view(-1, *([1] * (x.dim() - 1)))
+    x = x.detach()
+    with attack_mode(model):
+        clean = _clean_probs(model, x, aux_weight) if loss == "kl" else None
+        best = x.clone()
+        done = torch.zeros(x.shape[0], dtype=torch.bool, device=x.device)
+        for _ in range(restarts):
+            x_adv = _init(x, eps, init, generator)
+            found = torch.zeros_like(done)
+            found_x = x_adv
+            for _ in range(steps):
+                x_adv.requires_grad_(True)
+                with torch.enable_grad():
+                    obj, logits = attack_objective(model, x_adv, y, loss, aux_weight, clean)
+                    grad, = torch.autograd.grad(obj.sum(), x_adv)
+                x_adv = x_adv.detach()
+                if keep == "success":
+                    hit = _success(logits.detach(), y, targeted) & ~found
+                    found_x = torch.where(_rows(hit), x_adv, found_x)
+                    found = found | hit
+                x_adv = x_adv + step_size * sign * grad.sign()
+                x_adv = torch.min(torch.max(x_adv, x - eps), x + eps).clamp(0, 1)
+            if keep == "success" or restarts > 1:
+                with torch.no_grad():
+                    hit = _success(model(x_adv), y, targeted) & ~found
+                found_x = torch.where(_rows(hit), x_adv, found_x)
+                found = found | hit
+                if keep == "success":
+                    x_adv = torch.where(_rows(found), found_x, x_adv)
+            best = torch.where(_rows(~done), x_adv, best)
+            done = done | found
+            if restarts > 1 and bool(done.all()):
+                break
+    return best.detach()
+
+
+def fgsm(model, x, y, eps=EPS, *, init="none", aux_weight=0.0, generator=None):
+    """One signed-gradient step of size ε on CE (SPEC §2: no random start)."""
+    return pgd(model, x, y, eps, eps, 1, loss="ce", init=init, aux_weight=aux_weight, generator=generator)
+
+
+def cw_inf(model, x, y, eps=EPS, step_size=0.007, steps=40, *, aux_weight=0.0, generator=None):
+    """C&W∞: PGD on −relu(z_y − max_{j≠y} z_j) from a uniform start (SPEC §2)."""
+    return pgd(model, x, y, eps, step_size, steps, loss="cw", init="uniform", aux_weight=aux_weight, generator=generator)
+
+
+def pgd_train(model, x, y, eps=EPS, step_size=0.007, steps=10, *, aux_weight=0.0, loss="ce", generator=None):
+    """Training adversarial examples (SPEC §2): untargeted CE from x + 0.001·N(0,1)."""
+    return pgd(model, x, y, eps, step_size, steps, loss=loss, init="normal", aux_weight=aux_weight, generator=generator)

@@ -1,0 +1,108 @@
+"""Other-class examples (negatives, OEs) for ANC, one per anchor (SPEC §3), fully vectorised.
+
+``choose_negatives`` picks, for each anchor, an index into the same batch; ``make_negatives``
+also runs the targeted attack of the ``*_adv`` strategies. Anchors that have no example of
+another class in the batch (a single-class batch) get ``valid = False`` and ANC skips them.
+"""
+from dataclasses import dataclass
+
+import torch
+
+from .attacks import EPS, attack_mode, pgd
+
+BASE_STRATEGIES = ("random", "soft", "hard", "easy")
+STRATEGIES = BASE_STRATEGIES + tuple(f"{s}_adv" for s in BASE_STRATEGIES)
+WARMUP_EPOCHS = 10  # non-random strategies use `random` for epochs <= 10 (SPEC §3)
+
+
+@dataclass
+class Negatives:
+    """Negatives for a batch: images, their true labels, source indices and which anchors have one."""
+
+    x: torch.Tensor
+    y: torch.Tensor
+    index: torch.Tensor
+    valid: torch.Tensor
+
+
+def check_strategy(strategy):
+    """Raise a clear error for an unknown strategy name."""
+    if strategy not in STRATEGIES:
+        raise ValueError(f"unknown negative strategy {strategy!r}; choose one of {', '.join(STRATEGIES)}")
+
+
+def effective_strategy(strategy, epoch=None):
+    """The base rule used at ``epoch`` (1-based): non-random rules warm up with `random`."""
+    check_strategy(strategy)
+    base = strategy.removesuffix("_adv")
+    if epoch is not None and epoch <= WARMUP_EPOCHS:
+        return "random"
+    return base
+
+
+def _pick(scores, allowed):
+    """Row-wise argmax of ``scores`` among ``allowed`` columns, and whether any was allowed."""
+    masked = scores.masked_fill(~allowed, float("-inf"))
+    return masked.argmax(1), allowed.any(1)
+
+
+def random_negatives(y, num_classes, generator=None):
+    """For each anchor: a class ≠ y_i uniformly among the classes present, then a uniformly
+    random example of that class. Returns ``(index, valid)``."""
+    n = y.shape[0]
+    present = torch.zeros(num_classes, dtype=torch.bool, device=y.device)
+    present[y] = True
+    classes = torch.arange(num_classes, device=y.device)
+    allowed_class = present[None, :] & (classes[None, :] != y[:, None])
+    class_scores = torch.rand((n, num_classes), generator=generator, device=y.device)
+    chosen_class, valid = _pick(class_scores, allowed_class)
+    example_scores = torch.rand((n, n), generator=generator, device=y.device)
+    index, _ = _pick(example_scores, y[None, :] == chosen_class[:, None])
+    return torch.where(valid, index, torch.arange(n, device=y.device)), valid
+
+
+def candidate_mask(strategy, y, pred):
+    """N×N matrix: may example j serve as anchor i's negative under ``strategy`` (soft/hard/easy)."""
+    anchor_pred, anchor_label, cand_pred = pred[:, None], y[:, None], pred[None, :]
+    if strategy == "soft":
+        allowed = cand_pred == anchor_pred
+    elif strategy == "hard":
+        allowed = cand_pred == anchor_label
+    elif strategy == "easy":
+        allowed = (cand_pred != anchor_label) & (cand_pred != anchor_pred)
+    else:
+        raise ValueError(f"no candidate rule for {strategy!r}")
+    return allowed & (y[None, :] != anchor_label)
+
+
+def choose_negatives(strategy, y, num_classes, logits=None, generator=None):
+    """Indices of each anchor's negative for a base strategy. Non-random rules need the batch's
+    eval-mode ``logits``: among the allowed candidates take the one with the largest logit for
+    the anchor's label, falling back to `random` where no candidate is left."""
+    index, valid = random_negatives(y, num_classes, generator)
+    if strategy == "random":
+        return index, valid
+    if logits is None:
+        raise ValueError(f"strategy {strategy!r} needs the batch's eval-mode logits")
+    allowed = candidate_mask(strategy, y, logits.argmax(1))
+    scores = logits[:, y].t().float()  # scores[i, j] = logit of example j for class y_i
+    picked, has_candidate = _pick(scores, allowed)
+    return torch.where(has_candidate, picked, index), valid
+
+
+def make_negatives(strategy, model, x, y, num_classes, *, epoch=None, eps=EPS, step_size=0.007, steps=10,
+                   aux_weight=0.0, generator=None):
+    """Select (and for ``*_adv`` strategies, attack toward the anchor's label) one negative per
+    anchor. Selection logits and the attack use eval mode; ``y`` of the negative stays its
+    true label."""
+    base = effective_strategy(strategy, epoch)
+    logits = None
+    if base != "random":
+        with attack_mode(model), torch.no_grad():
+            logits = model(x)
+    index, valid = choose_negatives(base, y, num_classes, logits, generator)
+    x_neg, y_neg = x[index], y[index]
+    if strategy.endswith("_adv"):
+        x_neg = pgd(model, x_neg, y, eps, step_size, steps, loss="ce", targeted=True, init="normal",
+                    aux_weight=aux_weight, generator=generator)
+    return Negatives(x_neg, y_neg, index, valid)
