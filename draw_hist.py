@@ -1,0 +1,45 @@
+"""The paper's Fig. 1 / Fig. 3 histograms (NP cosine, NP L2, PP cosine, PP L2; 20 bins, density)
+with several methods overlaid, from .npz files written by feature_distance.py."""
+import argparse
+import sys
+
+from utils.features import FeatureError, load_npz
+from utils.plots import histogram_figures, mixed_metadata
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("files", nargs="+", help=".npz files from feature_distance.py, one per method")
+    parser.add_argument("--labels", nargs="+", default=None,
+                        help="legend labels, one per file (default: the method labels stored in the files)")
+    parser.add_argument("--bins", type=int, default=20, help="bins per panel, shared by all methods (default 20)")
+    parser.add_argument("--out-dir", default="figures", help="output folder (created if missing)")
+    return parser.parse_args(argv)
+
+
+def run(args):
+    if args.labels is not None and len(args.labels) != len(args.files):
+        raise FeatureError(f"got {len(args.labels)} --labels for {len(args.files)} files; give one label per file")
+    if args.bins < 1:
+        raise FeatureError("--bins must be at least 1")
+    runs = [load_npz(path) for path in args.files]
+    for message in mixed_metadata(runs, args.files):
+        print(f"warning: {message}", file=sys.stderr)
+    labels = args.labels or [str(run["label"]) for run in runs]
+    paths = histogram_figures(runs, labels, args.out_dir, args.bins)
+    print("saved " + ", ".join(str(p) for p in paths))
+    return paths
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    try:
+        run(args)
+    except FeatureError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

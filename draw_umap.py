@@ -1,0 +1,61 @@
+"""UMAP of the penultimate features of natural and PGD adversarial test images, coloured by
+class (o natural, x adversarial); saves umap.png/pdf and the 2-D embedding (umap_embedding.npz)."""
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from models import CheckpointError
+from utils.data import DatasetError
+from utils.features import (FeatureError, add_common_arguments, attack_from_args, check_options, load_analysis,
+                            umap_inputs)
+from utils.plots import umap_embedding, umap_figure
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__)
+    add_common_arguments(parser)
+    parser.add_argument("--n-neighbors", type=int, default=15, help="UMAP n_neighbors (default 15)")
+    parser.add_argument("--min-dist", type=float, default=0.1, help="UMAP min_dist (default 0.1)")
+    parser.set_defaults(n_examples=500)
+    return parser.parse_args(argv)
+
+
+def run(args):
+    check_options(args)
+    if args.n_neighbors < 2:
+        raise FeatureError("--n-neighbors must be at least 2")
+    analysis = load_analysis(args.ckpt, args.dataset, args.data_dir, args.device, args.label)
+    attack = attack_from_args(args, analysis)
+    inputs = umap_inputs(analysis, args.n_examples, batch_size=args.batch_size, attack=attack, seed=args.seed,
+                         device=args.device, progress=not args.quiet)
+    embedding = umap_embedding(inputs["features"], args.seed, args.n_neighbors, args.min_dist)
+    out_dir = Path(args.out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    n = len(inputs["index"])
+    title = f"{analysis.label} on {analysis.dataset}: {n} test images, natural and PGD-{attack.steps}"
+    paths = umap_figure(embedding, inputs["labels"], inputs["is_adv"], analysis.data.classes, title, out_dir / "umap")
+    embedding_path = out_dir / "umap_embedding.npz"
+    np.savez(embedding_path, embedding=embedding, labels=inputs["labels"], is_adv=inputs["is_adv"],
+             index=inputs["index"], checkpoint=np.array(args.ckpt), label=np.array(analysis.label),
+             dataset=np.array(analysis.dataset), seed=np.array(args.seed),
+             attack=np.array(json.dumps(attack.for_model(analysis.model).describe()["ae"])))
+    paths.append(embedding_path)
+    print("saved " + ", ".join(str(p) for p in paths))
+    return paths
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    try:
+        run(args)
+    except (FeatureError, CheckpointError, DatasetError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

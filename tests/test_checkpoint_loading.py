@@ -1,0 +1,108 @@
+"""Checkpoint loading (models.loading): our format round trip, DataParallel prefixes, bare
+reference-style state dicts, and one clear sentence for every mismatch or unreadable file."""
+import argparse
+import pickle
+
+import pytest
+import torch
+
+from models import CheckpointError, create_model, load_model, model_config, read_checkpoint
+
+
+def payload(model, arch, num_classes, ra, image_size=32):
+    """A checkpoint in the project's format (weights_only-safe content only)."""
+    return {
+        "model": model.state_dict(),
+        "model_config": {"arch": arch, "num_classes": num_classes, "reverse_attention": ra, "image_size": image_size},
+        "args": {"dataset": "cifar10", "method": "trades", "strategy": "random_adv"},
+        "epoch": 7,
+    }
+
+
+def outputs(model, x):
+    with torch.no_grad():
+        return model.eval()(x)
+
+
+def test_round_trip_through_file_gives_identical_outputs(tiny_model, tmp_path):
+    model = tiny_model("wrn-16-1", 10)
+    path = tmp_path / "ckpt.pt"
+    torch.save(payload(model, "wrn-16-1", 10, True), path)
+    loaded, config = load_model(str(path))
+    x = torch.rand(3, 3, 16, 16)
+    assert config == {"arch": "wrn-16-1", "num_classes": 10, "reverse_attention": True, "image_size": 32}
+    assert torch.equal(outputs(loaded, x), outputs(model, x))
+    assert read_checkpoint(path)["epoch"] == 7
+    again, _ = load_model(path)  # a PathLike works too
+    assert torch.equal(outputs(again, x), outputs(model, x))
+
+
+def test_module_prefix_is_stripped(tiny_model, tmp_path):
+    model = tiny_model("wrn-16-1", 10, reverse_attention=False)
+    wrapped = {"module." + k: v for k, v in model.state_dict().items()}
+    path = tmp_path / "dp.pt"
+    torch.save({"model": wrapped, "model_config": payload(model, "wrn-16-1", 10, False)["model_config"]}, path)
+    loaded, config = load_model(str(path))
+    x = torch.rand(2, 3, 16, 16)
+    assert config["reverse_attention"] is False
+    assert torch.equal(outputs(loaded, x), outputs(model, x))
+
+
+@pytest.mark.parametrize("arch,classes,image_size,size", [
+    ("wrn-16-1", 7, 32, 16), ("resnet18", 100, 32, 16), ("preact-resnet18", 200, 64, 64)])
+def test_bare_reference_state_dict_loads_with_inferred_config(tiny_model, tmp_path, arch, classes, image_size, size):
+    kwargs = {"image_size": image_size, "input_size": size} if arch.startswith("preact") else {}
+    model = tiny_model(arch, classes, **kwargs)
+    path = tmp_path / "ref.pth"
+    torch.save(model.state_dict(), path)  # just the state dict, as the reference repo saves it
+    loaded, config = load_model(str(path))
+    assert config == {"arch": arch, "num_classes": classes, "reverse_attention": True, "image_size": image_size}
+    x = torch.rand(2, 3, size, size)
+    assert torch.equal(outputs(loaded, x), outputs(model, x))
+    assert model_config(model.state_dict())["reverse_attention"] is None  # not recorded in a bare dict
+
+
+def test_wrn_34_10_is_recognised_from_its_names():
+    state = create_model("wrn-34-10", 10, reverse_attention=False).state_dict()
+    assert model_config(state)["arch"] == "wrn-34-10"
+
+
+def test_mismatch_is_one_clear_sentence(tmp_path):
+    model = create_model("resnet18", 100, reverse_attention=False)
+    path = tmp_path / "plain.pt"
+    torch.save(payload(model, "resnet18", 100, False), path)
+    with pytest.raises(CheckpointError) as err:
+        load_model(str(path), arch="resnet18", num_classes=10, reverse_attention=True)
+    message = str(err.value)
+    assert message == ("checkpoint is a plain resnet18 with 100 classes; "
+                       "you asked for an RA resnet18 with 10 classes")
+    with pytest.raises(CheckpointError, match="a plain resnet18 with 100 classes.*a plain wrn-34-10"):
+        load_model(str(path), arch="wrn-34-10")
+    with pytest.raises(CheckpointError, match="you asked for an RA resnet18 with 100 classes"):
+        load_model(str(path), reverse_attention=True)
+
+
+def test_unreadable_files_raise_checkpoint_error(tmp_path):
+    with pytest.raises(CheckpointError, match="does not exist"):
+        load_model(str(tmp_path / "missing.pt"))
+    text = tmp_path / "notes.pt"
+    text.write_text("this is not a checkpoint\n")
+    with pytest.raises(CheckpointError, match="cannot read checkpoint"):
+        load_model(str(text))
+    raw = tmp_path / "raw.pkl"
+    with open(raw, "wb") as f:
+        pickle.dump({"model": {}}, f, protocol=2)
+    with pytest.raises(CheckpointError, match="cannot read checkpoint"):
+        read_checkpoint(str(raw))
+    unsafe = tmp_path / "unsafe.pt"  # an arbitrary Python object inside: refused by weights_only loading
+    torch.save({"model": {"fc.weight": torch.zeros(2, 2)}, "args": argparse.Namespace(lr=0.1)}, unsafe)
+    with pytest.raises(CheckpointError, match="cannot read checkpoint"):
+        read_checkpoint(str(unsafe))
+    empty = tmp_path / "empty.pt"
+    torch.save({}, empty)
+    with pytest.raises(CheckpointError, match="no model state dict"):
+        load_model(str(empty))
+    odd = tmp_path / "odd.pt"
+    torch.save({"model": {"conv.weight": torch.zeros(1)}}, odd)
+    with pytest.raises(CheckpointError, match="does not look like"):
+        load_model(str(odd))

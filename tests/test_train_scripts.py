@@ -1,0 +1,195 @@
+"""The train_* scripts end to end on synthetic data: smoke runs, exact resume, Ctrl-C, and the
+error sentences for a missing dataset, an existing run, a wrong checkpoint and a NaN loss."""
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from models import load_model
+from utils import engine
+from utils.train_cli import main
+
+REPO = Path(__file__).resolve().parents[1]
+# WRN-16-1 keeps script-level tests cheap; the real WRN-34-10 smoke is the same code path.
+SMALL_WRN = ["--smoke", "--depth", "16", "--widen", "1", "--quiet"]
+
+
+def run_dir_files(run):
+    return sorted(p.name for p in run.iterdir())
+
+
+def metrics(run):
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+def check_smoke_run(run, arch, reverse_attention):
+    """The artefacts every finished 2-epoch smoke run must leave."""
+    assert run_dir_files(run) == ["args.json", "best.pt", "curves.png", "epoch_2.pt", "last.pt", "log.txt",
+                                  "metrics.jsonl"]
+    records = metrics(run)
+    assert [r["epoch"] for r in records] == [1, 2]
+    assert all(0 <= r["test"]["nat"] <= 1 and 0 <= r["test"]["pgd"] <= 1 and r["test"]["size"] == 32
+               for r in records)
+    model, config = load_model(str(run / "last.pt"))
+    assert (config["arch"], config["reverse_attention"]) == (arch, reverse_attention)
+    payload = torch.load(run / "last.pt", weights_only=True)
+    assert payload["epoch"] == 2 and payload["interrupted_epoch"] is None
+    assert payload["scheduler"]["_last_lr"] == pytest.approx([0.001])  # smoke milestone at epoch 2
+    assert (run / "curves.png").read_bytes()[:4] == b"\x89PNG"
+    return json.loads((run / "args.json").read_text())
+
+
+@pytest.mark.slow
+def test_resnet_script_smoke_runs_as_a_program(tmp_path):
+    result = subprocess.run([sys.executable, "train_CIFAR10_ResNet.py", "--smoke", "--quiet", "--out-dir",
+                             str(tmp_path)], cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr
+    args = check_smoke_run(tmp_path / "smoke_synthetic_resnet18_trades-ancra_s0", "resnet18", True)
+    assert (args["weight_decay"], args["attack_loss"], args["lr"]) == (2e-4, "ce", 0.01)
+    assert "best chosen on the test subset" in result.stdout
+
+
+def test_wideresnet_script_smoke(tmp_path):
+    assert main("wideresnet", SMALL_WRN + ["--out-dir", str(tmp_path)]) == 0
+    args = check_smoke_run(tmp_path / "smoke_synthetic_wrn-16-1_trades-ancra_s0", "wrn-16-1", True)
+    assert args["method_name"] == "trades-ancra" and args["strategy"] == "random_adv"
+
+
+@pytest.mark.slow
+def test_tiny_imagenet_script_smoke(tmp_path):
+    assert main("tiny", ["--smoke", "--quiet", "--out-dir", str(tmp_path), "--method", "mart", "--no-anc"]) == 0
+    args = check_smoke_run(tmp_path / "smoke_synthetic_preact-resnet18_mart-ra_s0", "preact-resnet18", True)
+    assert (args["weight_decay"], args["image_size"]) == (5e-4, 32)
+
+
+def test_baselines_script_smoke_with_validation_split(tmp_path, capsys):
+    argv = ["--smoke", "--quiet", "--arch", "wrn-16-1", "--method", "trades", "--val-size", "8",
+            "--out-dir", str(tmp_path)]
+    assert main("baselines", argv) == 0
+    run = tmp_path / "smoke_synthetic_wrn-16-1_trades_s0"
+    args = check_smoke_run(run, "wrn-16-1", False)
+    assert args["attack_loss"] == "kl"  # vanilla TRADES attacks with its KL loss
+    records = metrics(run)
+    assert all(r["best"]["split"] == "val" and r["val"]["size"] == 8 for r in records)
+    assert "best chosen on the validation split" in (run / "log.txt").read_text()
+    assert "trades | wrn-16-1 on synthetic (24 train, 8 val, 32 test images)" in capsys.readouterr().out
+
+
+def _weights(path):
+    return torch.load(path, weights_only=True)
+
+
+def test_resume_gives_identical_weights(tmp_path):
+    out = ["--out-dir", str(tmp_path)]
+    assert main("wideresnet", SMALL_WRN + out + ["--run-name", "straight"]) == 0
+    assert main("wideresnet", SMALL_WRN + out + ["--run-name", "split", "--epochs", "1"]) == 0
+    assert _weights(tmp_path / "split" / "last.pt")["epoch"] == 1
+    assert main("wideresnet", ["--resume", str(tmp_path / "split"), "--epochs", "2"]) == 0
+    straight, resumed = _weights(tmp_path / "straight" / "last.pt"), _weights(tmp_path / "split" / "last.pt")
+    assert resumed["epoch"] == 2
+    assert straight["model"].keys() == resumed["model"].keys()
+    assert all(torch.equal(straight["model"][k], resumed["model"][k]) for k in straight["model"])
+    momenta = [(a["momentum_buffer"], b["momentum_buffer"])
+               for a, b in zip(straight["optimizer"]["state"].values(), resumed["optimizer"]["state"].values())]
+    assert momenta and all(torch.equal(a, b) for a, b in momenta)
+    strip = lambda r: {k: v for k, v in r.items() if k != "seconds"}  # noqa: E731
+    assert [strip(r) for r in metrics(tmp_path / "straight")] == [strip(r) for r in metrics(tmp_path / "split")]
+
+
+def _patch_loss(monkeypatch, on_call):
+    """Wrap the engine's training loss; ``on_call(n, loss, metrics)`` may change the n-th result."""
+    real, count = engine.training_loss, [0]
+
+    def wrapped(*args, **kwargs):
+        count[0] += 1
+        loss, batch_metrics = real(*args, **kwargs)
+        return on_call(count[0], loss, batch_metrics)
+
+    monkeypatch.setattr(engine, "training_loss", wrapped)
+
+
+def test_nan_loss_stops_with_a_clear_error_and_keeps_last_checkpoint(tmp_path, monkeypatch, capsys):
+    def poison(n, loss, batch_metrics):  # smoke: 2 batches per epoch, so epoch 2 starts at call 3
+        if n >= 3:
+            loss = loss * float("nan")
+            batch_metrics["loss"] = loss.detach()
+        return loss, batch_metrics
+
+    _patch_loss(monkeypatch, poison)
+    assert main("wideresnet", SMALL_WRN + ["--out-dir", str(tmp_path), "--run-name", "r"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error: the training loss became nan in epoch 2")
+    assert "last good checkpoint" in err and "(epoch 1) is intact" in err
+    run = tmp_path / "r"
+    assert _weights(run / "last.pt")["epoch"] == 1
+    assert all(torch.isfinite(v).all() for v in _weights(run / "last.pt")["model"].values() if v.is_floating_point())
+    assert [r["epoch"] for r in metrics(run)] == [1]
+
+
+def test_ctrl_c_saves_last_checkpoint_and_resume_finishes(tmp_path, monkeypatch, capsys):
+    def interrupt(n, loss, batch_metrics):
+        if n == 3:
+            os.kill(os.getpid(), signal.SIGINT)
+        return loss, batch_metrics
+
+    _patch_loss(monkeypatch, interrupt)
+    run = tmp_path / "r"
+    assert main("wideresnet", SMALL_WRN + ["--out-dir", str(tmp_path), "--run-name", "r"]) == 130
+    assert f"stopped by SIGINT during epoch 2; saved {run / 'last.pt'}, continue with --resume {run}" in \
+        capsys.readouterr().err
+    saved = _weights(run / "last.pt")
+    assert (saved["epoch"], saved["interrupted_epoch"]) == (1, 2)
+    monkeypatch.undo()
+    assert main("wideresnet", ["--resume", str(run)]) == 0
+    assert _weights(run / "last.pt")["epoch"] == 2
+    assert "resuming interrupted epoch 2" in (run / "log.txt").read_text()
+
+
+def test_existing_run_directory_is_refused(tmp_path, capsys):
+    run = tmp_path / "taken"
+    run.mkdir()
+    (run / "args.json").write_text("{}")
+    assert main("resnet", ["--dataset", "synthetic", "--out-dir", str(tmp_path), "--run-name", "taken"]) == 2
+    err = capsys.readouterr().err
+    assert err == (f"error: run directory {run} already holds a run; pass --resume {run} to continue it, "
+                   f"--overwrite to replace it, or --run-name NAME to start a new one\n")
+
+
+def test_missing_dataset_is_one_error_line(tmp_path, capsys):
+    argv = ["--data-dir", str(tmp_path / "nowhere"), "--out-dir", str(tmp_path), "--quiet"]
+    assert main("tiny", argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: Tiny-ImageNet not found under") and "--data-dir" in err
+    assert err.count("\n") == 1
+
+
+def test_resuming_a_checkpoint_of_another_architecture_is_refused(tmp_path, capsys):
+    assert main("wideresnet", SMALL_WRN + ["--out-dir", str(tmp_path), "--run-name", "wrn", "--epochs", "1"]) == 0
+    capsys.readouterr()
+    assert main("resnet", ["--resume", str(tmp_path / "wrn")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: cannot resume {tmp_path / 'wrn'}: it holds an RA wrn-16-1 with 10 classes")
+    assert "build an RA resnet18 with 10 classes" in err
+
+
+def test_resume_of_nothing_and_cuda_without_gpu_are_one_line_errors(tmp_path, capsys):
+    (tmp_path / "empty").mkdir()
+    assert main("resnet", ["--resume", str(tmp_path / "empty")]) == 2
+    assert "holds no last.pt, so there is nothing to resume" in capsys.readouterr().err
+    if not torch.cuda.is_available():
+        assert main("baselines", ["--smoke", "--device", "cuda", "--out-dir", str(tmp_path)]) == 2
+        assert "no usable CUDA GPU; use --device cpu" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("kind", ["resnet", "wideresnet", "tiny", "baselines"])
+def test_help_documents_the_recipe(kind, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(kind, ["--help"])
+    assert exit_info.value.code == 0
+    text = capsys.readouterr().out
+    assert "--smoke" in text and "--resume" in text and "0.01" in text and "used 0.1" in text

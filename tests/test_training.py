@@ -1,0 +1,181 @@
+"""The training engine: one step, evaluation, checkpoint files, RNG, schedule, curves, and a
+measured check that PGD-AT buys robustness that standard training does not."""
+import random
+
+import numpy as np
+import pytest
+import torch
+import torch.nn as nn
+
+from models import create_model
+from utils import data, engine
+from utils.checkpoint import (RunDirError, atomic_save_many, capture_rng, load_scheduler_state, prepare_run_dir,
+                              restore_rng, scheduler_state)
+from utils.curves import plot_curves
+from utils.engine import (ConfigError, EvalConfig, MethodConfig, RunInfo, Schedule, Trainer, TrainStep,
+                          build_optimizer, build_scheduler, evaluate)
+
+
+def _batch(n=8, size=8, seed=0):
+    pair = data.make_synthetic("train", n, size, seed)
+    return pair.float(), pair.y
+
+
+def _step(method="trades", anc=True, ra=True, attack_loss="ce", seed=0):
+    torch.manual_seed(seed)
+    model = create_model("wrn-16-1", 10, reverse_attention=ra)
+    optimizer = build_optimizer(model, Schedule(lr=0.05))
+    config = MethodConfig(method=method, anc=anc, attack_loss=attack_loss, steps=1)
+    return TrainStep(model, optimizer, config, num_classes=10)
+
+
+def test_method_names_and_invalid_combinations():
+    assert MethodConfig("trades").name(True) == "trades-ancra"
+    assert MethodConfig("mart", anc=False).name(True) == "mart-ra"
+    assert MethodConfig("pgd-at").name(False) == "pgd-at-anc"
+    assert MethodConfig("trades", anc=False).name(False) == "trades"
+    assert MethodConfig("mart").resolved_beta == 5.0 and MethodConfig("trades", beta=1.5).resolved_beta == 1.5
+    with pytest.raises(ConfigError, match="--no-anc"):
+        MethodConfig("standard", anc=True)
+    with pytest.raises(ConfigError, match="strategy"):
+        MethodConfig(strategy="closest")
+
+
+def test_train_step_updates_weights_and_keeps_metrics_on_device():
+    step = _step()
+    x, y = _batch()
+    before = [p.detach().clone() for p in step.model.parameters()]
+    metrics = step(x, y, epoch=1)
+    assert {"loss", "ce_nat", "kl", "anc", "acc_adv", "acc_neg"} <= set(metrics)
+    assert all(isinstance(v, torch.Tensor) and v.dim() == 0 and not v.requires_grad for v in metrics.values())
+    changed = [not torch.equal(b, p) for b, p in zip(before, step.model.parameters())]
+    assert sum(changed) > len(changed) // 2
+    assert step.model.training
+
+
+@pytest.mark.parametrize("method, anc, ra, attack_loss, want_aux, want_negatives", [
+    ("trades", True, True, "ce", 2.0, True),     # TRADES-ANCRA: CE attack "with p"
+    ("trades", False, False, "kl", 0.0, False),  # vanilla TRADES: KL attack, plain model
+    ("mart", True, False, "ce", 0.0, True),      # MART-ANC: plain model, no aux term in attacks
+])
+def test_train_step_attack_settings(monkeypatch, method, anc, ra, attack_loss, want_aux, want_negatives):
+    calls = {"pgd": [], "neg": []}
+    real_pgd, real_neg = engine.pgd_train, engine.make_negatives
+    monkeypatch.setattr(engine, "pgd_train", lambda *a, **k: calls["pgd"].append(k) or real_pgd(*a, **k))
+    monkeypatch.setattr(engine, "make_negatives", lambda *a, **k: calls["neg"].append(k) or real_neg(*a, **k))
+    step = _step(method, anc, ra, attack_loss)
+    step(*_batch(), epoch=12)
+    assert [(k["loss"], k["aux_weight"]) for k in calls["pgd"]] == [(attack_loss, want_aux)]
+    assert len(calls["neg"]) == int(want_negatives)
+    if want_negatives:
+        assert calls["neg"][0]["epoch"] == 12 and calls["neg"][0]["aux_weight"] == want_aux
+
+
+def test_standard_training_uses_clean_inputs(monkeypatch):
+    monkeypatch.setattr(engine, "pgd_train", lambda *a, **k: pytest.fail("standard training must not attack"))
+    metrics = _step("standard", anc=False, ra=False)(*_batch(), epoch=1)
+    assert set(metrics) == {"acc_nat", "ce_nat", "loss"}
+
+
+class MeanThreshold(nn.Module):
+    """Predicts class 0 when the mean pixel exceeds 0.5, else class 1."""
+
+    def __init__(self):
+        super().__init__()
+        self.scale = nn.Parameter(torch.ones(()))
+
+    def forward(self, x):
+        m = x.mean((1, 2, 3)) * self.scale
+        return torch.stack([m, torch.full_like(m, 0.5)], 1)
+
+
+def test_evaluate_matches_hand_computed_accuracies():
+    # grey levels / labels: 0.2→1 (robust), 0.8→0 (robust), 0.51→0 (eps-close: broken), 0.45→0 (wrong)
+    levels = torch.tensor([51, 204, 130, 115] * 2, dtype=torch.uint8)
+    labels = torch.tensor([1, 0, 0, 0] * 2)
+    pair = data.TensorPair(levels.view(-1, 1, 1, 1).expand(-1, 3, 4, 4).contiguous(), labels, ["a", "b"])
+    loader = data.BatchLoader(pair, 3, shuffle=False, augment=False)
+    model = MeanThreshold()
+    result = evaluate(model.train(), loader, EvalConfig(steps=20))
+    assert result == {"nat": 0.75, "pgd": 0.5, "size": 8}
+    assert model.training and model.scale.requires_grad
+
+
+def test_rng_capture_restore_round_trip_is_weights_only_safe(tmp_path):
+    torch.manual_seed(3), np.random.seed(3), random.seed(3)
+    state = capture_rng()
+    draws = (torch.rand(3), np.random.rand(3), random.random())
+    torch.save(state, tmp_path / "rng.pt")
+    torch.manual_seed(99), np.random.seed(99), random.seed(99)
+    restore_rng(torch.load(tmp_path / "rng.pt", weights_only=True))
+    assert torch.equal(torch.rand(3), draws[0])
+    assert np.array_equal(np.random.rand(3), draws[1]) and random.random() == draws[2]
+
+
+def test_scheduler_state_round_trip_continues_the_schedule(tmp_path):
+    params = nn.Linear(1, 1)
+    schedule = Schedule(lr=0.1, milestones=(2, 4))
+    optimizer = build_optimizer(params, schedule)
+    scheduler = build_scheduler(optimizer, schedule)
+    optimizer.step()
+    scheduler.step()
+    torch.save(scheduler_state(scheduler), tmp_path / "s.pt")
+    fresh_opt = build_optimizer(params, schedule)
+    fresh = build_scheduler(fresh_opt, schedule)
+    load_scheduler_state(fresh, torch.load(tmp_path / "s.pt", weights_only=True))
+    lrs = []
+    for _ in range(3):
+        fresh.step()
+        lrs.append(fresh_opt.param_groups[0]["lr"])
+    assert lrs == pytest.approx([0.01, 0.01, 0.001])
+
+
+def test_atomic_save_many_shares_one_write_and_survives_replacement(tmp_path):
+    best, last = tmp_path / "best.pt", tmp_path / "last.pt"
+    atomic_save_many({"epoch": 1}, [best, last])
+    atomic_save_many({"epoch": 2}, [last])
+    assert torch.load(best, weights_only=True) == {"epoch": 1}
+    assert torch.load(last, weights_only=True) == {"epoch": 2}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["best.pt", "last.pt"]  # no temp files left
+
+
+def test_prepare_run_dir_refuses_existing_run_and_overwrite_keeps_other_files(tmp_path):
+    run = tmp_path / "run"
+    prepare_run_dir(run)
+    (run / "args.json").write_text("{}")
+    (run / "epoch_10.pt").write_text("x")
+    (run / "notes.txt").write_text("mine")
+    with pytest.raises(RunDirError, match="--resume .* --overwrite"):
+        prepare_run_dir(run)
+    prepare_run_dir(run, overwrite=True)
+    assert [p.name for p in run.iterdir()] == ["notes.txt"]
+
+
+def test_curves_png_has_both_panels_data(tmp_path):
+    records = [{"epoch": e, "lr": 0.01, "train": {"loss": 2.0 / e, "kl": 0.1, "acc_adv": 0.3},
+                "test": {"nat": 0.5, "pgd": 0.2}, "val": {"nat": 0.4, "pgd": 0.1}, "eval_attack": "PGD-20"}
+               for e in (1, 2, 3)]
+    plot_curves(records, tmp_path / "curves.png", "title")
+    assert (tmp_path / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.mark.slow
+def test_pgd_at_is_clearly_more_robust_than_standard_training():
+    """Same plain WRN-16-1, data, schedule and budget; only the training inputs differ."""
+    train = data.make_synthetic("train", 2000, 16, seed=0)
+    test = data.make_synthetic("test", 200, 16, seed=0)
+    results = {}
+    for method in ("standard", "pgd-at"):
+        torch.manual_seed(0)
+        model = create_model("wrn-16-1", 10, reverse_attention=False)
+        schedule = Schedule(lr=0.05, weight_decay=5e-4, milestones=(3,))
+        optimizer = build_optimizer(model, schedule)
+        config = MethodConfig(method=method, anc=False, steps=3, step_size=2.5 * (8 / 255) / 3)
+        trainer = Trainer(TrainStep(model, optimizer, config, 10), build_scheduler(optimizer, schedule),
+                          data.BatchLoader(train, 64, shuffle=True, augment=False),
+                          {"test": data.BatchLoader(test, 200, shuffle=False, augment=False)},
+                          RunInfo(None, {}, {}), epochs=3, eval_config=EvalConfig(steps=10), quiet=True)
+        results[method] = trainer.fit()[-1]["test"]
+    print(results)
+    assert results["pgd-at"]["nat"] > 0.8
+    assert results["pgd-at"]["pgd"] >= results["standard"]["pgd"] + 0.15

@@ -1,0 +1,224 @@
+"""Run directories and checkpoints that never lose work: atomic writes, RNG capture/restore,
+and the refusal to start over an existing run by accident.
+
+A run directory holds ``args.json``, ``metrics.jsonl``, ``log.txt``, ``curves.png`` and the
+checkpoints ``last.pt``, ``best.pt`` and ``epoch_N.pt``. Every file is written to a temporary
+name next to its target and renamed over it, so a crash never leaves a half-written file.
+"""
+import json
+import os
+import random
+import re
+import shutil
+import tempfile
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from models import CheckpointError, read_checkpoint
+
+LAST, BEST = "last.pt", "best.pt"
+RUN_FILES = ("args.json", "metrics.jsonl", "log.txt", "curves.png", LAST, BEST)
+FILE_MODE = 0o644  # mkstemp makes 0600 files; run outputs are ordinary readable files
+_EPOCH_FILE = re.compile(r"^epoch_\d+\.pt$")
+
+
+class RunDirError(RuntimeError):
+    """The run directory cannot be used as asked (exists already, not a run, ...)."""
+
+
+def _atomic_write(path, write):
+    """Call ``write(handle)`` on a temporary file beside ``path``, fsync it, then rename it over ``path``."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            write(handle)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.chmod(tmp, FILE_MODE)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def atomic_save(obj, path):
+    """``torch.save`` to ``path`` atomically (temp file + rename)."""
+    _atomic_write(path, lambda handle: torch.save(obj, handle))
+
+
+def atomic_save_many(obj, paths):
+    """``torch.save`` once and put the same file at every path, in order, each replaced atomically.
+
+    Hard links make the extra copies free (a later atomic rename over one path gives it a new
+    file and leaves the others alone); a plain copy is used where links are not supported.
+    """
+    paths = [Path(p) for p in paths]
+    source = _temp_name(paths[-1])
+    try:
+        with open(source, "wb") as handle:
+            torch.save(obj, handle)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.chmod(source, FILE_MODE)
+        for path in paths[:-1]:
+            copy = _temp_name(path)
+            try:
+                os.link(source, copy)
+            except OSError:
+                shutil.copyfile(source, copy)
+            os.replace(copy, path)
+        os.replace(source, paths[-1])
+    finally:
+        if os.path.exists(source):
+            os.unlink(source)
+
+
+def _temp_name(path):
+    """A fresh unused temporary file name beside ``path``."""
+    fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    os.unlink(name)
+    return name
+
+
+def atomic_write_bytes(path, data):
+    """Write ``data`` (bytes) to ``path`` atomically."""
+    _atomic_write(path, lambda handle: handle.write(data))
+
+
+def atomic_write_text(path, text):
+    """Write ``text`` to ``path`` atomically."""
+    atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def atomic_write_json(path, obj):
+    """Write ``obj`` as indented JSON to ``path`` atomically."""
+    atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True) + "\n")
+
+
+# ----------------------------------------------------------------------------- RNG
+
+
+def capture_rng():
+    """Every RNG state a training step draws from, as tensors/lists/ints only (weights_only-safe)."""
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    version, internal, gauss_next = random.getstate()
+    state = {
+        "torch": torch.get_rng_state(),
+        "numpy": {"name": name, "keys": keys.tolist(), "pos": int(pos), "has_gauss": int(has_gauss),
+                  "cached_gaussian": float(cached)},
+        "python": {"version": version, "internal": list(internal), "gauss_next": gauss_next},
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def restore_rng(state):
+    """Put back the RNG states saved by :func:`capture_rng` (CUDA ones only where CUDA exists)."""
+    torch.set_rng_state(state["torch"].cpu())
+    np_state = state["numpy"]
+    np.random.set_state((np_state["name"], np.asarray(np_state["keys"], dtype=np.uint32), np_state["pos"],
+                         np_state["has_gauss"], np_state["cached_gaussian"]))
+    py_state = state["python"]
+    random.setstate((py_state["version"], tuple(py_state["internal"]), py_state["gauss_next"]))
+    if "cuda" in state and torch.cuda.is_available() and len(state["cuda"]) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all([s.cpu() for s in state["cuda"]])
+
+
+def seed_everything(seed):
+    """Seed torch (CPU and CUDA), numpy and python ``random``."""
+    torch.manual_seed(seed)
+    np.random.seed(seed)
+    random.seed(seed)
+
+
+# ----------------------------------------------------------------------------- scheduler
+
+
+def scheduler_state(scheduler):
+    """The scheduler's state with MultiStepLR's ``Counter`` turned into a plain dict (older
+    torch versions refuse a Counter under ``weights_only=True``)."""
+    state = dict(scheduler.state_dict())
+    if isinstance(state.get("milestones"), Counter):
+        state["milestones"] = dict(state["milestones"])
+    return state
+
+
+def load_scheduler_state(scheduler, state):
+    """Inverse of :func:`scheduler_state`."""
+    state = dict(state)
+    if isinstance(state.get("milestones"), dict):
+        state["milestones"] = Counter(state["milestones"])
+    scheduler.load_state_dict(state)
+
+
+# ----------------------------------------------------------------------------- run directory
+
+
+def prepare_run_dir(run_dir, overwrite=False):
+    """Create ``run_dir`` for a new run. An existing run there is an error unless ``overwrite``,
+    which deletes only the run's own files (anything else in the folder is left alone)."""
+    run_dir = Path(run_dir)
+    if run_dir.exists() and not run_dir.is_dir():
+        raise RunDirError(f"{run_dir} exists and is not a directory; choose another --run-name or --out-dir")
+    existing = [p for p in run_dir.iterdir() if _is_run_file(p.name)] if run_dir.is_dir() else []
+    if existing and not overwrite:
+        raise RunDirError(
+            f"run directory {run_dir} already holds a run; pass --resume {run_dir} to continue it, "
+            f"--overwrite to replace it, or --run-name NAME to start a new one")
+    for path in existing:
+        path.unlink()
+    run_dir.mkdir(parents=True, exist_ok=True)
+    return run_dir
+
+
+def _is_run_file(name):
+    return name in RUN_FILES or bool(_EPOCH_FILE.match(name)) or name.endswith(".tmp")
+
+
+def resolve_resume(path):
+    """``(run_dir, checkpoint_path)`` for ``--resume PATH``: a run directory (its last.pt) or a .pt file."""
+    path = Path(path)
+    if path.is_dir():
+        checkpoint = path / LAST
+        if not checkpoint.is_file():
+            raise CheckpointError(f"{path} holds no {LAST}, so there is nothing to resume; "
+                                  f"pass a run directory that trained at least one epoch, or a .pt file")
+        return path, checkpoint
+    if path.is_file():
+        return path.parent, path
+    raise CheckpointError(f"--resume {path}: no such run directory or checkpoint file")
+
+
+def load_training_checkpoint(path):
+    """Read a checkpoint written by the training engine (``weights_only=True``), checking it has
+    the optimizer/scheduler/RNG state that resuming needs."""
+    payload = read_checkpoint(str(path))
+    missing = [k for k in ("model", "model_config", "optimizer", "scheduler", "rng", "epoch", "args")
+               if not isinstance(payload, dict) or k not in payload]
+    if missing:
+        raise CheckpointError(f"{path} is not a training checkpoint of this project (missing "
+                              f"{', '.join(missing)}); resume from a run directory's last.pt or epoch_N.pt")
+    return payload
+
+
+def read_metrics(run_dir, up_to_epoch):
+    """Epoch records of ``metrics.jsonl`` with ``epoch <= up_to_epoch`` (later ones belong to a
+    future that a resume from an earlier checkpoint discards)."""
+    path = Path(run_dir) / "metrics.jsonl"
+    if not path.is_file():
+        return []
+    records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return [r for r in records if r["epoch"] <= up_to_epoch]
+
+
+def write_metrics(run_dir, records):
+    """Rewrite ``metrics.jsonl`` with ``records`` (atomically)."""
+    atomic_write_text(Path(run_dir) / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in records))
+

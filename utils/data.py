@@ -1,0 +1,497 @@
+"""In-memory datasets (CIFAR-10/100, Tiny-ImageNet, synthetic) and a vectorised batch loader.
+
+Every supported dataset fits in memory, so a split is held as a :class:`TensorPair`: uint8
+images ``x`` (N×3×H×W), int64 labels ``y`` and class names. :class:`BatchLoader` moves the
+uint8 tensor to the device once and yields float batches in [0, 1] (no normalisation).
+
+Sources, auto-detected under ``data_dir`` (default ``./data``), first match wins:
+
+* CIFAR pickle layout ``cifar-10-batches-py/`` or ``cifar-100-python/``: read directly
+  (torchvision would insist on the official md5s); torchvision is used only to download it.
+* CIFAR image folders ``<data_dir>/<name>/{train,test}/<class>/*.png|jpg|jpeg`` or
+  ``<data_dir>/{train,test}/<class>/...``; class index = sorted folder name, which for
+  CIFAR-10/100 class names is exactly the official order.
+* Tiny-ImageNet archive ``<data_dir>/tiny-imagenet-200/`` (or ``<data_dir>`` itself) with
+  ``wnids.txt``, ``train/<wnid>/images/*.JPEG`` and ``val/images`` + ``val/val_annotations.txt``
+  (split "test" means the labelled val set); or image folders ``train|val|test/<wnid>/*``.
+  Class index = line order of ``wnids.txt`` (sorted ``train/`` folders when it is absent).
+* ``synthetic``: generated in memory from ``seed`` (see :func:`make_synthetic`).
+"""
+
+from __future__ import annotations
+
+import math
+import pickle
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator, NamedTuple
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+DATASETS = {"cifar10": 10, "cifar100": 100, "tiny-imagenet": 200, "synthetic": 10}
+SPLITS = ("train", "test")
+DEFAULT_DATA_DIR = "./data"
+CROP_PADDING = 4
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg")
+TINY_IMAGENET_URL = "http://cs231n.stanford.edu/tiny-imagenet-200.zip"
+SYNTHETIC_SIZES = {"train": 2000, "test": 500}
+
+# Synthetic recipe (pixel units in [0, 1]): mid-grey + per-class low-frequency colour pattern
+# scaled by a per-example amplitude, a per-example colour cast and i.i.d. pixel noise. The
+# pattern contrast is a few times eps = 8/255, so the classes are robustly separable in
+# principle, but a standard model's margin is small enough for an L∞ attack to break it.
+_SYNTH_GRID = 4
+_SYNTH_CONTRAST = 0.08
+_SYNTH_AMPLITUDE = (0.7, 1.3)
+_SYNTH_CAST = 0.05
+_SYNTH_NOISE = 0.15
+
+
+class DatasetError(RuntimeError):
+    """A dataset could not be found, downloaded or parsed; the message says how to fix it."""
+
+
+class _CifarLayout(NamedTuple):
+    """Where torchvision's pickle layout keeps one CIFAR variant's files and keys."""
+
+    title: str
+    folder: str
+    files: dict
+    meta_file: str
+    names_key: str
+    labels_key: str
+
+
+_CIFAR = {
+    "cifar10": _CifarLayout(
+        "CIFAR-10", "cifar-10-batches-py",
+        {"train": [f"data_batch_{i}" for i in range(1, 6)], "test": ["test_batch"]},
+        "batches.meta", "label_names", "labels"),
+    "cifar100": _CifarLayout(
+        "CIFAR-100", "cifar-100-python", {"train": ["train"], "test": ["test"]},
+        "meta", "fine_label_names", "fine_labels"),
+}
+
+
+@dataclass
+class TensorPair:
+    """One in-memory split: uint8 images ``x`` N×3×H×W, int64 labels ``y`` (N) and class names."""
+
+    x: torch.Tensor
+    y: torch.Tensor
+    classes: list[str]
+
+    def __post_init__(self) -> None:
+        """Reject malformed tensors at load time rather than deep inside training."""
+        if self.x.dtype != torch.uint8 or self.x.dim() != 4 or self.x.shape[1] != 3:
+            raise ValueError(f"x must be uint8 N×3×H×W, got {self.x.dtype} {tuple(self.x.shape)}")
+        if self.y.dtype != torch.int64 or tuple(self.y.shape) != (self.x.shape[0],):
+            raise ValueError(f"y must be int64 of shape ({self.x.shape[0]},), got "
+                             f"{self.y.dtype} {tuple(self.y.shape)}")
+
+    def __len__(self) -> int:
+        """Number of examples."""
+        return self.x.shape[0]
+
+    def subset(self, idx) -> TensorPair:
+        """The examples at ``idx`` (index tensor/list, bool mask or slice), same class list."""
+        if not isinstance(idx, slice):
+            idx = torch.as_tensor(idx, device=self.x.device)
+            idx = idx if idx.dtype == torch.bool else idx.long()
+        return TensorPair(self.x[idx], self.y[idx], self.classes)
+
+    def float(self) -> torch.Tensor:
+        """All images as float32 in [0, 1], the models' input range."""
+        return self.x.float().div_(255)
+
+
+def _check_name(name: str) -> None:
+    """Raise a DatasetError listing the valid names when ``name`` is unknown."""
+    if name not in DATASETS:
+        raise DatasetError(f"Unknown dataset {name!r}; valid names are: {', '.join(DATASETS)}.")
+
+
+def num_classes(name: str) -> int:
+    """Number of classes of dataset ``name`` (the model's output width)."""
+    _check_name(name)
+    return DATASETS[name]
+
+
+def image_size(name: str) -> int:
+    """Side length of the dataset's square images (synthetic: its default of 32)."""
+    _check_name(name)
+    return 64 if name == "tiny-imagenet" else 32
+
+
+def default_augment(name: str) -> bool:
+    """Whether the reference recipe augments this dataset: crop+flip for CIFAR only (SPEC §5)."""
+    _check_name(name)
+    return name in _CIFAR
+
+
+def load_dataset(name: str, data_dir=None, split: str = "train", download: bool = True, *,
+                 synthetic_size: int | None = None, synthetic_image_size: int = 32,
+                 seed: int = 0) -> TensorPair:
+    """Load one split of ``name`` into memory; ``seed`` and ``synthetic_*`` affect synthetic only."""
+    _check_name(name)
+    if split not in SPLITS:
+        raise DatasetError(f"Unknown split {split!r}; use one of: {', '.join(SPLITS)}.")
+    if name == "synthetic":
+        return make_synthetic(split, synthetic_size, synthetic_image_size, seed)
+    root = Path(DEFAULT_DATA_DIR if data_dir is None else data_dir).expanduser().absolute()
+    if name == "tiny-imagenet":
+        return _load_tiny_imagenet(root, split)
+    return _load_cifar(name, root, split, download)
+
+
+# ----------------------------------------------------------------------------- CIFAR
+
+
+def _load_cifar(name: str, root: Path, split: str, download: bool) -> TensorPair:
+    """CIFAR from the pickle layout, else from image folders, else via a torchvision download."""
+    layout = _CIFAR[name]
+    if (root / layout.folder).is_dir():
+        return _read_cifar_pickles(name, root, split)
+    folder = _find_image_folder([root / name, root], split)
+    if folder is not None:
+        return _read_cifar_folder(name, folder, split)
+    if download:
+        try:
+            _download_cifar(name, root)
+        except Exception as err:  # offline, proxy, disk full...: all mean "provide it yourself"
+            reason = f"the download failed ({_one_line(err)})"
+        else:
+            return _read_cifar_pickles(name, root, split)
+    else:
+        reason = "downloading is disabled"
+    raise DatasetError(
+        f"{layout.title} not found under {root} (looked for {layout.folder}/ or "
+        f"{split}/<class>/ image folders, also under {name}/) and {reason}; pass --data-dir "
+        f"pointing at an existing copy, or run once with internet access to download it.")
+
+
+def _download_cifar(name: str, root: Path) -> None:
+    """Fetch the official CIFAR pickles into ``root`` with torchvision (needs internet)."""
+    from torchvision import datasets  # imported lazily: slow, and only needed here
+
+    root.mkdir(parents=True, exist_ok=True)
+    dataset_class = datasets.CIFAR10 if name == "cifar10" else datasets.CIFAR100
+    dataset_class(str(root), train=True, download=True)
+
+
+def _one_line(err: Exception) -> str:
+    """A short single-line description of an exception for error messages."""
+    text = " ".join(str(err).split())
+    return f"{type(err).__name__}: {text[:120]}" if text else type(err).__name__
+
+
+def _unpickle(path: Path) -> dict:
+    """Load one CIFAR pickle with its byte-string keys decoded to str."""
+    with open(path, "rb") as handle:
+        entry = pickle.load(handle, encoding="bytes")
+    return {k.decode() if isinstance(k, bytes) else k: v for k, v in entry.items()}
+
+
+def _read_cifar_pickles(name: str, root: Path, split: str) -> TensorPair:
+    """Read torchvision's CIFAR pickle files (``data`` N×3072 uint8 plus labels) for one split."""
+    layout = _CIFAR[name]
+    folder = root / layout.folder
+    missing = [f for f in layout.files[split] if not (folder / f).is_file()]
+    if missing:
+        raise DatasetError(f"{layout.title} folder {folder} is incomplete (missing "
+                           f"{', '.join(missing)}); delete it to re-download, or pass --data-dir "
+                           f"pointing at a complete copy.")
+    images, labels = [], []
+    for file_name in layout.files[split]:
+        entry = _unpickle(folder / file_name)
+        images.append(np.asarray(entry["data"], dtype=np.uint8).reshape(-1, 3, 32, 32))
+        labels.extend(entry[layout.labels_key])
+    classes = [str(i) for i in range(DATASETS[name])]
+    if (folder / layout.meta_file).is_file():
+        names = _unpickle(folder / layout.meta_file)[layout.names_key]
+        classes = [n.decode() if isinstance(n, bytes) else str(n) for n in names]
+    x = torch.from_numpy(np.concatenate(images))
+    return TensorPair(x, torch.tensor(labels, dtype=torch.int64), classes)
+
+
+def _read_cifar_folder(name: str, folder: Path, split: str) -> TensorPair:
+    """Read a CIFAR image-folder split, insisting on the dataset's class count."""
+    classes = _folder_classes(folder, split)
+    if len(classes) != DATASETS[name]:
+        raise DatasetError(f"Image folder {folder} has {len(classes)} class folders but {name} has "
+                           f"{DATASETS[name]}; pass --data-dir pointing at a {name} copy.")
+    return _read_class_folders(folder / split, classes, image_size(name))
+
+
+# ----------------------------------------------------------------------------- Tiny-ImageNet
+
+
+def _load_tiny_imagenet(root: Path, split: str) -> TensorPair:
+    """Tiny-ImageNet from the official archive layout or from image folders."""
+    base = next((c for c in (root / "tiny-imagenet-200", root)
+                 if (c / "wnids.txt").is_file() or (c / "train").is_dir()), None)
+    if base is None:
+        raise DatasetError(
+            f"Tiny-ImageNet not found under {root} (looked for tiny-imagenet-200/ with wnids.txt, "
+            f"train/ and val/); pass --data-dir pointing at an existing copy, or download "
+            f"{TINY_IMAGENET_URL} and unzip it there.")
+    wnids = base / "wnids.txt"
+    classes = wnids.read_text().split() if wnids.is_file() else _folder_classes(base, split)
+    size = image_size("tiny-imagenet")
+    if split == "train":
+        return _read_class_folders(base / "train", classes, size)
+    if (base / "val" / "val_annotations.txt").is_file():
+        return _read_tiny_val(base / "val", classes, size)
+    for name in ("val", "test"):
+        folders = _subfolders(base / name)
+        if folders and set(folders) <= set(classes):
+            return _read_class_folders(base / name, classes, size)
+    raise DatasetError(f"Tiny-ImageNet under {base} has no labelled test split (looked for "
+                       f"val/val_annotations.txt, val/<wnid>/ and test/<wnid>/); pass --data-dir "
+                       f"pointing at a complete copy, or unzip {TINY_IMAGENET_URL} there again.")
+
+
+def _read_tiny_val(val_dir: Path, classes: list[str], size: int) -> TensorPair:
+    """Read the official val split: images in ``val/images``, labels in val_annotations.txt."""
+    class_index = {wnid: i for i, wnid in enumerate(classes)}
+    paths, labels = [], []
+    for line in (val_dir / "val_annotations.txt").read_text().splitlines():
+        fields = line.split("\t")
+        if len(fields) < 2:
+            continue
+        if fields[1] not in class_index:
+            raise DatasetError(f"{val_dir / 'val_annotations.txt'} names class {fields[1]!r} that "
+                               f"is not in wnids.txt; pass --data-dir pointing at an intact copy.")
+        paths.append(val_dir / "images" / fields[0])
+        labels.append(class_index[fields[1]])
+    return _pair_from_files(paths, labels, classes, size)
+
+
+# ----------------------------------------------------------------------------- image folders
+
+
+def _subfolders(path: Path) -> list[str]:
+    """Sorted names of the sub-directories of ``path`` (empty when it is not a directory)."""
+    return sorted(p.name for p in path.iterdir() if p.is_dir()) if path.is_dir() else []
+
+
+def _find_image_folder(candidates: list[Path], split: str) -> Path | None:
+    """The first candidate root holding ``<split>/<class>/`` directories."""
+    return next((c for c in candidates if _subfolders(c / split)), None)
+
+
+def _folder_classes(root: Path, split: str) -> list[str]:
+    """Class names of an image-folder root: sorted ``train/`` folders, so splits agree."""
+    return _subfolders(root / "train") or _subfolders(root / split)
+
+
+def _read_class_folders(split_dir: Path, classes: list[str], size: int) -> TensorPair:
+    """Read ``split_dir/<class>/**/*.<image>``; label = position of the folder in ``classes``."""
+    unknown = sorted(set(_subfolders(split_dir)) - set(classes))
+    if unknown:
+        raise DatasetError(f"{split_dir} has folders {unknown[:3]} that are not classes of the "
+                           f"training split; pass --data-dir pointing at a consistent copy.")
+    paths, labels = [], []
+    for label, name in enumerate(classes):
+        class_dir = split_dir / name
+        if class_dir.is_dir():
+            files = sorted(p for p in class_dir.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS)
+            paths.extend(files)
+            labels.extend([label] * len(files))
+    return _pair_from_files(paths, labels, classes, size)
+
+
+def _pair_from_files(paths: list[Path], labels: list[int], classes: list[str],
+                     size: int) -> TensorPair:
+    """Decode image files with PIL into a TensorPair (about 0.2 ms per small image)."""
+    if not paths:
+        raise DatasetError(f"No images found for {len(classes)} classes (first class folder tried: "
+                           f"{classes[0] if classes else 'none'}); pass --data-dir pointing at a "
+                           f"complete copy.")
+    images = np.empty((len(paths), size, size, 3), dtype=np.uint8)
+    for i, path in enumerate(paths):
+        images[i] = _read_rgb(path, size)
+    x = torch.from_numpy(images).permute(0, 3, 1, 2).contiguous()
+    return TensorPair(x, torch.tensor(labels, dtype=torch.int64), classes)
+
+
+def _read_rgb(path: Path, size: int) -> np.ndarray:
+    """One image as an H×W×3 uint8 RGB array (grayscale is converted), checking its size."""
+    try:
+        with Image.open(path) as image:
+            rgb = np.asarray(image.convert("RGB"))
+    except OSError as err:
+        raise DatasetError(f"Cannot read image {path} ({_one_line(err)}); remove it or pass "
+                           f"--data-dir pointing at an intact copy.") from None
+    if rgb.shape[:2] != (size, size):
+        raise DatasetError(f"Image {path} is {rgb.shape[1]}×{rgb.shape[0]} but this dataset needs "
+                           f"{size}×{size}; pass --data-dir pointing at the original images.")
+    return rgb
+
+
+# ----------------------------------------------------------------------------- synthetic
+
+
+def _generator(*keys: int) -> torch.Generator:
+    """A CPU generator seeded from a tuple of ints (e.g. seed, epoch) so streams never collide."""
+    state = np.random.SeedSequence([int(k) for k in keys]).generate_state(1, dtype=np.uint64)[0]
+    return torch.Generator().manual_seed(int(state))
+
+
+def make_synthetic(split: str = "train", size: int | None = None, image_size: int = 32,
+                   seed: int = 0) -> TensorPair:
+    """Seeded class-pattern images: learnable in a few epochs, moderate L∞ margin (see _SYNTH_*).
+
+    Both splits share the class patterns of ``seed``; their noise streams differ. Classes are
+    balanced (sizes differ by at most one) and the examples are in random order.
+    """
+    count = SYNTHETIC_SIZES[split] if size is None else size
+    n_classes = DATASETS["synthetic"]
+    patterns = _synthetic_patterns(seed, n_classes, image_size)
+    gen = _generator(seed, 1 + SPLITS.index(split))
+    y = (torch.arange(count) % n_classes)[torch.randperm(count, generator=gen)]
+    low, high = _SYNTH_AMPLITUDE
+    amplitude = low + (high - low) * torch.rand(count, 1, 1, 1, generator=gen)
+    cast = _SYNTH_CAST * (2 * torch.rand(count, 3, 1, 1, generator=gen) - 1)
+    noise = _SYNTH_NOISE * torch.randn(count, 3, image_size, image_size, generator=gen)
+    x = 0.5 + _SYNTH_CONTRAST * amplitude * patterns[y] + cast + noise
+    x = x.clamp_(0, 1).mul_(255).round_().to(torch.uint8)
+    return TensorPair(x, y, [f"pattern{c}" for c in range(n_classes)])
+
+
+def _synthetic_patterns(seed: int, n_classes: int, size: int) -> torch.Tensor:
+    """Per-class smooth colour patterns (C×3×S×S), each pixel-standardised to unit std."""
+    coarse = torch.randn(n_classes, 3, _SYNTH_GRID, _SYNTH_GRID, generator=_generator(seed, 0))
+    smooth = F.interpolate(coarse, size=(size, size), mode="bicubic", align_corners=False)
+    smooth = smooth - smooth.mean(dim=(1, 2, 3), keepdim=True)
+    return smooth / smooth.std(dim=(1, 2, 3), keepdim=True)
+
+
+# ----------------------------------------------------------------------------- subsets
+
+
+def split_holdout(data: TensorPair, n_holdout: int, seed: int) -> tuple[TensorPair, TensorPair]:
+    """Split off ``n_holdout`` random examples (seeded, class-agnostic) for --val-size.
+
+    Both parts keep the original example order.
+    """
+    if not 0 <= n_holdout < len(data):
+        raise ValueError(f"n_holdout must be in [0, {len(data)}), got {n_holdout}")
+    perm = torch.randperm(len(data), generator=_generator(seed))
+    holdout, train = perm[:n_holdout].sort().values, perm[n_holdout:].sort().values
+    return data.subset(train), data.subset(holdout)
+
+
+def fixed_subset(data: TensorPair, n: int | None, seed: int = 0) -> TensorPair:
+    """The first ``n`` examples of a seeded permutation: a fixed eval subset; whole set if n is None.
+
+    Kept in permutation order, so a smaller ``n`` gives a prefix of a larger one.
+    """
+    if n is None or n >= len(data):
+        return data
+    return data.subset(torch.randperm(len(data), generator=_generator(seed))[:n])
+
+
+# ----------------------------------------------------------------------------- loader
+
+
+def crop_flip(x: torch.Tensor, top: torch.Tensor, left: torch.Tensor, flip: torch.Tensor,
+              padding: int = CROP_PADDING) -> torch.Tensor:
+    """Crop each image at (top, left) of its zero-padded copy, mirrored where ``flip``: one gather.
+
+    ``x`` is B×C×H×W (any dtype/device); ``top``/``left`` are in [0, 2*padding], ``flip`` is bool.
+    """
+    batch, channels, height, width = x.shape
+    padded = F.pad(x, (padding, padding, padding, padding))
+    device = x.device
+    rows = top.to(device)[:, None] + torch.arange(height, device=device)
+    col_offsets = torch.arange(width, device=device)
+    col_offsets = torch.where(flip.to(device)[:, None], width - 1 - col_offsets, col_offsets)
+    cols = left.to(device)[:, None] + col_offsets
+    batch_idx = torch.arange(batch, device=device)[:, None, None, None]
+    channel_idx = torch.arange(channels, device=device)[None, :, None, None]
+    return padded[batch_idx, channel_idx, rows[:, None, :, None], cols[:, None, None, :]]
+
+
+def random_crop_flip(x: torch.Tensor, generator: torch.Generator,
+                     padding: int = CROP_PADDING) -> torch.Tensor:
+    """SPEC §5 augmentation: random crop with zero padding plus random horizontal flip."""
+    batch = x.shape[0]
+    top = torch.randint(0, 2 * padding + 1, (batch,), generator=generator)
+    left = torch.randint(0, 2 * padding + 1, (batch,), generator=generator)
+    flip = torch.rand(batch, generator=generator) < 0.5
+    return crop_flip(x, top, left, flip, padding)
+
+
+class BatchLoader:
+    """Iterates (x float [0,1] B×3×H×W, y int64) batches of a TensorPair on ``device``.
+
+    The whole uint8 set is moved to ``device`` once. Order and augmentation are drawn on the CPU
+    from (seed, epoch), so they are identical on any device and in resumed runs. Each pass uses
+    the current epoch and then advances it; ``set_epoch(e)`` makes the next pass use epoch ``e``.
+
+    Sharding: every rank draws the same global permutation, padded by wrapping its start to a
+    multiple of ``world_size``, and takes the strided elements ``[rank::world_size]``. Shards are
+    thus equal-sized, disjoint up to that padding, and batch b of all ranks together is global
+    batch b of size ``batch_size * world_size``.
+    """
+
+    def __init__(self, data: TensorPair, batch_size: int, *, shuffle: bool, augment: bool,
+                 device="cpu", drop_last: bool = False, seed: int = 0, rank: int = 0,
+                 world_size: int = 1):
+        """Validate the arguments and move the dataset to ``device``."""
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be positive, got {batch_size}")
+        if not 0 <= rank < world_size:
+            raise ValueError(f"need 0 <= rank < world_size, got {rank=}, {world_size=}")
+        self.x = data.x.to(device)
+        self.y = data.y.to(device)
+        self.batch_size = batch_size
+        self.shuffle = shuffle
+        self.augment = augment
+        self.drop_last = drop_last
+        self.seed = seed
+        self.rank = rank
+        self.world_size = world_size
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        """Make the next pass use ``epoch``'s order and augmentation (for resume and sharding)."""
+        self.epoch = epoch
+
+    def _shard_size(self) -> int:
+        """Examples this rank sees per pass."""
+        return math.ceil(self.x.shape[0] / self.world_size)
+
+    def __len__(self) -> int:
+        """Batches per pass on this rank."""
+        if self.drop_last:
+            return self._shard_size() // self.batch_size
+        return math.ceil(self._shard_size() / self.batch_size)
+
+    def indices(self, epoch: int) -> torch.Tensor:
+        """This rank's example indices (CPU, int64) for ``epoch``, in iteration order."""
+        total = self.x.shape[0]
+        order = (torch.randperm(total, generator=_generator(self.seed, epoch)) if self.shuffle
+                 else torch.arange(total))
+        padded_total = self._shard_size() * self.world_size
+        order = torch.cat([order, order[:padded_total - total]])
+        return order[self.rank::self.world_size]
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """Start a pass with the current epoch and advance the epoch counter."""
+        epoch, self.epoch = self.epoch, self.epoch + 1
+        order = self.indices(epoch).to(self.x.device)
+        return self._batches(order, _generator(self.seed, epoch, self.rank, 1))
+
+    def _batches(self, order: torch.Tensor, aug_gen: torch.Generator):
+        """Yield the batches of one pass in ``order``."""
+        for b in range(len(self)):
+            idx = order[b * self.batch_size:(b + 1) * self.batch_size]
+            x = self.x[idx]
+            if self.augment:
+                x = random_crop_flip(x, aug_gen)
+            yield x.float().div_(255), self.y[idx]
