@@ -122,10 +122,11 @@ class TrainStep:
 
     def __init__(self, model, optimizer, config: MethodConfig, num_classes):
         self.model = model
+        self.attack_model = unwrap(model)  # attacks bypass DDP: no gradient sync, no parameter grads
         self.optimizer = optimizer
         self.config = config
         self.num_classes = num_classes
-        self.reverse_attention = has_reverse_attention(model)
+        self.reverse_attention = has_reverse_attention(self.attack_model)
         self.attack_aux_weight = config.aux_weight if self.reverse_attention else 0.0
 
     def adversarial(self, x, y):
@@ -133,7 +134,7 @@ class TrainStep:
         cfg = self.config
         if cfg.method == "standard":
             return x
-        return pgd_train(self.model, x, y, cfg.eps, cfg.step_size, cfg.steps,
+        return pgd_train(self.attack_model, x, y, cfg.eps, cfg.step_size, cfg.steps,
                          aux_weight=self.attack_aux_weight, loss=cfg.attack_loss)
 
     def negatives(self, x, y, epoch):
@@ -141,7 +142,7 @@ class TrainStep:
         cfg = self.config
         if not cfg.anc:
             return None
-        return make_negatives(cfg.strategy, self.model, x, y, self.num_classes, epoch=epoch, eps=cfg.eps,
+        return make_negatives(cfg.strategy, self.attack_model, x, y, self.num_classes, epoch=epoch, eps=cfg.eps,
                               step_size=cfg.step_size, steps=cfg.steps, aux_weight=self.attack_aux_weight)
 
     def __call__(self, x, y, epoch):
