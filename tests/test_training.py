@@ -8,11 +8,11 @@ import torch
 import torch.nn as nn
 
 from models import create_model
-from utils import data, engine
+from utils import attacks, data, engine, negatives
 from utils.checkpoint import (RunDirError, atomic_save_many, capture_rng, load_scheduler_state, prepare_run_dir,
                               restore_rng, scheduler_state)
 from utils.curves import plot_curves
-from utils.engine import (ConfigError, EvalConfig, MethodConfig, RunInfo, Schedule, Trainer, TrainStep,
+from utils.engine import (ConfigError, EvalConfig, MethodConfig, RunInfo, Schedule, SpeedConfig, Trainer, TrainStep,
                           build_optimizer, build_scheduler, evaluate)
 
 
@@ -21,12 +21,12 @@ def _batch(n=8, size=8, seed=0):
     return pair.float(), pair.y
 
 
-def _step(method="trades", anc=True, ra=True, attack_loss="ce", seed=0):
+def _step(method="trades", anc=True, ra=True, attack_loss="ce", seed=0, speed=SpeedConfig()):
     torch.manual_seed(seed)
     model = create_model("wrn-16-1", 10, reverse_attention=ra)
     optimizer = build_optimizer(model, Schedule(lr=0.05))
     config = MethodConfig(method=method, anc=anc, attack_loss=attack_loss, steps=1)
-    return TrainStep(model, optimizer, config, num_classes=10)
+    return TrainStep(model, optimizer, config, num_classes=10, speed=speed)
 
 
 def test_method_names_and_invalid_combinations():
@@ -53,22 +53,27 @@ def test_train_step_updates_weights_and_keeps_metrics_on_device():
     assert step.model.training
 
 
-@pytest.mark.parametrize("method, anc, ra, attack_loss, want_aux, want_negatives", [
-    ("trades", True, True, "ce", 2.0, True),     # TRADES-ANCRA: CE attack "with p"
-    ("trades", False, False, "kl", 0.0, False),  # vanilla TRADES: KL attack, plain model
-    ("mart", True, False, "ce", 0.0, True),      # MART-ANC: plain model, no aux term in attacks
+@pytest.mark.parametrize("method, anc, ra, attack_loss, joint, want", [
+    # (loss, aux weight, batch, targeted examples) of each PGD call
+    ("trades", True, True, "ce", True, [("ce", 2.0, 16, 8)]),                     # TRADES-ANCRA, one 2B batch
+    ("trades", True, True, "ce", False, [("ce", 2.0, 8, 0), ("ce", 2.0, 8, 8)]),  # same, separate batches
+    ("trades", False, False, "kl", True, [("kl", 0.0, 8, 0)]),                    # vanilla TRADES: KL attack
+    ("mart", True, False, "ce", True, [("ce", 0.0, 16, 8)]),                      # MART-ANC: no aux term
 ])
-def test_train_step_attack_settings(monkeypatch, method, anc, ra, attack_loss, want_aux, want_negatives):
-    calls = {"pgd": [], "neg": []}
-    real_pgd, real_neg = engine.pgd_train, engine.make_negatives
-    monkeypatch.setattr(engine, "pgd_train", lambda *a, **k: calls["pgd"].append(k) or real_pgd(*a, **k))
-    monkeypatch.setattr(engine, "make_negatives", lambda *a, **k: calls["neg"].append(k) or real_neg(*a, **k))
-    step = _step(method, anc, ra, attack_loss)
+def test_train_step_attack_settings(monkeypatch, method, anc, ra, attack_loss, joint, want):
+    calls = []
+    real_pgd = attacks.pgd
+
+    def recording_pgd(model, x, y, *args, **kwargs):
+        targeted = torch.as_tensor(kwargs.get("targeted", False)).expand(x.shape[0])
+        calls.append((kwargs["loss"], kwargs["aux_weight"], x.shape[0], int(targeted.sum())))
+        return real_pgd(model, x, y, *args, **kwargs)
+
+    for module in (attacks, engine, negatives):
+        monkeypatch.setattr(module, "pgd", recording_pgd)
+    step = _step(method, anc, ra, attack_loss, speed=SpeedConfig(joint_attacks=joint))
     step(*_batch(), epoch=12)
-    assert [(k["loss"], k["aux_weight"]) for k in calls["pgd"]] == [(attack_loss, want_aux)]
-    assert len(calls["neg"]) == int(want_negatives)
-    if want_negatives:
-        assert calls["neg"][0]["epoch"] == 12 and calls["neg"][0]["aux_weight"] == want_aux
+    assert calls == want
 
 
 def test_standard_training_uses_clean_inputs(monkeypatch):

@@ -84,7 +84,8 @@ def _clean_probs(model, x, aux_weight):
         return [F.softmax(model(x).float(), 1)]
 
 
-def _init(x, eps, init, generator=None):
+def random_start(x, eps, init, generator=None):
+    """PGD's starting point: ``x`` itself, x + 0.001·N(0,1) or x + U(−ε, ε), clipped to [0, 1]."""
     if init == "none":
         return x.clone()
     if init == "normal":
@@ -107,7 +108,7 @@ def _success(logits, y, targeted):
 
 
 def pgd(model, x, y, eps=EPS, step_size=0.007, steps=10, *, loss="ce", targeted=False, init="normal",
-        restarts=1, aux_weight=0.0, keep="last", generator=None):
+        restarts=1, aux_weight=0.0, keep="last", generator=None, start=None):
     """L∞ PGD: ``x ← Π_{B(x0,ε)∩[0,1]}(x ± step·sign ∇ loss)``; ascend for untargeted examples,
     descend toward ``y`` for targeted ones.
 
@@ -115,19 +116,25 @@ def pgd(model, x, y, eps=EPS, step_size=0.007, steps=10, *, loss="ce", targeted=
     targeted negatives can run as one batch). ``keep="last"`` returns the last iterate (the
     paper's protocol); ``keep="success"`` returns, per example, the first iterate that fooled
     the model (or reached the target), which can only lower robust accuracy. With
-    ``restarts > 1`` an example keeps the first restart that succeeded.
+    ``restarts > 1`` an example keeps the first restart that succeeded. ``start`` replaces the
+    random start (one restart only), so callers can draw several starts in a fixed RNG order.
     """
     if keep not in ("last", "success"):
         raise ValueError(f"keep must be 'last' or 'success', got {keep!r}")
-    targeted = torch.as_tensor(targeted, device=x.device).expand(x.shape[0])
-    sign = torch.where(targeted, -1.0, 1.0).to(x.dtype).view(-1, *([1] * (x.dim() - 1)))
+    if start is not None and restarts != 1:
+        raise ValueError("an explicit PGD start allows only one restart")
+    if not torch.is_tensor(targeted):  # a fill, not a host-to-device copy
+        targeted = torch.full((x.shape[0],), bool(targeted), dtype=torch.bool, device=x.device)
+    targeted = targeted.to(device=x.device, dtype=torch.bool).expand(x.shape[0])
+    step = torch.where(targeted, -step_size, step_size).to(x.dtype).view(-1, *([1] * (x.dim() - 1)))
     x = x.detach()
+    low, high = (x - eps).clamp_min(0), (x + eps).clamp_max(1)  # the ε-ball ∩ [0, 1], once
     with attack_mode(model):
         clean = _clean_probs(model, x, aux_weight) if loss == "kl" else None
         best = x.clone()
         done = torch.zeros(x.shape[0], dtype=torch.bool, device=x.device)
         for _ in range(restarts):
-            x_adv = _init(x, eps, init, generator)
+            x_adv = random_start(x, eps, init, generator) if start is None else start.detach()
             found = torch.zeros_like(done)
             found_x = x_adv
             for _ in range(steps):
@@ -140,8 +147,7 @@ def pgd(model, x, y, eps=EPS, step_size=0.007, steps=10, *, loss="ce", targeted=
                     hit = _success(logits.detach(), y, targeted) & ~found
                     found_x = torch.where(_rows(hit), x_adv, found_x)
                     found = found | hit
-                x_adv = x_adv + step_size * sign * grad.sign()
-                x_adv = torch.min(torch.max(x_adv, x - eps), x + eps).clamp(0, 1)
+                x_adv = torch.clamp(x_adv.addcmul(step, grad.sign()), low, high)
             if keep == "success" or restarts > 1:
                 with torch.no_grad():
                     hit = _success(model(x_adv), y, targeted) & ~found

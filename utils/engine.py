@@ -20,12 +20,12 @@ import torch
 from tqdm import tqdm
 
 from models import has_reverse_attention
-from utils.attacks import EPS, pgd, pgd_train
+from utils.attacks import EPS, pgd, pgd_train, random_start
 from utils.checkpoint import (BEST, LAST, atomic_save, atomic_save_many, capture_rng, load_scheduler_state,
                               read_metrics, restore_rng, scheduler_state, write_metrics)
 from utils.curves import plot_curves
 from utils.losses import DEFAULT_BETA, METHODS as LOSS_METHODS, training_loss
-from utils.negatives import STRATEGIES, make_negatives
+from utils.negatives import STRATEGIES, Negatives, make_negatives, select_negatives
 
 METHODS = LOSS_METHODS + ("standard",)
 ATTACK_LOSSES = ("ce", "kl")
@@ -112,49 +112,132 @@ class MethodConfig:
         return self.method + suffix[(self.anc, bool(reverse_attention))]
 
 
+@dataclass(frozen=True)
+class SpeedConfig:
+    """How a step is executed, never what it computes (SPEC's mathematics in every combination).
+
+    ``joint_attacks``: the adversarial examples and the targeted negatives (both eval mode, both
+    CE from x + 0.001·N(0,1)) run as one PGD batch of 2B with a per-example direction;
+    ``amp``: bf16 autocast for every forward (attacks, losses, evaluation); ``channels_last``:
+    NHWC weights and inputs; ``compile``: ``torch.compile`` the model. :meth:`for_device` gives
+    the defaults: bf16 and channels-last on CUDA, plain fp32 on CPU.
+    """
+
+    joint_attacks: bool = True
+    amp: bool = False
+    channels_last: bool = False
+    compile: bool = False
+
+    @classmethod
+    def for_device(cls, device, **overrides):
+        """Defaults for ``device`` with ``overrides`` (None values keep the default)."""
+        cuda = torch.device(device).type == "cuda"
+        values = dict(amp=cuda, channels_last=cuda)
+        values.update({k: v for k, v in overrides.items() if v is not None})
+        return cls(**values)
+
+    def autocast(self, device):
+        """bf16 autocast on ``device`` when ``amp`` is set, else a no-op context."""
+        return torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=self.amp)
+
+    def memory_format(self):
+        return torch.channels_last if self.channels_last else torch.contiguous_format
+
+    def describe(self):
+        flags = [("bf16 autocast" if self.amp else "fp32"), ("channels-last" if self.channels_last else "NCHW"),
+                 ("joint 2B attack batch" if self.joint_attacks else "separate attack batches")]
+        if self.compile:
+            flags.append("torch.compile")
+        return ", ".join(flags)
+
+
+def prepare_model(model, speed: SpeedConfig):
+    """Apply ``speed``'s memory format to ``model`` in place (before the optimizer and DDP see it)."""
+    return model.to(memory_format=speed.memory_format())
+
+
+def compiled(model, speed: SpeedConfig):
+    """``torch.compile(model)`` when ``speed.compile`` is set (static shapes: one graph per batch size)."""
+    return torch.compile(model, dynamic=False) if speed.compile else model
+
+
 class TrainStep:
     """One optimisation step on a batch: adversarial examples, negatives (ANC), loss, update.
 
     ``step(x, y, epoch)`` returns the batch's metrics as detached 0-dim tensors on the device
-    (no host synchronisation). ``model`` may be wrapped (DDP); ``epoch`` is 1-based and decides
-    the warm-up of non-random negative strategies.
+    (no host synchronisation). ``model`` may be wrapped (DDP); the attacks run on the bare
+    module. ``epoch`` is 1-based and decides the warm-up of non-random negative strategies.
     """
 
-    def __init__(self, model, optimizer, config: MethodConfig, num_classes):
-        self.model = model
-        self.attack_model = unwrap(model)  # attacks bypass DDP: no gradient sync, no parameter grads
+    def __init__(self, model, optimizer, config: MethodConfig, num_classes, speed: SpeedConfig = SpeedConfig()):
+        self.model = compiled(model, speed)
+        self.attack_model = compiled(unwrap(model), speed)  # attacks bypass DDP: no gradient sync, no parameter grads
         self.optimizer = optimizer
         self.config = config
         self.num_classes = num_classes
-        self.reverse_attention = has_reverse_attention(self.attack_model)
+        self.speed = speed
+        self.reverse_attention = has_reverse_attention(unwrap(model))
         self.attack_aux_weight = config.aux_weight if self.reverse_attention else 0.0
+
+    def _pgd_args(self):
+        cfg = self.config
+        return dict(eps=cfg.eps, step_size=cfg.step_size, steps=cfg.steps, aux_weight=self.attack_aux_weight)
 
     def adversarial(self, x, y):
         """Training adversarial examples (x itself for standard training)."""
         cfg = self.config
         if cfg.method == "standard":
             return x
-        return pgd_train(self.attack_model, x, y, cfg.eps, cfg.step_size, cfg.steps,
-                         aux_weight=self.attack_aux_weight, loss=cfg.attack_loss)
+        return pgd_train(self.attack_model, x, y, loss=cfg.attack_loss, **self._pgd_args())
 
     def negatives(self, x, y, epoch):
         """One negative per anchor (SPEC §3), or None when ANC is off."""
         cfg = self.config
         if not cfg.anc:
             return None
-        return make_negatives(cfg.strategy, self.attack_model, x, y, self.num_classes, epoch=epoch, eps=cfg.eps,
-                              step_size=cfg.step_size, steps=cfg.steps, aux_weight=self.attack_aux_weight)
+        return make_negatives(cfg.strategy, self.attack_model, x, y, self.num_classes, epoch=epoch,
+                              **self._pgd_args())
+
+    def can_join(self):
+        """Whether both attacks can share one batch: same loss (CE) and both attacked."""
+        cfg = self.config
+        return (self.speed.joint_attacks and cfg.anc and cfg.strategy.endswith("_adv")
+                and cfg.attack_loss == "ce" and cfg.method != "standard")
+
+    def joint_attack(self, x, y, epoch):
+        """Adversarial examples and negatives from one PGD batch of 2B. The random starts and the
+        negative choice draw from the RNG in the same order as the separate attacks, so the
+        result is the one of :meth:`adversarial` + :meth:`negatives`."""
+        cfg = self.config
+        start_adv = random_start(x, cfg.eps, "normal")
+        index, valid = select_negatives(cfg.strategy, self.attack_model, x, y, self.num_classes, epoch=epoch)
+        x_neg = x[index]
+        start = torch.cat([start_adv, random_start(x_neg, cfg.eps, "normal")])
+        batch = x.shape[0]
+        targeted = torch.arange(2 * batch, device=x.device) >= batch
+        both = pgd(self.attack_model, torch.cat([x, x_neg]), torch.cat([y, y]), loss="ce", targeted=targeted,
+                   start=start, **self._pgd_args())
+        x_adv, x_neg = both.split(batch)
+        return x_adv, Negatives(x_neg, y[index], index, valid)
+
+    def examples(self, x, y, epoch):
+        """``(x_adv, negatives or None)`` for the batch, jointly when possible."""
+        if self.can_join():
+            return self.joint_attack(x, y, epoch)
+        return self.adversarial(x, y), self.negatives(x, y, epoch)
 
     def __call__(self, x, y, epoch):
         cfg = self.config
-        x_adv = self.adversarial(x, y)
-        neg = self.negatives(x, y, epoch)
-        self.model.train()
-        loss, metrics = training_loss(
-            "pgd-at" if cfg.method == "standard" else cfg.method, self.model, x, y, x_adv,
-            None if neg is None else neg.x, None if neg is None else neg.y,
-            beta=cfg.resolved_beta, zeta=cfg.zeta, alpha=cfg.alpha, aux_weight=cfg.aux_weight,
-            neg_valid=None if neg is None else neg.valid)
+        if self.speed.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        with self.speed.autocast(x.device):
+            x_adv, neg = self.examples(x, y, epoch)
+            self.model.train()
+            loss, metrics = training_loss(
+                "pgd-at" if cfg.method == "standard" else cfg.method, self.model, x, y, x_adv,
+                None if neg is None else neg.x, None if neg is None else neg.y,
+                beta=cfg.resolved_beta, zeta=cfg.zeta, alpha=cfg.alpha, aux_weight=cfg.aux_weight,
+                neg_valid=None if neg is None else neg.valid)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         self.optimizer.step()

@@ -90,17 +90,23 @@ def choose_negatives(strategy, y, num_classes, logits=None, generator=None):
     return torch.where(has_candidate, picked, index), valid
 
 
-def make_negatives(strategy, model, x, y, num_classes, *, epoch=None, eps=EPS, step_size=0.007, steps=10,
-                   aux_weight=0.0, generator=None):
-    """Select (and for ``*_adv`` strategies, attack toward the anchor's label) one negative per
-    anchor. Selection logits and the attack use eval mode; ``y`` of the negative stays its
-    true label."""
+def select_negatives(strategy, model, x, y, num_classes, *, epoch=None, generator=None):
+    """``(index, valid)`` of each anchor's negative under ``strategy`` at ``epoch``; the
+    selection logits of non-random rules come from an eval-mode forward."""
     base = effective_strategy(strategy, epoch)
     logits = None
     if base != "random":
         with attack_mode(model), torch.no_grad():
             logits = model(x)
-    index, valid = choose_negatives(base, y, num_classes, logits, generator)
+    return choose_negatives(base, y, num_classes, logits, generator)
+
+
+def make_negatives(strategy, model, x, y, num_classes, *, epoch=None, eps=EPS, step_size=0.007, steps=10,
+                   aux_weight=0.0, generator=None):
+    """Select (and for ``*_adv`` strategies, attack toward the anchor's label) one negative per
+    anchor. Selection logits and the attack use eval mode; ``y`` of the negative stays its
+    true label."""
+    index, valid = select_negatives(strategy, model, x, y, num_classes, epoch=epoch, generator=generator)
     x_neg, y_neg = x[index], y[index]
     if strategy.endswith("_adv"):
         x_neg = pgd(model, x_neg, y, eps, step_size, steps, loss="ce", targeted=True, init="normal",

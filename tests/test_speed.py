@@ -1,0 +1,84 @@
+"""The speed options change how a training step runs, never what it computes: the joint 2B
+attack batch and channels-last give the plain step's loss and update (fp32, CPU, same seed),
+bf16 autocast stays close, and the step never waits for the device."""
+import pytest
+import torch
+
+from models import create_model
+from utils import data
+from utils.engine import MethodConfig, Schedule, SpeedConfig, TrainStep, build_optimizer, prepare_model
+
+
+def _run_step(speed, method="trades", anc=True, strategy="random_adv", ra=True, epoch=1, seed=0):
+    """One TrainStep from fixed weights and RNG; returns (metrics, parameters after the update)."""
+    torch.manual_seed(seed)
+    model = prepare_model(create_model("wrn-16-1", 10, reverse_attention=ra), speed)
+    optimizer = build_optimizer(model, Schedule(lr=0.1))
+    config = MethodConfig(method=method, anc=anc, strategy=strategy, steps=3)
+    step = TrainStep(model, optimizer, config, num_classes=10, speed=speed)
+    pair = data.make_synthetic("train", 12, 8, seed)
+    torch.manual_seed(seed + 1)
+    metrics = step(pair.float(), pair.y, epoch)
+    return metrics, [p.detach().clone() for p in model.parameters()]
+
+
+def _assert_same_step(a, b, rtol=1e-4, atol=1e-5):
+    (metrics_a, params_a), (metrics_b, params_b) = a, b
+    assert metrics_a.keys() == metrics_b.keys()
+    for name in metrics_a:
+        torch.testing.assert_close(metrics_a[name], metrics_b[name], rtol=rtol, atol=atol, msg=name)
+    for pa, pb in zip(params_a, params_b):
+        torch.testing.assert_close(pa, pb, rtol=rtol, atol=atol)
+
+
+PLAIN = SpeedConfig(joint_attacks=False)
+
+
+@pytest.mark.parametrize("method, strategy, epoch", [
+    ("trades", "random_adv", 1),   # TRADES-ANCRA
+    ("pgd-at", "random_adv", 1),   # PGD-AT-ANCRA
+    ("mart", "hard_adv", 11),      # MART-ANCRA with a logit-based negative choice after warm-up
+])
+def test_joint_attack_batch_gives_the_plain_step(method, strategy, epoch):
+    _assert_same_step(_run_step(PLAIN, method, strategy=strategy, epoch=epoch),
+                      _run_step(SpeedConfig(joint_attacks=True), method, strategy=strategy, epoch=epoch))
+
+
+def test_channels_last_gives_the_plain_step():
+    _assert_same_step(_run_step(PLAIN), _run_step(SpeedConfig(joint_attacks=True, channels_last=True)))
+
+
+def test_speed_options_really_differ_from_a_changed_step():
+    """The comparison above is sharp: a different RNG stream (other negatives and starts) fails it."""
+    with pytest.raises(AssertionError):
+        _assert_same_step(_run_step(PLAIN), _run_step(PLAIN, seed=1))
+
+
+def test_bf16_autocast_step_stays_close_to_fp32():
+    metrics_fp32, params_fp32 = _run_step(PLAIN)
+    metrics_bf16, params_bf16 = _run_step(SpeedConfig(amp=True))
+    assert torch.isfinite(metrics_bf16["loss"])
+    torch.testing.assert_close(metrics_bf16["loss"], metrics_fp32["loss"], rtol=0.05, atol=0.05)
+    moved = sum((a - b).abs().sum() for a, b in zip(params_fp32, params_bf16))
+    total = sum(p.abs().sum() for p in params_fp32)
+    assert moved / total < 0.01
+    assert all(p.dtype == torch.float32 for p in params_bf16)  # master weights stay fp32
+
+
+def test_speed_defaults_per_device():
+    assert SpeedConfig.for_device("cpu") == SpeedConfig(joint_attacks=True, amp=False, channels_last=False)
+    assert SpeedConfig.for_device("cuda") == SpeedConfig(joint_attacks=True, amp=True, channels_last=True)
+    assert SpeedConfig.for_device("cuda", amp=False, channels_last=None).amp is False
+
+
+@pytest.mark.parametrize("speed", [PLAIN, SpeedConfig(joint_attacks=True)])
+def test_training_step_never_synchronises_with_the_device(monkeypatch, speed):
+    """No .item(), .tolist(), bool() or float() of a tensor anywhere in the step (each would
+    stall a GPU queue); checked by making them raise."""
+    def forbidden(*_args, **_kwargs):
+        raise AssertionError("host synchronisation inside the training step")
+
+    for name in ("item", "tolist", "__bool__", "__float__", "__int__"):
+        monkeypatch.setattr(torch.Tensor, name, forbidden)
+    metrics, _ = _run_step(speed, "mart", strategy="soft_adv", epoch=11)
+    assert "loss" in metrics
