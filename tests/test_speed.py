@@ -1,6 +1,9 @@
 """The speed options change how a training step runs, never what it computes: the joint 2B
 attack batch and channels-last give the plain step's loss and update (fp32, CPU, same seed),
 bf16 autocast stays close, and the step never waits for the device."""
+import json
+import shutil
+
 import pytest
 import torch
 
@@ -68,7 +71,9 @@ def test_bf16_autocast_step_stays_close_to_fp32():
 def test_speed_defaults_per_device():
     assert SpeedConfig.for_device("cpu") == SpeedConfig(joint_attacks=True, amp=False, channels_last=False)
     assert SpeedConfig.for_device("cuda") == SpeedConfig(joint_attacks=True, amp=True, channels_last=True)
-    assert SpeedConfig.for_device("cuda", amp=False, channels_last=None).amp is False
+    assert SpeedConfig.for_device("cuda", amp=False, channels_last=None) == SpeedConfig(amp=False, channels_last=False)
+    assert SpeedConfig.for_device("cpu", amp=True) == SpeedConfig(amp=True, channels_last=True)
+    assert SpeedConfig.for_device("cuda", channels_last=False) == SpeedConfig(amp=True, channels_last=False)
 
 
 @pytest.mark.parametrize("speed", [PLAIN, SpeedConfig(joint_attacks=True)])
@@ -82,3 +87,37 @@ def test_training_step_never_synchronises_with_the_device(monkeypatch, speed):
         monkeypatch.setattr(torch.Tensor, name, forbidden)
     metrics, _ = _run_step(speed, "mart", strategy="soft_adv", epoch=11)
     assert "loss" in metrics
+
+
+def test_benchmark_prints_one_json_object_per_configuration(capsys):
+    from benchmarks.train_step import main
+
+    main(["--arch", "wrn-16-1", "--method", "trades-ancra", "pgd-at", "--batch-size", "4", "--attack-steps", "1",
+          "--steps", "1", "--warmup", "0", "--device", "cpu", "--json"])
+    rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [r["method"] for r in rows] == ["trades-ancra", "pgd-at"]
+    for row in rows:
+        assert {"arch", "method", "batch_size", "device", "dtype", "images_per_s", "step_ms", "model_pass_ms",
+                "overhead", "tflops", "peak_fraction"} <= set(row)
+        assert row["step_ms"] > 0 and row["model_pass_ms"] > 0
+        assert row["overhead"] == pytest.approx(row["step_ms"] / row["model_pass_ms"], rel=0.01)
+    # TRADES-ANCRA counts more FLOPs than PGD-AT: a 2B attack batch and three training forwards
+    assert rows[0]["gflop_per_step"] > 1.5 * rows[1]["gflop_per_step"]
+
+
+def test_benchmark_rejects_an_unknown_method():
+    from benchmarks.train_step import parse_method
+
+    with pytest.raises(SystemExit, match="unknown method 'trades-ancr'"):
+        parse_method("trades-ancr")
+    assert parse_method("trades") == (dict(method="trades", anc=False, attack_loss="kl"), False)
+    assert parse_method("mart-ancra") == (dict(method="mart", anc=True, attack_loss="ce"), True)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(shutil.which("cc") is None and shutil.which("gcc") is None,
+                    reason="torch.compile on CPU needs a C compiler")
+def test_compiled_step_matches_the_eager_step():
+    """--compile changes kernels, not mathematics: loss and update within float tolerance
+    (about a minute of compilation on 2 cores)."""
+    _assert_same_step(_run_step(SpeedConfig()), _run_step(SpeedConfig(compile=True)), rtol=1e-3, atol=1e-4)

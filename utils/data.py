@@ -416,14 +416,19 @@ def crop_flip(x: torch.Tensor, top: torch.Tensor, left: torch.Tensor, flip: torc
     return padded[batch_idx, channel_idx, rows[:, None, :, None], cols[:, None, None, :]]
 
 
-def random_crop_flip(x: torch.Tensor, generator: torch.Generator,
-                     padding: int = CROP_PADDING) -> torch.Tensor:
-    """SPEC §5 augmentation: random crop with zero padding plus random horizontal flip."""
-    batch = x.shape[0]
+def crop_flip_params(batch: int, generator: torch.Generator, padding: int = CROP_PADDING) -> torch.Tensor:
+    """3×batch int64 rows (top, left, flip) of the SPEC §5 augmentation, drawn on the CPU."""
     top = torch.randint(0, 2 * padding + 1, (batch,), generator=generator)
     left = torch.randint(0, 2 * padding + 1, (batch,), generator=generator)
     flip = torch.rand(batch, generator=generator) < 0.5
-    return crop_flip(x, top, left, flip, padding)
+    return torch.stack([top, left, flip.long()])
+
+
+def random_crop_flip(x: torch.Tensor, generator: torch.Generator,
+                     padding: int = CROP_PADDING) -> torch.Tensor:
+    """SPEC §5 augmentation: random crop with zero padding plus random horizontal flip."""
+    top, left, flip = crop_flip_params(x.shape[0], generator, padding)
+    return crop_flip(x, top, left, flip.bool(), padding)
 
 
 class BatchLoader:
@@ -487,11 +492,23 @@ class BatchLoader:
         order = self.indices(epoch).to(self.x.device)
         return self._batches(order, _generator(self.seed, epoch, self.rank, 1))
 
+    def _augment_params(self, order: torch.Tensor, aug_gen: torch.Generator):
+        """Every batch's crop/flip parameters, drawn batch by batch as :func:`random_crop_flip`
+        would, and sent to the device in one copy (a copy per batch would stall a GPU queue)."""
+        sizes = [len(order[b * self.batch_size:(b + 1) * self.batch_size]) for b in range(len(self))]
+        params = torch.cat([crop_flip_params(size, aug_gen) for size in sizes], 1) if sizes else None
+        if params is not None and self.x.device.type == "cuda":
+            params = params.pin_memory().to(self.x.device, non_blocking=True)
+        return params
+
     def _batches(self, order: torch.Tensor, aug_gen: torch.Generator):
         """Yield the batches of one pass in ``order``."""
+        params = self._augment_params(order, aug_gen) if self.augment else None
         for b in range(len(self)):
-            idx = order[b * self.batch_size:(b + 1) * self.batch_size]
+            chunk = slice(b * self.batch_size, (b + 1) * self.batch_size)
+            idx = order[chunk]
             x = self.x[idx]
-            if self.augment:
-                x = random_crop_flip(x, aug_gen)
+            if params is not None:
+                top, left, flip = params[:, chunk]
+                x = crop_flip(x, top, left, flip.bool())
             yield x.float().div_(255), self.y[idx]

@@ -120,7 +120,7 @@ class SpeedConfig:
     CE from x + 0.001·N(0,1)) run as one PGD batch of 2B with a per-example direction;
     ``amp``: bf16 autocast for every forward (attacks, losses, evaluation); ``channels_last``:
     NHWC weights and inputs; ``compile``: ``torch.compile`` the model. :meth:`for_device` gives
-    the defaults: bf16 and channels-last on CUDA, plain fp32 on CPU.
+    the defaults: bf16 on CUDA, fp32 on CPU, channels-last with bf16 (on CPU it pays only there).
     """
 
     joint_attacks: bool = True
@@ -131,10 +131,9 @@ class SpeedConfig:
     @classmethod
     def for_device(cls, device, **overrides):
         """Defaults for ``device`` with ``overrides`` (None values keep the default)."""
-        cuda = torch.device(device).type == "cuda"
-        values = dict(amp=cuda, channels_last=cuda)
-        values.update({k: v for k, v in overrides.items() if v is not None})
-        return cls(**values)
+        overrides = {k: v for k, v in overrides.items() if v is not None}
+        amp = overrides.pop("amp", torch.device(device).type == "cuda")
+        return cls(**{"amp": amp, "channels_last": amp, **overrides})
 
     def autocast(self, device):
         """bf16 autocast on ``device`` when ``amp`` is set, else a no-op context."""
@@ -263,12 +262,13 @@ class EvalConfig:
         return f"PGD-{self.steps}"
 
 
-def evaluate(model, loader, config: EvalConfig = EvalConfig()):
+def evaluate(model, loader, config: EvalConfig = EvalConfig(), speed: SpeedConfig = SpeedConfig()):
     """Natural and PGD accuracy of ``model`` over ``loader`` (eval mode, argmax RA masks).
 
     The PGD start noise comes from a generator seeded with ``config.seed``, so every epoch is
-    attacked with the same noise and the global RNG (and with it resume) is untouched.
-    Returns ``{"nat", "pgd", "size"}`` with accuracies in [0, 1].
+    attacked with the same noise and the global RNG (and with it resume) is untouched. ``speed``
+    gives the training run's autocast and memory format (the final evaluation,
+    ``test_white_attack.py``, is fp32). Returns ``{"nat", "pgd", "size"}`` with accuracies in [0, 1].
     """
     was_training = model.training
     model.eval()
@@ -276,16 +276,18 @@ def evaluate(model, loader, config: EvalConfig = EvalConfig()):
     correct_nat = correct_pgd = None
     total = 0
     for x, y in loader:
+        x = x.contiguous(memory_format=speed.memory_format())
         if generator is None:
             generator = torch.Generator(device=x.device).manual_seed(config.seed)
             correct_nat = torch.zeros((), device=x.device)
             correct_pgd = torch.zeros((), device=x.device)
-        with torch.no_grad():
-            correct_nat += (model(x).argmax(1) == y).sum()
-        x_adv = pgd(model, x, y, config.eps, config.step_size, config.steps, loss="ce", init="uniform",
-                    generator=generator)
-        with torch.no_grad():
-            correct_pgd += (model(x_adv).argmax(1) == y).sum()
+        with speed.autocast(x.device):
+            with torch.no_grad():
+                correct_nat += (model(x).argmax(1) == y).sum()
+            x_adv = pgd(model, x, y, config.eps, config.step_size, config.steps, loss="ce", init="uniform",
+                        generator=generator)
+            with torch.no_grad():
+                correct_pgd += (model(x_adv).argmax(1) == y).sum()
         total += y.shape[0]
     model.train(was_training)
     if total == 0:
@@ -508,7 +510,8 @@ class Trainer:
 
     def evaluate_all(self):
         """``{split: evaluate(...)}`` for each evaluation loader."""
-        return {split: evaluate(self.model, loader, self.eval_config) for split, loader in self.eval_loaders.items()}
+        model, speed = self.step.attack_model, self.step.speed
+        return {split: evaluate(model, loader, self.eval_config, speed) for split, loader in self.eval_loaders.items()}
 
     def fit(self, start_epoch=1):
         """Train epochs ``start_epoch..epochs``; returns the list of epoch records."""

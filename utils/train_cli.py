@@ -15,8 +15,9 @@ from models import ARCH_HELP, CheckpointError, create_model
 from utils import data
 from utils.checkpoint import (RunDirError, atomic_write_json, load_training_checkpoint, prepare_run_dir,
                               resolve_resume, seed_everything)
-from utils.engine import (ConfigError, EvalConfig, MethodConfig, NonFiniteLossError, RunInfo, Schedule, Trainer,
-                          TrainingInterrupted, TrainStep, build_optimizer, build_scheduler, resolve_device)
+from utils.engine import (ConfigError, EvalConfig, MethodConfig, NonFiniteLossError, RunInfo, Schedule, SpeedConfig,
+                          Trainer, TrainingInterrupted, TrainStep, build_optimizer, build_scheduler, prepare_model,
+                          resolve_device)
 from utils.negatives import STRATEGIES
 
 EVAL_BATCH = 256
@@ -115,6 +116,16 @@ def build_parser(kind):
     run.add_argument("--save-freq", type=int, default=10, help="also keep epoch_N.pt every this many epochs")
     run.add_argument("--seed", type=int, default=0, help="seeds torch, numpy and python random")
     run.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+
+    speed = parser.add_argument_group("speed (same mathematics; defaults: bf16 on CUDA, fp32 on CPU; channels-last with bf16)")
+    speed.add_argument("--amp", action=argparse.BooleanOptionalAction, default=None,
+                       help="bf16 autocast for attacks, losses and the per-epoch evaluation")
+    speed.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None,
+                       help="NHWC memory format for weights and inputs (default: with --amp)")
+    speed.add_argument("--joint-attacks", action=argparse.BooleanOptionalAction, default=True,
+                       help="run the adversarial and the negatives' targeted attack as one 2B batch")
+    speed.add_argument("--compile", action=argparse.BooleanOptionalAction, default=False,
+                       help="torch.compile the model (pays off on GPUs for long runs; minutes of warm-up)")
     run.add_argument("--quiet", action="store_true", help="no progress bars")
     run.add_argument("--smoke", action="store_true",
                      help="tiny synthetic run of the whole pipeline (2 epochs, a few batches, 2-step attacks); "
@@ -191,6 +202,12 @@ def method_config(args):
                         eps=args.eps / 255, step_size=args.step_size, steps=args.attack_steps)
 
 
+def speed_config(args, device):
+    """The engine's SpeedConfig: per-device defaults, overridden by explicit flags."""
+    return SpeedConfig.for_device(device, amp=args.amp, channels_last=args.channels_last,
+                                  joint_attacks=args.joint_attacks, compile=args.compile)
+
+
 def model_config(args):
     """The ``model_config`` stored in checkpoints (read back by ``models.load_model``)."""
     return {"arch": args.arch, "num_classes": data.num_classes(args.dataset),
@@ -246,10 +263,11 @@ def run(kind, args, payload=None, run_dir=None):
         run_dir = prepare_run_dir(Path(args.out_dir) / args.run_name, overwrite=args.overwrite)
     train, val, test = load_splits(args)
     seed_everything(args.seed)
-    model = build_model(args, device)
+    speed = speed_config(args, device)
+    model = prepare_model(build_model(args, device), speed)
     schedule = Schedule(args.lr, args.momentum, args.weight_decay, tuple(args.milestones))
     optimizer = build_optimizer(model, schedule)
-    step = TrainStep(model, optimizer, method_config(args), data.num_classes(args.dataset))
+    step = TrainStep(model, optimizer, method_config(args), data.num_classes(args.dataset), speed)
     loaders = {"test": data.BatchLoader(test, EVAL_BATCH, shuffle=False, augment=False, device=device)}
     if val is not None:
         loaders["val"] = data.BatchLoader(val, EVAL_BATCH, shuffle=False, augment=False, device=device)
@@ -262,7 +280,7 @@ def run(kind, args, payload=None, run_dir=None):
                       eval_config=eval_config, save_freq=args.save_freq, quiet=args.quiet)
     atomic_write_json(run_dir / "args.json", saved_args)
     trainer.log(f"{args.method_name} | {args.arch} on {args.dataset} ({len(train)} train, "
-                f"{len(val) if val is not None else 0} val, {len(test)} test images) | device {device} | run {run_dir}")
+                f"{len(val) if val is not None else 0} val, {len(test)} test images) | device {device} ({speed.describe()}) | run {run_dir}")
     if payload is not None:
         changed = [f"{k} {payload['args'].get(k)!r} -> {v!r}" for k, v in saved_args.items()
                    if k in payload["args"] and payload["args"][k] != v and k not in NOT_RESTORED_ON_RESUME]

@@ -1,0 +1,271 @@
+"""Time the real training step (utils.engine.TrainStep) on synthetic data and compare it with
+the bare model passes it has to do.
+
+For every (arch, method, batch size) it prints a table row, and with ``--json`` one JSON object:
+``images_per_s``, ``step_ms``, ``model_pass_ms`` (only the forward/backward passes the step
+needs, timed in the same run), ``overhead`` = step / model passes, the counted GFLOP of one step,
+achieved TFLOP/s and its fraction of a measured bf16 matmul peak. ``--epoch-estimate`` adds the
+predicted CIFAR epoch (50,000 training images plus PGD-20 on 1,000 test images).
+
+    python benchmarks/train_step.py --arch resnet18 --method trades-ancra --batch-size 32
+    python benchmarks/train_step.py --device cuda --batch-size 128 --method trades-ancra pgd-at --epoch-estimate
+"""
+import argparse
+import dataclasses
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch  # noqa: E402
+from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
+from torch.utils.flop_counter import flop_registry  # noqa: E402
+
+from models import create_model  # noqa: E402
+from utils import data  # noqa: E402
+from utils.attacks import attack_mode  # noqa: E402
+from utils.engine import (EvalConfig, MethodConfig, Schedule, SpeedConfig, TrainStep, build_optimizer,  # noqa: E402
+                          evaluate, prepare_model, resolve_device)
+
+SUFFIXES = {"-ancra": (True, True), "-anc": (True, False), "-ra": (False, True), "": (False, False)}
+CIFAR_TRAIN, EVAL_IMAGES = 50_000, 1_000
+
+
+def parse_method(name):
+    """``trades-ancra`` → (MethodConfig kwargs, reverse_attention); plain names are the vanilla baselines."""
+    for suffix, (anc, ra) in SUFFIXES.items():
+        base = name[: len(name) - len(suffix)] if suffix else name
+        if name.endswith(suffix) and base in ("pgd-at", "trades", "mart", "standard"):
+            if base == "standard" and (anc or ra):
+                break
+            attack_loss = "kl" if (base == "trades" and not anc and not ra) else "ce"
+            return dict(method=base, anc=anc, attack_loss=attack_loss), ra
+    raise SystemExit(f"error: unknown method {name!r}; use pgd-at, trades, mart or standard, optionally with "
+                     f"-anc, -ra or -ancra (e.g. trades-ancra)")
+
+
+class FlopCount(TorchDispatchMode):
+    """Counts matmul/convolution FLOPs (forward and backward) with torch's own formulas.
+    (torch's FlopCounterMode also tracks modules, which breaks ``autograd.grad`` on inputs.)"""
+
+    def __init__(self):
+        super().__init__()
+        self.flops = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        formula = flop_registry.get(func._overloadpacket)
+        if formula is not None:
+            self.flops += formula(*args, **kwargs, out_val=out)
+        return out
+
+
+def device_name(device):
+    """GPU name, or the CPU model from /proc/cpuinfo."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "cpu"
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def timed(fn, device, repeats):
+    """Mean seconds of ``fn()`` over ``repeats`` calls, the device drained before and after."""
+    sync(device)
+    start = time.perf_counter()
+    for _ in range(repeats):
+        fn()
+    sync(device)
+    return (time.perf_counter() - start) / repeats
+
+
+def model_passes(step, x, y):
+    """The step's forward/backward passes alone: the attack passes (eval mode, input gradient
+    only) in the batch sizes the step uses, then the training forwards and one backward."""
+    cfg, speed, model = step.config, step.speed, step.attack_model
+    batch = x.shape[0]
+    aux = step.attack_aux_weight > 0
+    attacked = cfg.method != "standard"
+    negatives_attacked = cfg.anc and cfg.strategy.endswith("_adv")
+    sizes = ([2 * batch] if step.can_join() else [batch] * (attacked + negatives_attacked))
+    if speed.channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    with speed.autocast(x.device):
+        with attack_mode(model):
+            if cfg.attack_loss == "kl" and attacked:
+                with torch.no_grad():
+                    model(x, return_aux=True) if aux else model(x)
+            for size in sizes:
+                x_att = torch.cat([x, x])[:size].detach().requires_grad_(True)
+                for _ in range(cfg.steps):
+                    with torch.enable_grad():
+                        out = model(x_att, return_aux=True) if aux else model(x_att)
+                        logits = [out[0], *out[1]] if aux else [out]
+                        grad, = torch.autograd.grad(sum(o.float().sum() for o in logits), x_att)
+        step.model.train()
+        forwards = 1 + (cfg.method != "pgd-at" or cfg.anc) + cfg.anc
+        total = 0.0
+        for _ in range(forwards):
+            out = step.model(x, y, return_aux=True) if step.reverse_attention else step.model(x)
+            logits = [out[0], *out[1]] if step.reverse_attention else [out]
+            total = total + sum(o.float().logsumexp(1).mean() for o in logits)
+    step.optimizer.zero_grad(set_to_none=True)
+    total.backward()
+    return grad
+
+
+def matmul_peak_tflops(device, dtype=torch.bfloat16):
+    """Measured dense matmul throughput (TFLOP/s) in ``dtype``: the yardstick for the step."""
+    n = 8192 if device.type == "cuda" else 1024
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    torch.mm(a, b)
+    repeats = 20 if device.type == "cuda" else 3
+    seconds = timed(lambda: torch.mm(a, b), device, repeats)
+    return 2 * n ** 3 / seconds / 1e12
+
+
+def build_step(arch, method, batch, device, speed, attack_steps, num_classes):
+    """A TrainStep exactly as the training scripts build it, and one synthetic batch."""
+    method_kwargs, ra = parse_method(method)
+    image_size = 64 if arch.startswith("preact") else 32
+    model = prepare_model(create_model(arch, num_classes, ra, image_size).to(device), speed)
+    optimizer = build_optimizer(model, Schedule())
+    step = TrainStep(model, optimizer, MethodConfig(steps=attack_steps, **method_kwargs), num_classes, speed)
+    pair = data.make_synthetic("train", batch, image_size, seed=0)
+    loader = data.BatchLoader(pair, batch, shuffle=True, augment=True, device=device)
+    x, y = next(iter(loader))
+    return step, x, y
+
+
+def epoch_estimate(step, images_per_s, device, image_size):
+    """Seconds of a CIFAR epoch: 50,000 training images at the measured rate plus the
+    per-epoch PGD-20 evaluation of 1,000 fixed test images, timed."""
+    pair = data.make_synthetic("test", EVAL_IMAGES, image_size, seed=0)
+    loader = data.BatchLoader(pair, 256, shuffle=False, augment=False, device=device)
+    eval_s = timed(lambda: evaluate(step.attack_model, loader, EvalConfig(), step.speed), device, 1)
+    return CIFAR_TRAIN / images_per_s + eval_s, eval_s
+
+
+def measure(args, arch, method, batch, device, speed, peak):
+    """One configuration's figures as a dict."""
+    torch.manual_seed(0)
+    step, x, y = build_step(arch, method, batch, device, speed, args.attack_steps, args.num_classes)
+    for _ in range(args.warmup):
+        step(x, y, 1)
+        model_passes(step, x, y)
+    # interleaved, median of each: load changes on a shared machine hit both alike
+    rounds = [(timed(lambda: step(x, y, 1), device, 1), timed(lambda: model_passes(step, x, y), device, 1))
+              for _ in range(args.steps)]
+    step_s = statistics.median(r[0] for r in rounds)
+    pass_s = statistics.median(r[1] for r in rounds)
+    counted = step if not speed.compile else build_step(arch, method, batch, device, dataclasses.replace(
+        speed, compile=False), args.attack_steps, args.num_classes)[0]
+    with FlopCount() as counter:
+        counted(x, y, 1)
+    flops = counter.flops
+    tflops = flops / step_s / 1e12
+    row = {"arch": arch, "method": method, "batch_size": batch, "device": str(device),
+           "device_name": device_name(device),
+           "dtype": "bf16" if speed.amp else "fp32", "channels_last": speed.channels_last,
+           "joint_attacks": speed.joint_attacks, "compile": speed.compile, "attack_steps": args.attack_steps,
+           "images_per_s": round(batch / step_s, 2), "step_ms": round(1e3 * step_s, 2),
+           "model_pass_ms": round(1e3 * pass_s, 2), "overhead": round(step_s / pass_s, 3),
+           "gflop_per_step": round(flops / 1e9, 1), "tflops": round(tflops, 3),
+           "bf16_peak_tflops": round(peak, 2), "peak_fraction": round(tflops / peak, 3),
+           "torch": torch.__version__, "threads": torch.get_num_threads()}
+    if args.epoch_estimate:
+        image_size = 64 if arch.startswith("preact") else 32
+        epoch_s, eval_s = epoch_estimate(step, batch / step_s, device, image_size)
+        row.update(cifar_epoch_s=round(epoch_s, 1), eval_1000_s=round(eval_s, 2))
+    return row
+
+
+COLUMNS = [("arch", "{}"), ("method", "{}"), ("batch_size", "{}"), ("dtype", "{}"), ("images_per_s", "{:.1f}"),
+           ("step_ms", "{:.1f}"), ("model_pass_ms", "{:.1f}"), ("overhead", "{:.3f}"), ("tflops", "{:.3f}"),
+           ("peak_fraction", "{:.3f}")]
+
+
+def print_table(rows):
+    keys = COLUMNS + ([("cifar_epoch_s", "{:.1f}")] if rows and "cifar_epoch_s" in rows[0] else [])
+    cells = [[k for k, _ in keys]] + [[fmt.format(r[k]) for k, fmt in keys] for r in rows]
+    widths = [max(len(row[i]) for row in cells) for i in range(len(keys))]
+    for i, row in enumerate(cells):
+        print(" | ".join(c.rjust(w) for c, w in zip(row, widths)))
+        if i == 0:
+            print("-+-".join("-" * w for w in widths))
+
+
+def build_parser():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--arch", nargs="+", default=["resnet18"], help="resnet18, wrn-34-10, preact-resnet18, ...")
+    parser.add_argument("--method", nargs="+", default=["trades-ancra"],
+                        help="pgd-at / trades / mart / standard, with -anc, -ra or -ancra")
+    parser.add_argument("--batch-size", nargs="+", type=int, default=[32])
+    parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    parser.add_argument("--steps", type=int, default=5, help="timed rounds (one step, one model-pass replay) per configuration; medians are reported")
+    parser.add_argument("--warmup", type=int, default=2, help="untimed steps first (compilation, allocator)")
+    parser.add_argument("--attack-steps", type=int, default=10, help="PGD steps of each training attack")
+    parser.add_argument("--num-classes", type=int, default=10)
+    parser.add_argument("--amp", action=argparse.BooleanOptionalAction, default=None,
+                        help="bf16 autocast (default: on for CUDA, off for CPU)")
+    parser.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None,
+                        help="NHWC memory format (default: with bf16)")
+    parser.add_argument("--joint-attacks", action=argparse.BooleanOptionalAction, default=True,
+                        help="adversarial examples and negatives as one 2B attack batch")
+    parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=False, help="torch.compile the model")
+    parser.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's)")
+    parser.add_argument("--epoch-estimate", action="store_true",
+                        help="also time PGD-20 on 1,000 images and predict a CIFAR epoch")
+    parser.add_argument("--json", action="store_true", help="print one JSON object per configuration, no table")
+    return parser
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    for method in args.method:
+        parse_method(method)
+    try:
+        device = resolve_device(args.device)
+    except ValueError as err:
+        raise SystemExit(f"error: {err}") from None
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+    speed = SpeedConfig.for_device(device, amp=args.amp, channels_last=args.channels_last,
+                                   joint_attacks=args.joint_attacks, compile=args.compile)
+    peak = matmul_peak_tflops(device)
+    rows = []
+    for arch in args.arch:
+        for method in args.method:
+            for batch in args.batch_size:
+                row = measure(args, arch, method, batch, device, speed, peak)
+                rows.append(row)
+                if args.json:
+                    print(json.dumps(row), flush=True)
+    if not args.json:
+        print(f"# {rows[0]['device_name']} | torch {torch.__version__} | {speed.describe()} | "
+              f"{args.attack_steps}-step attacks | bf16 matmul peak {peak:.2f} TFLOP/s | "
+              f"{torch.get_num_threads()} threads | {os.cpu_count()} cores")
+        print_table(rows)
+
+
+if __name__ == "__main__":
+    main()
