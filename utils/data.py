@@ -441,12 +441,13 @@ class BatchLoader:
     Sharding: every rank draws the same global permutation, padded by wrapping its start to a
     multiple of ``world_size``, and takes the strided elements ``[rank::world_size]``. Shards are
     thus equal-sized, disjoint up to that padding, and batch b of all ranks together is global
-    batch b of size ``batch_size * world_size``.
+    batch b of size ``batch_size * world_size``. With ``pad=False`` (evaluation) nothing is
+    repeated: every example is in exactly one shard and shards may differ by one in size.
     """
 
     def __init__(self, data: TensorPair, batch_size: int, *, shuffle: bool, augment: bool,
                  device="cpu", drop_last: bool = False, seed: int = 0, rank: int = 0,
-                 world_size: int = 1):
+                 world_size: int = 1, pad: bool = True):
         """Validate the arguments and move the dataset to ``device``."""
         if batch_size < 1:
             raise ValueError(f"batch_size must be positive, got {batch_size}")
@@ -461,6 +462,7 @@ class BatchLoader:
         self.seed = seed
         self.rank = rank
         self.world_size = world_size
+        self.pad = pad
         self.epoch = 0
 
     def set_epoch(self, epoch: int) -> None:
@@ -469,6 +471,8 @@ class BatchLoader:
 
     def _shard_size(self) -> int:
         """Examples this rank sees per pass."""
+        if not self.pad:
+            return len(range(self.rank, self.x.shape[0], self.world_size))
         return math.ceil(self.x.shape[0] / self.world_size)
 
     def __len__(self) -> int:
@@ -482,8 +486,9 @@ class BatchLoader:
         total = self.x.shape[0]
         order = (torch.randperm(total, generator=_generator(self.seed, epoch)) if self.shuffle
                  else torch.arange(total))
-        padded_total = self._shard_size() * self.world_size
-        order = torch.cat([order, order[:padded_total - total]])
+        if self.pad:
+            padded_total = self._shard_size() * self.world_size
+            order = torch.cat([order, order[:padded_total - total]])
         return order[self.rank::self.world_size]
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:

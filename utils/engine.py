@@ -20,6 +20,7 @@ import torch
 from tqdm import tqdm
 
 from models import has_reverse_attention
+from utils import distributed
 from utils.attacks import EPS, pgd, pgd_train, random_start
 from utils.checkpoint import (BEST, LAST, atomic_save, atomic_save_many, capture_rng, load_scheduler_state,
                               read_metrics, restore_rng, scheduler_state, write_metrics)
@@ -262,13 +263,14 @@ class EvalConfig:
         return f"PGD-{self.steps}"
 
 
-def evaluate(model, loader, config: EvalConfig = EvalConfig(), speed: SpeedConfig = SpeedConfig()):
+def evaluate(model, loader, config: EvalConfig = EvalConfig(), speed: SpeedConfig = SpeedConfig(), reduce=None):
     """Natural and PGD accuracy of ``model`` over ``loader`` (eval mode, argmax RA masks).
 
     The PGD start noise comes from a generator seeded with ``config.seed``, so every epoch is
     attacked with the same noise and the global RNG (and with it resume) is untouched. ``speed``
     gives the training run's autocast and memory format (the final evaluation,
-    ``test_white_attack.py``, is fp32). Returns ``{"nat", "pgd", "size"}`` with accuracies in [0, 1].
+    ``test_white_attack.py``, is fp32). ``reduce`` sums the counts of a sharded loader over
+    ranks. Returns ``{"nat", "pgd", "size"}`` with accuracies in [0, 1].
     """
     was_training = model.training
     model.eval()
@@ -290,9 +292,15 @@ def evaluate(model, loader, config: EvalConfig = EvalConfig(), speed: SpeedConfi
                 correct_pgd += (model(x_adv).argmax(1) == y).sum()
         total += y.shape[0]
     model.train(was_training)
+    if generator is None:  # an empty shard still joins the reduction
+        correct_nat = correct_pgd = torch.zeros((), device=next(model.parameters()).device)
+    counts = torch.stack([correct_nat, correct_pgd, torch.full_like(correct_nat, total)])
+    if reduce is not None:
+        counts = reduce(counts)
+    nat, pgd_correct, total = counts.tolist()
     if total == 0:
         return {"nat": float("nan"), "pgd": float("nan"), "size": 0}
-    return {"nat": correct_nat.item() / total, "pgd": correct_pgd.item() / total, "size": total}
+    return {"nat": nat / total, "pgd": pgd_correct / total, "size": int(total)}
 
 
 # ----------------------------------------------------------------------------- optimisation
@@ -358,7 +366,8 @@ class Trainer:
     checkpoints into ``run.run_dir`` (if not None)."""
 
     def __init__(self, step: TrainStep, scheduler, train_loader, eval_loaders, run: RunInfo, *, epochs,
-                 eval_config: EvalConfig = EvalConfig(), save_freq=10, quiet=False, sync_every=20):
+                 eval_config: EvalConfig = EvalConfig(), save_freq=10, quiet=False, sync_every=20,
+                 context: distributed.Context = distributed.SINGLE, reseed=None):
         if "test" not in eval_loaders:
             raise ConfigError("the trainer needs a 'test' evaluation loader")
         self.step = step
@@ -373,6 +382,9 @@ class Trainer:
         self.save_freq = save_freq
         self.quiet = quiet
         self.sync_every = max(1, sync_every)
+        self.context = context
+        self.reseed = reseed  # reseed(epoch): per-rank RNG at each epoch start (distributed runs)
+        self._stop_poll = distributed.StopPoll(context)
         self.best = BestSoFar("val" if "val" in eval_loaders else "test")
         self.records = []
         self.completed_epochs = 0
@@ -381,14 +393,16 @@ class Trainer:
     # --- logging
 
     def log(self, message):
-        """Print ``message`` (without breaking progress bars) and append it to ``log.txt``."""
+        """Print ``message`` (without breaking progress bars) and append it to ``log.txt`` (rank 0 only)."""
+        if not self.context.is_main:
+            return
         tqdm.write(message, file=sys.stdout)
         if self.run.run_dir is not None:
             with open(self.run.run_dir / "log.txt", "a", encoding="utf-8") as handle:
                 handle.write(message + "\n")
 
     def _bars_enabled(self):
-        return not self.quiet and sys.stderr.isatty()
+        return not self.quiet and self.context.is_main and sys.stderr.isatty()
 
     # --- checkpoints
 
@@ -464,6 +478,18 @@ class Trainer:
             for s, handler in previous.items():
                 signal.signal(s, handler)
 
+    def _stop_agreed(self):
+        """Whether any rank was asked to stop (a collective in distributed runs)."""
+        if not self.context.enabled:
+            return bool(self._stop_signal)
+        flag = torch.tensor([float(bool(self._stop_signal))], device=self.context_device())
+        if distributed.all_reduce_sum(self.context, flag).item() > 0:
+            self._stop_signal = self._stop_signal or "a stop request on another rank"
+        return bool(self._stop_signal)
+
+    def context_device(self):
+        return next(unwrap(self.model).parameters()).device
+
     def _stop_now(self, epoch, mid_epoch=True):
         """Raise TrainingInterrupted; mid-epoch, first save ``last.pt`` with ``epoch`` marked incomplete."""
         where = ""
@@ -471,15 +497,18 @@ class Trainer:
             if mid_epoch:
                 atomic_save(self.checkpoint(epoch - 1, interrupted_epoch=epoch), self.run.run_dir / LAST)
             where = f"; saved {self.run.run_dir / LAST}, continue with --resume {self.run.run_dir}"
+        distributed.barrier(self.context)  # no rank exits (and makes torchrun kill the others) before the save
         when = f"during epoch {epoch}" if mid_epoch else f"after epoch {epoch}"
         raise TrainingInterrupted(f"stopped by {self._stop_signal} {when}{where}")
 
     # --- the loop
 
     def _host_means(self, sums, count, epoch, batch):
-        """Bring the running sums to the host (one sync) as means; stop on a NaN/inf loss."""
+        """Bring the running sums to the host (one sync) as means over all ranks; stop on a NaN/inf
+        loss (every rank sees the same reduced loss, so all stop together)."""
         names = list(sums)
-        values = (torch.stack([sums[k].float() for k in names]) / count).tolist()
+        values = torch.stack([sums[k].float() for k in names])
+        values = (distributed.all_reduce_sum(self.context, values) / (self.context.world_size * count)).tolist()
         means = dict(zip(names, values))
         if not math.isfinite(means["loss"]):
             raise NonFiniteLossError(
@@ -498,11 +527,14 @@ class Trainer:
             for name, value in metrics.items():
                 sums[name] = sums[name] + value if name in sums else value
             count += 1
-            if batch % self.sync_every == 0 or batch == len(self.train_loader) or self._stop_signal:
+            stop = self._stop_poll(self._stop_signal)
+            if stop and not self._stop_signal:
+                self._stop_signal = "a stop request on another rank"
+            if batch % self.sync_every == 0 or batch == len(self.train_loader) or stop:
                 means = self._host_means(sums, count, epoch, batch)
                 bar.set_postfix(loss=f"{means['loss']:.3f}",
                                 acc=f"{100 * means.get('acc_adv', means.get('acc_nat', 0.0)):.1f}%")
-            if self._stop_signal:
+            if stop:
                 bar.close()
                 self._stop_now(epoch)
         bar.close()
@@ -511,7 +543,10 @@ class Trainer:
     def evaluate_all(self):
         """``{split: evaluate(...)}`` for each evaluation loader."""
         model, speed = self.step.attack_model, self.step.speed
-        return {split: evaluate(model, loader, self.eval_config, speed) for split, loader in self.eval_loaders.items()}
+        distributed.average_buffers(self.context, unwrap(model))
+        reduce = lambda counts: distributed.all_reduce_sum(self.context, counts)  # noqa: E731
+        return {split: evaluate(model, loader, self.eval_config, speed, reduce)
+                for split, loader in self.eval_loaders.items()}
 
     def fit(self, start_epoch=1):
         """Train epochs ``start_epoch..epochs``; returns the list of epoch records."""
@@ -522,6 +557,8 @@ class Trainer:
         with self._stop_requests():
             for epoch in range(start_epoch, self.epochs + 1):
                 started = time.perf_counter()
+                if self.reseed is not None:
+                    self.reseed(epoch)
                 lr = self.optimizer.param_groups[0]["lr"]
                 train = self.train_epoch(epoch)
                 self.scheduler.step()
@@ -538,7 +575,7 @@ class Trainer:
                 self.completed_epochs = epoch
                 self._save_epoch(epoch, is_best)
                 self.log(self.summary(record))
-                if self._stop_signal:
+                if self._stop_agreed():
                     self._stop_now(epoch, mid_epoch=False)
         self.log(f"done: {self.best.describe()}: {self.eval_config.attack_name} "
                  f"{100 * self.best.score:.2f}% at epoch {self.best.epoch}")

@@ -11,8 +11,10 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
+
 from models import ARCH_HELP, CheckpointError, create_model
-from utils import data
+from utils import data, distributed
 from utils.checkpoint import (RunDirError, atomic_write_json, load_training_checkpoint, prepare_run_dir,
                               resolve_resume, seed_everything)
 from utils.engine import (ConfigError, EvalConfig, MethodConfig, NonFiniteLossError, RunInfo, Schedule, SpeedConfig,
@@ -21,7 +23,7 @@ from utils.engine import (ConfigError, EvalConfig, MethodConfig, NonFiniteLossEr
 from utils.negatives import STRATEGIES
 
 EVAL_BATCH = 256
-NOT_RESTORED_ON_RESUME = ("resume", "overwrite", "smoke")
+NOT_RESTORED_ON_RESUME = ("resume", "overwrite", "smoke", "world_size")
 SMOKE_DEFAULTS = dict(dataset="synthetic", train_size=32, image_size=8, batch_size=16, epochs=2, milestones=[2],
                       eval_size=32, eval_steps=2, attack_steps=2, save_freq=2, overwrite=True)
 
@@ -116,6 +118,13 @@ def build_parser(kind):
     run.add_argument("--save-freq", type=int, default=10, help="also keep epoch_N.pt every this many epochs")
     run.add_argument("--seed", type=int, default=0, help="seeds torch, numpy and python random")
     run.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+
+    several = parser.add_argument_group("several processes (launch with torchrun --nproc_per_node=N)")
+    several.add_argument("--per-rank-batch", action="store_true",
+                         help="--batch-size is per process (global batch = N x --batch-size); by default "
+                              "--batch-size is the global batch, split across the N processes")
+    several.add_argument("--sync-bn", action="store_true",
+                         help="SyncBatchNorm: training BN statistics over the global batch instead of each shard")
 
     speed = parser.add_argument_group("speed (same mathematics; defaults: bf16 on CUDA, fp32 on CPU; channels-last with bf16)")
     speed.add_argument("--amp", action=argparse.BooleanOptionalAction, default=None,
@@ -251,36 +260,83 @@ def build_model(args, device):
     return model.to(device)
 
 
+def rank_batch(args, context):
+    """This process's batch size: the global --batch-size split evenly, or --per-rank-batch as is."""
+    if args.per_rank_batch or not context.enabled:
+        return args.batch_size
+    if args.batch_size % context.world_size:
+        raise ConfigError(f"--batch-size {args.batch_size} cannot be split over {context.world_size} processes; "
+                          f"use a multiple of {context.world_size} or --per-rank-batch")
+    return args.batch_size // context.world_size
+
+
+def probe_loss(model, args, device):
+    """A scalar depending on every parameter a training forward uses (for freezing unused ones)."""
+    x = torch.zeros(2, 3, args.image_size, args.image_size, device=device)
+    if args.reverse_attention:
+        logits, aux = model(x, torch.zeros(2, dtype=torch.long, device=device), return_aux=True)
+        return sum(o.sum() for o in [logits, *aux])
+    return model(x).sum()
+
+
+def distributed_model(model, args, context, device):
+    """DDP around ``model`` (unused parameters frozen first), or ``model`` itself in a single process."""
+    if context.enabled:
+        frozen = distributed.freeze_unused_parameters(model, lambda: probe_loss(model, args, device))
+        if frozen and context.is_main:
+            print(f"parameters unused by the forward pass, frozen for DDP: {', '.join(frozen)}", file=sys.stderr)
+    return distributed.wrap(context, model, device, sync_bn=args.sync_bn)
+
+
 def run(kind, args, payload=None, run_dir=None):
-    """Train as ``args`` say (resuming ``payload`` when given); returns the epoch records."""
+    """Train as ``args`` say (resuming ``payload`` when given); returns the epoch records.
+    Under torchrun every process runs this; rank 0 alone writes the run folder."""
     resolve_args(kind, args)
-    device = resolve_device(args.device)
+    context = distributed.from_env()
+    args.world_size = context.world_size
+    batch = rank_batch(args, context)
+    device = distributed.init(context, args.device) if context.enabled else resolve_device(args.device)
+    if args.sync_bn:
+        distributed.check_sync_bn(context, device)
     wanted = model_config(args)
     if payload is not None:
         check_resume_model(payload, wanted, args.resume)
         run_dir = Path(run_dir)
     else:
-        run_dir = prepare_run_dir(Path(args.out_dir) / args.run_name, overwrite=args.overwrite)
-    train, val, test = load_splits(args)
+        run_dir = Path(args.out_dir) / args.run_name
+        distributed.run_on_main(context, lambda: prepare_run_dir(run_dir, overwrite=args.overwrite))
+    splits = distributed.run_on_main(context, lambda: load_splits(args))  # rank 0 downloads first
+    train, val, test = splits if context.is_main else load_splits(args)
     seed_everything(args.seed)
     speed = speed_config(args, device)
-    model = prepare_model(build_model(args, device), speed)
+    model = distributed_model(prepare_model(build_model(args, device), speed), args, context, device)
     schedule = Schedule(args.lr, args.momentum, args.weight_decay, tuple(args.milestones))
     optimizer = build_optimizer(model, schedule)
     step = TrainStep(model, optimizer, method_config(args), data.num_classes(args.dataset), speed)
-    loaders = {"test": data.BatchLoader(test, EVAL_BATCH, shuffle=False, augment=False, device=device)}
+    shard = dict(rank=context.rank, world_size=context.world_size)
+    eval_loader = lambda split: data.BatchLoader(split, EVAL_BATCH, shuffle=False, augment=False,  # noqa: E731
+                                                 device=device, pad=False, **shard)
+    loaders = {"test": eval_loader(test)}
     if val is not None:
-        loaders["val"] = data.BatchLoader(val, EVAL_BATCH, shuffle=False, augment=False, device=device)
-    train_loader = data.BatchLoader(train, args.batch_size, shuffle=True, augment=data.default_augment(args.dataset),
-                                    device=device, seed=args.seed)
+        loaders["val"] = eval_loader(val)
+    train_loader = data.BatchLoader(train, batch, shuffle=True, augment=data.default_augment(args.dataset),
+                                    device=device, seed=args.seed, **shard)
     saved_args = dict(vars(args))
-    info = RunInfo(run_dir, saved_args, wanted, title=f"{args.run_name} ({args.method_name})")
+    info = RunInfo(run_dir if context.is_main else None, saved_args, wanted,
+                   title=f"{args.run_name} ({args.method_name})")
     eval_config = EvalConfig(eps=args.eps / 255, step_size=args.step_size, steps=args.eval_steps)
+    reseed = (lambda epoch: seed_everything(distributed.epoch_seed(args.seed, context.rank, epoch))
+              if context.enabled else None)
     trainer = Trainer(step, build_scheduler(optimizer, schedule), train_loader, loaders, info, epochs=args.epochs,
-                      eval_config=eval_config, save_freq=args.save_freq, quiet=args.quiet)
-    atomic_write_json(run_dir / "args.json", saved_args)
+                      eval_config=eval_config, save_freq=args.save_freq, quiet=args.quiet, context=context,
+                      reseed=reseed)
+    if context.is_main:
+        atomic_write_json(run_dir / "args.json", saved_args)
+    processes = (f" | {context.world_size} processes x batch {batch} (global {batch * context.world_size})"
+                 + (", SyncBatchNorm" if args.sync_bn else "") if context.enabled else "")
     trainer.log(f"{args.method_name} | {args.arch} on {args.dataset} ({len(train)} train, "
-                f"{len(val) if val is not None else 0} val, {len(test)} test images) | device {device} ({speed.describe()}) | run {run_dir}")
+                f"{len(val) if val is not None else 0} val, {len(test)} test images) | device {device} "
+                f"({speed.describe()}){processes} | run {run_dir}")
     if payload is not None:
         changed = [f"{k} {payload['args'].get(k)!r} -> {v!r}" for k, v in saved_args.items()
                    if k in payload["args"] and payload["args"][k] != v and k not in NOT_RESTORED_ON_RESUME]
@@ -295,7 +351,7 @@ def main(kind, argv=None):
     try:
         args, payload, run_dir = parse_args(kind, argv)
         run(kind, args, payload, run_dir)
-    except (data.DatasetError, CheckpointError, RunDirError, ConfigError) as err:
+    except (data.DatasetError, CheckpointError, RunDirError, ConfigError, distributed.DistributedError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     except NonFiniteLossError as err:
@@ -307,5 +363,7 @@ def main(kind, argv=None):
     except KeyboardInterrupt:
         print("aborted without saving this epoch", file=sys.stderr)
         return 130
+    finally:
+        distributed.shutdown()
     return 0
 

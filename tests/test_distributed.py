@@ -1,0 +1,123 @@
+"""Several processes: torchrun launches with DDP on CPU (gloo), parameter agreement, loss
+parity with one process, checkpoint and resume; plus the single-process pieces (sharded
+evaluation, batch split, clear errors)."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from models import load_model
+from utils import data, distributed
+from utils.engine import ConfigError, evaluate
+from utils.train_cli import main as train_main, rank_batch
+
+ROOT = Path(__file__).resolve().parents[1]
+WORKER = ROOT / "tests" / "dist_worker.py"
+
+
+def _env():
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
+    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(name, None)
+    return env
+
+
+def _torchrun(*args, cwd):
+    """``torchrun --standalone --nproc_per_node=2 ARGS`` (a free port is chosen by torchrun)."""
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", *map(str, args)]
+    result = subprocess.run(command, cwd=cwd, env=_env(), capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return result
+
+
+def test_parameters_agree_on_both_ranks_after_every_step(tmp_path):
+    _torchrun(WORKER, "sync", tmp_path / "sync.pt", cwd=tmp_path)
+    result = torch.load(tmp_path / "sync.pt", weights_only=True)
+    assert result["steps"] == 3
+    assert result["differences"] == [0.0, 0.0, 0.0]
+
+
+def test_two_ranks_of_16_give_the_update_of_one_process_of_32(tmp_path):
+    """Construction: the same seeded RA WRN-16-1 and the same 32 synthetic examples; rank r
+    trains on examples 16r..16r+15, the single process on all 32. TRADES-RA without ANC (the
+    negatives would be drawn within each shard), PGD from the clean image (no random start, whose
+    noise differs per rank), and BatchNorm frozen in eval mode (batch statistics differ between
+    shards). Every remaining term is a per-example mean, so DDP's averaged gradient must equal
+    the full batch's gradient and the first SGD update must agree to float rounding."""
+    _torchrun(WORKER, "parity", tmp_path / "two.pt", cwd=tmp_path)
+    subprocess.run([sys.executable, str(WORKER), "parity", str(tmp_path / "one.pt")], cwd=tmp_path, env=_env(),
+                   check=True, timeout=300)
+    two = torch.load(tmp_path / "two.pt", weights_only=True)["parameters"]
+    one = torch.load(tmp_path / "one.pt", weights_only=True)["parameters"]
+    torch.testing.assert_close(two, one, rtol=1e-5, atol=1e-6)
+    initial = torch.cat([p.flatten() for p in _initial_model().parameters()])
+    assert (one - initial).abs().max() > 1e-3  # the step really moved the weights
+
+
+def _initial_model():
+    from models import create_model
+
+    torch.manual_seed(0)
+    return create_model("wrn-16-1", 10, reverse_attention=True)
+
+
+@pytest.mark.slow
+def test_torchrun_training_checkpoint_and_resume(tmp_path):
+    common = ["train_baselines.py", "--smoke", "--device", "cpu", "--quiet", "--out-dir", tmp_path,
+              "--run-name", "ddp"]
+    first = _torchrun(*common, cwd=ROOT)
+    assert "2 processes x batch 8 (global 16)" in first.stdout
+    assert first.stdout.count("epoch 2/2") == 1  # rank 0 alone logs
+    run_dir = tmp_path / "ddp"
+    model, config = load_model(run_dir / "last.pt")  # a single process reads the checkpoint
+    assert config["arch"] == "resnet18" and not any(k.startswith("module.") for k in model.state_dict())
+    assert json.loads((run_dir / "args.json").read_text())["world_size"] == 2
+
+    resumed = _torchrun(*common, "--resume", run_dir, "--epochs", "3", cwd=ROOT)
+    assert "resuming" in resumed.stdout and "epoch 3/3" in resumed.stdout
+    epochs = [json.loads(line)["epoch"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert epochs == [1, 2, 3]
+
+
+def test_evaluation_shards_count_every_example_once():
+    pair = data.make_synthetic("test", 11, 8, seed=0)
+    shards = [data.BatchLoader(pair, 4, shuffle=False, augment=False, rank=r, world_size=3, pad=False)
+              for r in range(3)]
+    seen = torch.cat([s.indices(0) for s in shards])
+    assert sorted(seen.tolist()) == list(range(11))
+    assert [len(list(iter(s))) for s in shards] == [1, 1, 1] and [len(s.indices(0)) for s in shards] == [4, 4, 3]
+
+    model = _initial_model().eval()
+    whole = evaluate(model, data.BatchLoader(pair, 4, shuffle=False, augment=False))
+    counts = [evaluate(model, s) for s in shards]  # what each rank counts before the reduction
+    assert sum(c["size"] for c in counts) == whole["size"] == 11
+    assert sum(c["nat"] * c["size"] for c in counts) == pytest.approx(whole["nat"] * 11)
+
+
+def test_global_batch_is_split_and_must_divide():
+    class Args:
+        batch_size, per_rank_batch = 128, False
+
+    four = distributed.Context(rank=1, world_size=4)
+    assert rank_batch(Args, four) == 32 and rank_batch(Args, distributed.SINGLE) == 128
+    Args.per_rank_batch = True
+    assert rank_batch(Args, four) == 128
+    Args.batch_size, Args.per_rank_batch = 130, False
+    with pytest.raises(ConfigError, match="cannot be split over 4 processes; use a multiple of 4"):
+        rank_batch(Args, four)
+
+
+def test_sync_bn_without_torchrun_is_a_clear_error(tmp_path, capsys):
+    code = train_main("baselines", ["--smoke", "--sync-bn", "--out-dir", str(tmp_path), "--quiet"])
+    assert code == 2
+    assert "--sync-bn needs a multi-process launch" in capsys.readouterr().err
+    assert not (tmp_path / "smoke_synthetic_resnet18_pgd-at_s0" / "last.pt").exists()
+
+
+def test_epoch_seeds_differ_per_rank_and_epoch():
+    seeds = {distributed.epoch_seed(0, rank, epoch) for rank in range(4) for epoch in range(1, 50)}
+    assert len(seeds) == 4 * 49
