@@ -10,12 +10,18 @@ ARCH_HELP = "resnet18, preact-resnet18, or wrn-D-K (e.g. wrn-34-10, wrn-28-10)"
 _WRN = re.compile(r"^wrn-(\d+)-(\d+)$")
 
 
+def canonical_arch(arch):
+    """The architecture's canonical name (lower case; ``preactresnet18`` → ``preact-resnet18``)."""
+    arch = arch.lower()
+    return "preact-resnet18" if arch == "preactresnet18" else arch
+
+
 def create_model(arch, num_classes, reverse_attention=True, image_size=None):
     """Build ``arch`` with ``num_classes`` outputs; ``image_size`` only matters for preact-resnet18 (default 64)."""
-    arch = arch.lower()
+    arch = canonical_arch(arch)
     if arch == "resnet18":
         return resnet18(num_classes, reverse_attention)
-    if arch in ("preact-resnet18", "preactresnet18"):
+    if arch == "preact-resnet18":
         return preact_resnet18(num_classes, reverse_attention, image_size or 64)
     match = _WRN.match(arch)
     if match:
@@ -33,7 +39,7 @@ def has_reverse_attention(model):
 from .loading import CheckpointError, load_model, model_config, read_checkpoint  # noqa: E402  (needs create_model)
 
 __all__ = [
-    "create_model", "has_reverse_attention", "ra_policy", "MaskPolicy",
+    "create_model", "canonical_arch", "has_reverse_attention", "ra_policy", "MaskPolicy",
     "ResNet", "WideResNet", "PreActResNet", "ARCH_HELP",
     "load_model", "read_checkpoint", "model_config", "CheckpointError",
 ]

@@ -3,7 +3,7 @@ import os
 
 import torch
 
-from . import create_model
+from . import canonical_arch, create_model
 
 
 class CheckpointError(RuntimeError):
@@ -77,7 +77,7 @@ def load_model(path_or_payload, arch=None, num_classes=None, reverse_attention=N
     state = extract_state_dict(payload)
     found = model_config(payload)
     wanted = {
-        "arch": (arch or found["arch"]).lower(),
+        "arch": canonical_arch(arch or found["arch"]),
         "num_classes": num_classes or found["num_classes"],
         "reverse_attention": reverse_attention if reverse_attention is not None else found["reverse_attention"],
     }

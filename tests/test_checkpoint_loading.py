@@ -60,6 +60,8 @@ def test_bare_reference_state_dict_loads_with_inferred_config(tiny_model, tmp_pa
     x = torch.rand(2, 3, size, size)
     assert torch.equal(outputs(loaded, x), outputs(model, x))
     assert model_config(model.state_dict())["reverse_attention"] is None  # not recorded in a bare dict
+    if arch == "preact-resnet18":  # the alias names the same architecture
+        assert load_model(str(path), arch="PreActResNet18")[1]["arch"] == "preact-resnet18"
 
 
 def test_wrn_34_10_is_recognised_from_its_names():
