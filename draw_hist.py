@@ -3,6 +3,7 @@ with several methods overlaid, from .npz files written by feature_distance.py.""
 import argparse
 import sys
 
+from utils.cli import run_cli
 from utils.features import FeatureError, load_npz
 from utils.plots import histogram_figures, mixed_metadata
 
@@ -32,13 +33,7 @@ def run(args):
 
 
 def main(argv=None):
-    args = parse_args(argv)
-    try:
-        run(args)
-    except FeatureError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    return 0
+    return run_cli(run, parse_args, (FeatureError,), argv)
 
 
 if __name__ == "__main__":

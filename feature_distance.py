@@ -5,6 +5,7 @@ import sys
 from pathlib import Path
 
 from models import CheckpointError
+from utils.cli import run_cli
 from utils.data import DatasetError
 from utils.features import (FeatureError, add_common_arguments, attack_from_args, check_options,
                             feature_distances, load_analysis, safe_name, save_npz, stats_table)
@@ -43,13 +44,7 @@ def run(args):
 
 
 def main(argv=None):
-    args = parse_args(argv)
-    try:
-        run(args)
-    except (FeatureError, CheckpointError, DatasetError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    return 0
+    return run_cli(run, parse_args, (FeatureError, CheckpointError, DatasetError), argv)
 
 
 if __name__ == "__main__":

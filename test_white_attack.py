@@ -9,13 +9,13 @@ import dataclasses
 import json
 import sys
 from datetime import datetime
-from fractions import Fraction
 from pathlib import Path
 
 import torch
 
 from models import CheckpointError, load_model, read_checkpoint
 from utils import data as datasets
+from utils.cli import eps_type, run_cli
 from utils.autoattack_runner import AutoAttackUnavailable, import_autoattack
 from utils.evaluation import (BUDGETS, EvaluationError, Settings, attack_catalogue, eps_text, evaluate, json_report,
                               markdown_report, select_attacks)
@@ -27,13 +27,6 @@ def number_list(text):
         return tuple(float(v) for v in text.split(",") if v.strip())
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
-
-
-def fraction(text):
-    try:
-        return float(Fraction(text))
-    except (ValueError, ZeroDivisionError):
-        raise argparse.ArgumentTypeError(f"expected a number such as 8/255 or 0.031, got {text!r}") from None
 
 
 def parse_args(argv=None):
@@ -53,7 +46,7 @@ def parse_args(argv=None):
     attack = parser.add_argument_group("attacks")
     attack.add_argument("--attacks", default="all",
                         help="comma-separated attack names and/or presets paper, adaptive, sanity, all (default all)")
-    attack.add_argument("--eps", type=fraction, default=8 / 255, help="L∞ budget (default 8/255)")
+    attack.add_argument("--eps", type=eps_type, default=8 / 255, help="L∞ budget: 8/255 (default), 0.031 or 8 (pixel units)")
     attack.add_argument("--aux-weight", type=float, default=2.0, help="λ of the 'with p' attacks (default 2.0)")
     attack.add_argument("--budget", choices=sorted(BUDGETS), default="full",
                         help="strength of the adaptive/sanity attacks: full (default) or small (CPU smoke runs)")
@@ -143,13 +136,7 @@ def run(args):
 
 
 def main(argv=None):
-    args = parse_args(argv)
-    try:
-        run(args)
-    except (EvaluationError, CheckpointError, datasets.DatasetError, AutoAttackUnavailable) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    return 0
+    return run_cli(run, parse_args, (EvaluationError, CheckpointError, datasets.DatasetError, AutoAttackUnavailable), argv)
 
 
 if __name__ == "__main__":

@@ -28,6 +28,7 @@ from torch.utils.flop_counter import flop_registry  # noqa: E402
 
 from models import create_model  # noqa: E402
 from utils import data  # noqa: E402
+from utils.cli import add_speed_arguments  # noqa: E402
 from utils.attacks import attack_mode  # noqa: E402
 from utils.engine import (EvalConfig, MethodConfig, Schedule, SpeedConfig, TrainStep, build_optimizer,  # noqa: E402
                           evaluate, prepare_model, resolve_device)
@@ -223,13 +224,7 @@ def build_parser():
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps first (compilation, allocator)")
     parser.add_argument("--attack-steps", type=int, default=10, help="PGD steps of each training attack")
     parser.add_argument("--num-classes", type=int, default=10)
-    parser.add_argument("--amp", action=argparse.BooleanOptionalAction, default=None,
-                        help="bf16 autocast (default: on for CUDA, off for CPU)")
-    parser.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None,
-                        help="NHWC memory format (default: with bf16)")
-    parser.add_argument("--joint-attacks", action=argparse.BooleanOptionalAction, default=True,
-                        help="adversarial examples and negatives as one 2B attack batch")
-    parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=False, help="torch.compile the model")
+    add_speed_arguments(parser)
     parser.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's)")
     parser.add_argument("--epoch-estimate", action="store_true",
                         help="also time PGD-20 on 1,000 images and predict a CIFAR epoch")

@@ -84,10 +84,8 @@ def main():
     torch.set_num_threads(1)
     context = distributed.from_env()
     device = distributed.init(context, "cpu") if context.enabled else torch.device("cpu")
-    try:
-        {"sync": check_sync, "parity": check_parity}[mode](context, device, out)
-    finally:
-        distributed.shutdown()
+    {"sync": check_sync, "parity": check_parity}[mode](context, device, out)
+    distributed.shutdown()
 
 
 if __name__ == "__main__":

@@ -8,7 +8,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from models import ra_policy
-from models.reverse_attention import ReverseAttentionMixin
+from tests.toys import ToyRA
 from utils import adaptive, sanity
 from utils.autoattack_runner import capture_autoattack_output, parse_accuracies, run_apgd
 from utils.evaluation import (BUDGETS, AttackResult, Evaluation, Settings, attack_catalogue, evaluate,
@@ -20,7 +20,7 @@ SIZE = 8
 
 # ---------------------------------------------------------------- the masked toy model
 
-class GatedToy(ReverseAttentionMixin, nn.Module):
+class GatedToy(ToyRA):
     """An RA model whose argmax gate hides every class but the predicted one from the final logits.
 
     Evidence z_j = relu(G·(mean of x over pixel set S_j − 0.5) + 1) (disjoint sets); both RA
@@ -30,8 +30,6 @@ class GatedToy(ReverseAttentionMixin, nn.Module):
     rival class, while the clean margin is 1.5·G·ε — robust to PGD, broken by any attack that
     also raises a rival (aux head 1, straight-through, mask enumeration, RA removed).
     """
-
-    pool_grid = 1
 
     def __init__(self, num_classes=5, gain=40.0, seed=0):
         super().__init__()
@@ -48,19 +46,8 @@ class GatedToy(ReverseAttentionMixin, nn.Module):
             self.fc.weight.copy_(torch.eye(num_classes))
             self.fc.bias.zero_()
 
-    @property
-    def classifier(self):
-        return self.fc
-
-    @property
-    def ra_blocks(self):
-        return list(self.blocks)
-
     def forward_trunk(self, x):
         return F.relu(self.evidence(x.flatten(1)))[:, :, None, None]
-
-    def block_output(self, h):
-        return h
 
     def pool(self, z):
         return z.flatten(1)

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 
 import test_white_attack
 from models import create_model
-from models.reverse_attention import ReverseAttentionMixin
+from tests.toys import ToyRA
 from utils import data as datasets
 from utils.evaluation import (BUDGETS, AttackResult, Evaluation, EvaluationError, Settings, attack_catalogue,
                               attack_seed, eps_text, evaluate, json_report, markdown_report, merge_runs,
@@ -21,10 +21,8 @@ from utils.sanity import run_checks
 NUM_CLASSES = 5
 
 
-class TinyNet(ReverseAttentionMixin, nn.Module):
+class TinyNet(ToyRA):
     """A two-block conv net with the project's RA forward (or plain), small enough for CPU tests."""
-
-    pool_grid = 1
 
     def __init__(self, reverse_attention=True, width=16):
         super().__init__()
@@ -33,19 +31,8 @@ class TinyNet(ReverseAttentionMixin, nn.Module):
         self.blocks = nn.ModuleList([nn.Sequential(nn.Conv2d(width, width, 3, 1, 1), nn.ReLU()) for _ in range(2)])
         self.fc = nn.Linear(width, NUM_CLASSES)
 
-    @property
-    def classifier(self):
-        return self.fc
-
-    @property
-    def ra_blocks(self):
-        return list(self.blocks)
-
     def forward_trunk(self, x):
         return F.relu(self.stem(x))
-
-    def block_output(self, h):
-        return h
 
     def pool(self, z):
         return z.mean((2, 3))

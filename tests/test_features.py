@@ -1,5 +1,6 @@
 """Feature analysis (SPEC §6): PP/NP metrics against direct computations, the .npz contract,
 the histogram and UMAP figures, and the scripts' error handling, on a tiny synthetic checkpoint."""
+import argparse
 import json
 
 import matplotlib.image as mpimg
@@ -12,6 +13,7 @@ import draw_umap
 import feature_distance
 from conftest import build_model
 from utils import data as datasets
+from utils.cli import eps_type
 from utils.features import (FEATURE_KEYS, META_KEYS, METRIC_KEYS, FeatureError, load_npz, method_label,
                             pair_metrics, save_npz, summarize)
 from utils.plots import PANELS, combined_histogram, mixed_metadata, panel_histogram
@@ -122,13 +124,23 @@ def test_targeted_negatives_are_attacked_and_seeded(checkpoint, tmp_path):
     (["--dataset", "cifar100"], "10 classes but cifar100 has 100"),
     (["--dataset", "cifar10"], "expects 16×16 images but cifar10 has 32×32"),
     (["--target-label", "12"], "--target-label must be in [0, 9]"),
-    (["--eps", "8"], "--eps is a fraction"),
 ])
 def test_feature_distance_clear_errors(checkpoint, tmp_path, capsys, argv, message):
     path, _ = checkpoint
     assert feature_distance.main(["--ckpt", str(path), "--out-dir", str(tmp_path), *FAST, *argv]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and message in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("text, eps", [("8/255", 8 / 255), ("0.031", 0.031), ("8", 8 / 255), ("0", 0.0)])
+def test_eps_takes_every_usual_spelling(text, eps):
+    assert eps_type(text) == pytest.approx(eps)
+
+
+@pytest.mark.parametrize("text", ["-1", "300", "eight", "8/0"])
+def test_eps_rejects_nonsense_with_a_hint(text):
+    with pytest.raises(argparse.ArgumentTypeError, match="8/255"):
+        eps_type(text)
 
 
 def _fake_run(seed, target_label, label):

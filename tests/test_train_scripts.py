@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from models import load_model
-from utils import engine
+from utils import engine, train_cli
 from utils.train_cli import main
 
 REPO = Path(__file__).resolve().parents[1]
@@ -193,3 +193,17 @@ def test_help_documents_the_recipe(kind, capsys):
     assert exit_info.value.code == 0
     text = capsys.readouterr().out
     assert "--smoke" in text and "--resume" in text and "0.01" in text and "used 0.1" in text
+
+
+@pytest.mark.parametrize("spelling", [[], ["--eps", "8"], ["--eps", "8/255"], ["--eps", "0.0313725490196"]])
+def test_training_eps_spellings_mean_the_same_radius(spelling):
+    args, _, _ = train_cli.parse_args("resnet", ["--smoke", *spelling])
+    train_cli.resolve_args("resnet", args)
+    assert train_cli.method_config(args).eps == pytest.approx(8 / 255)
+
+
+def test_runs_saved_with_pixel_eps_resume_with_the_same_radius():
+    args, _, _ = train_cli.parse_args("resnet", ["--smoke"])
+    args.eps = 8.0  # args.json of runs written before eps was stored as a fraction
+    train_cli.resolve_args("resnet", args)
+    assert args.eps == pytest.approx(8 / 255)

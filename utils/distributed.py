@@ -67,9 +67,13 @@ def init(context, device_name="auto"):
     return device
 
 
-def shutdown():
-    """Leave the process group if this process joined one."""
+def shutdown(wait=True):
+    """Leave the process group if this process joined one. ``wait``: first meet the other ranks,
+    so none tears its connections down while another still uses them (gloo aborts then); pass
+    False after an error, when another rank may never arrive."""
     if dist.is_available() and dist.is_initialized():
+        if wait:
+            dist.barrier()
         dist.destroy_process_group()
 
 
@@ -201,3 +205,9 @@ class StopPoll:
         self.flag = torch.tensor([float(bool(requested))])
         self.pending = dist.all_reduce(self.flag, group=self.group, async_op=True)
         return stop
+
+    def finish(self):
+        """Wait for the last poll (before the process group goes away)."""
+        if self.pending is not None:
+            self.pending.wait()
+            self.pending = None

@@ -577,6 +577,7 @@ class Trainer:
                 self.log(self.summary(record))
                 if self._stop_agreed():
                     self._stop_now(epoch, mid_epoch=False)
+        self._stop_poll.finish()
         self.log(f"done: {self.best.describe()}: {self.eval_config.attack_name} "
                  f"{100 * self.best.score:.2f}% at epoch {self.best.epoch}")
         return self.records

@@ -25,7 +25,6 @@ import argparse
 import json
 import sys
 from dataclasses import asdict, dataclass
-from fractions import Fraction
 
 import numpy as np
 import torch
@@ -34,6 +33,7 @@ from tqdm import tqdm
 from models import has_reverse_attention, load_model, read_checkpoint
 from utils import data as datasets
 from utils.attacks import EPS, pgd
+from utils.cli import eps_type
 from utils.negatives import STRATEGIES, choose_negatives, effective_strategy
 
 METRIC_KEYS = ("pp_cos", "pp_l2", "np_cos", "np_l2")
@@ -340,14 +340,6 @@ def safe_name(text):
 # --------------------------------------------------------------------------- shared CLI options
 
 
-def fraction(text):
-    """argparse type for numbers written as fractions (``8/255``) or decimals (``0.031``)."""
-    try:
-        return float(Fraction(text))
-    except (ValueError, ZeroDivisionError):
-        raise argparse.ArgumentTypeError(f"expected a number such as 8/255 or 0.031, got {text!r}") from None
-
-
 def add_common_arguments(parser):
     """Checkpoint, data, attack, device and output options shared by the feature scripts."""
     parser.add_argument("--ckpt", required=True, help="checkpoint (.pt) in this project's format or a state dict")
@@ -356,7 +348,7 @@ def add_common_arguments(parser):
     parser.add_argument("--data-dir", default=None, help="dataset folder (default ./data)")
     parser.add_argument("--n-examples", type=int, default=None, help="analyse at most this many test images")
     parser.add_argument("--batch-size", type=int, default=200)
-    parser.add_argument("--eps", type=fraction, default=EPS, help="L∞ budget, e.g. 8/255 (default) or 0.031")
+    parser.add_argument("--eps", type=eps_type, default=EPS, help="L∞ budget: 8/255 (default), 0.031 or 8 (pixel units)")
     parser.add_argument("--steps", type=int, default=10, help="PGD steps (default 10)")
     parser.add_argument("--step-size", type=float, default=0.007, help="PGD step size (default 0.007)")
     parser.add_argument("--aux-weight", type=float, default=None,

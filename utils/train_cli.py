@@ -15,6 +15,8 @@ import torch
 
 from models import ARCH_HELP, CheckpointError, create_model
 from utils import data, distributed
+from utils.attacks import EPS
+from utils.cli import add_speed_arguments, eps_fraction, eps_type
 from utils.checkpoint import (RunDirError, atomic_write_json, load_training_checkpoint, prepare_run_dir,
                               resolve_resume, seed_everything)
 from utils.engine import (ConfigError, EvalConfig, MethodConfig, NonFiniteLossError, RunInfo, Schedule, SpeedConfig,
@@ -93,7 +95,7 @@ def build_parser(kind):
                         help="default 5e-4 for Tiny-ImageNet / PreActResNet-18, 2e-4 otherwise")
     recipe.add_argument("--milestones", type=int, nargs="*", default=[75, 90, 100],
                         help="epochs after which the lr is multiplied by 0.1")
-    recipe.add_argument("--eps", type=float, default=8.0, help="L-inf radius in pixel units (x/255)")
+    recipe.add_argument("--eps", type=eps_type, default=EPS, help="L-inf radius: 8/255 (default), 0.031 or 8 (pixel units)")
     recipe.add_argument("--step-size", type=float, default=0.007, help="PGD step of training attacks and evaluation")
     recipe.add_argument("--attack-steps", type=int, default=10, help="PGD steps of the training attacks")
 
@@ -118,6 +120,10 @@ def build_parser(kind):
     run.add_argument("--save-freq", type=int, default=10, help="also keep epoch_N.pt every this many epochs")
     run.add_argument("--seed", type=int, default=0, help="seeds torch, numpy and python random")
     run.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    run.add_argument("--quiet", action="store_true", help="no progress bars")
+    run.add_argument("--smoke", action="store_true",
+                     help="tiny synthetic run of the whole pipeline (2 epochs, a few batches, 2-step attacks); "
+                          "overwrites its own run directory")
 
     several = parser.add_argument_group("several processes (launch with torchrun --nproc_per_node=N)")
     several.add_argument("--per-rank-batch", action="store_true",
@@ -126,19 +132,8 @@ def build_parser(kind):
     several.add_argument("--sync-bn", action="store_true",
                          help="SyncBatchNorm: training BN statistics over the global batch instead of each shard")
 
-    speed = parser.add_argument_group("speed (same mathematics; defaults: bf16 on CUDA, fp32 on CPU; channels-last with bf16)")
-    speed.add_argument("--amp", action=argparse.BooleanOptionalAction, default=None,
-                       help="bf16 autocast for attacks, losses and the per-epoch evaluation")
-    speed.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None,
-                       help="NHWC memory format for weights and inputs (default: with --amp)")
-    speed.add_argument("--joint-attacks", action=argparse.BooleanOptionalAction, default=True,
-                       help="run the adversarial and the negatives' targeted attack as one 2B batch")
-    speed.add_argument("--compile", action=argparse.BooleanOptionalAction, default=False,
-                       help="torch.compile the model (pays off on GPUs for long runs; minutes of warm-up)")
-    run.add_argument("--quiet", action="store_true", help="no progress bars")
-    run.add_argument("--smoke", action="store_true",
-                     help="tiny synthetic run of the whole pipeline (2 epochs, a few batches, 2-step attacks); "
-                          "overwrites its own run directory")
+    add_speed_arguments(parser.add_argument_group(
+        "speed (same mathematics; defaults: bf16 on CUDA, fp32 on CPU; channels-last with bf16)"))
     return parser
 
 
@@ -178,6 +173,7 @@ def resolve_args(kind, args):
     """Fill the defaults that depend on other options and check the combination."""
     spec = KINDS[kind]
     args.arch = architecture(kind, args)
+    args.eps = eps_fraction(args.eps)  # runs saved before ε was stored as a fraction hold pixel units (8.0)
     args.reverse_attention = spec.ancra and not args.no_ra
     args.anc = spec.ancra and not args.no_anc
     if args.weight_decay is None:
@@ -208,7 +204,7 @@ def method_config(args):
     return MethodConfig(method=args.method, anc=args.anc, strategy=getattr(args, "strategy", "random_adv"),
                         alpha=getattr(args, "alpha", 1.0), zeta=getattr(args, "zeta", 3.0), beta=args.beta,
                         aux_weight=getattr(args, "aux_weight", 2.0), attack_loss=args.attack_loss,
-                        eps=args.eps / 255, step_size=args.step_size, steps=args.attack_steps)
+                        eps=args.eps, step_size=args.step_size, steps=args.attack_steps)
 
 
 def speed_config(args, device):
@@ -324,7 +320,7 @@ def run(kind, args, payload=None, run_dir=None):
     saved_args = dict(vars(args))
     info = RunInfo(run_dir if context.is_main else None, saved_args, wanted,
                    title=f"{args.run_name} ({args.method_name})")
-    eval_config = EvalConfig(eps=args.eps / 255, step_size=args.step_size, steps=args.eval_steps)
+    eval_config = EvalConfig(eps=args.eps, step_size=args.step_size, steps=args.eval_steps)
     reseed = (lambda epoch: seed_everything(distributed.epoch_seed(args.seed, context.rank, epoch))
               if context.enabled else None)
     trainer = Trainer(step, build_scheduler(optimizer, schedule), train_loader, loaders, info, epochs=args.epochs,
@@ -348,9 +344,11 @@ def run(kind, args, payload=None, run_dir=None):
 
 def main(kind, argv=None):
     """Entry point of the train_* scripts; returns the process exit code."""
+    finished = False
     try:
         args, payload, run_dir = parse_args(kind, argv)
         run(kind, args, payload, run_dir)
+        finished = True
     except (data.DatasetError, CheckpointError, RunDirError, ConfigError, distributed.DistributedError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
@@ -364,6 +362,6 @@ def main(kind, argv=None):
         print("aborted without saving this epoch", file=sys.stderr)
         return 130
     finally:
-        distributed.shutdown()
+        distributed.shutdown(wait=finished)
     return 0
 
