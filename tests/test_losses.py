@@ -108,13 +108,15 @@ def expected(method, ra, with_neg, valid, beta, zeta, lam):
         out["bce_adv"] = ra_form(lambda n, a, o: mean([bce(a[i], Y[i]) for i in range(3)]))
         out["kl"] = ra_form(lambda n, a, o: mean([mkl(n[i], a[i], Y[i]) for i in range(3)]))
         loss = out["bce_adv"] + beta * out["kl"]
-    out["acc_adv"] = mean([argmax(ADV[i]) == Y[i] for i in range(3)])
+    # accuracies: the final head, or for RA models the first (label-free) RA head
+    acc_nat, acc_adv, acc_neg = heads[1] if ra else heads[0]
+    out["acc_adv"] = mean([argmax(acc_adv[i]) == Y[i] for i in range(3)])
     if method != "pgd-at" or with_neg:
-        out["acc_nat"] = mean([argmax(NAT[i]) == Y[i] for i in range(3)])
+        out["acc_nat"] = mean([argmax(acc_nat[i]) == Y[i] for i in range(3)])
     if with_neg:
         out["anc"] = ra_form(lambda n, a, o: mean([anc_pair(n[i], o[i]) * valid[i] for i in range(3)]))
         out["anc_fired"] = mean([(argmax(NAT[i]) == argmax(NEG[i])) and valid[i] for i in range(3)])
-        out["acc_neg"] = mean([argmax(NEG[i]) == Y_NEG[i] for i in range(3)])
+        out["acc_neg"] = mean([argmax(acc_neg[i]) == Y_NEG[i] for i in range(3)])
         loss += zeta * out["anc"]
     out["loss"] = loss
     return out

@@ -82,8 +82,12 @@ def _forward(model, x, y, ra):
     return model(x), []
 
 
-def _accuracy(logits, y):
-    return (logits.argmax(1) == y).float().mean().detach()
+def _accuracy(logits, aux, y):
+    """Training accuracy without label leakage. The training forward selects RA masks by the
+    label, which makes the final head right almost by construction; the first RA head comes
+    before every mask, so RA models report it instead."""
+    head = aux[0] if aux else logits
+    return (head.argmax(1) == y).float().mean().detach()
 
 
 def training_loss(method, model, x, y, x_adv, x_neg=None, y_neg=None, *, beta=None, zeta=3.0, alpha=1.0,
@@ -93,7 +97,7 @@ def training_loss(method, model, x, y, x_adv, x_neg=None, y_neg=None, *, beta=No
     ``method`` is ``pgd-at``, ``trades`` or ``mart``; ANC is active when negatives are given and
     ``zeta > 0``; RA terms are active when ``model`` has auxiliary heads. ``neg_valid`` marks
     anchors that have a negative (all, by default). Metrics hold each term's value, accuracies on
-    x / x_adv / x_neg (final head) and ``anc_fired`` (fraction of anchors whose indicator fired).
+    x / x_adv / x_neg (final head; the first RA head for RA models, see :func:`_accuracy`) and ``anc_fired`` (fraction of anchors whose indicator fired).
     """
     if method not in METHODS:
         raise ValueError(f"unknown training method {method!r}; choose one of {', '.join(METHODS)}")
@@ -106,10 +110,10 @@ def training_loss(method, model, x, y, x_adv, x_neg=None, y_neg=None, *, beta=No
     w = aux_weight if ra else 0.0
 
     adv_logits, adv_aux = _forward(model, x_adv, y, ra)
-    metrics = {"acc_adv": _accuracy(adv_logits, y)}
+    metrics = {"acc_adv": _accuracy(adv_logits, adv_aux, y)}
     if needs_natural:
         nat_logits, nat_aux = _forward(model, x, y, ra)
-        metrics["acc_nat"] = _accuracy(nat_logits, y)
+        metrics["acc_nat"] = _accuracy(nat_logits, nat_aux, y)
     pairs = lambda *heads: [tuple(h[k] for h in heads) for k in range(len(heads[0]))]  # noqa: E731
 
     if method == "pgd-at":
@@ -137,7 +141,7 @@ def training_loss(method, model, x, y, x_adv, x_neg=None, y_neg=None, *, beta=No
             aux_anc = torch.stack([anc(n, o, alpha=alpha, valid=neg_valid)[0] for n, o in heads[1:]]).mean()
             anc_value = anc_value + w * aux_anc
         metrics.update(anc=anc_value.detach(), anc_fired=fired.float().mean().detach(),
-                       acc_neg=_accuracy(neg_logits, y_neg))
+                       acc_neg=_accuracy(neg_logits, neg_aux, y_neg))
         if neg_valid is not None:
             metrics["neg_valid"] = neg_valid.float().mean().detach()
         loss = loss + zeta * anc_value
