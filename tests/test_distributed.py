@@ -3,8 +3,10 @@ parity with one process, checkpoint and resume; plus the single-process pieces (
 evaluation, batch split, clear errors)."""
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -121,3 +123,28 @@ def test_sync_bn_without_torchrun_is_a_clear_error(tmp_path, capsys):
 def test_epoch_seeds_differ_per_rank_and_epoch():
     seeds = {distributed.epoch_seed(0, rank, epoch) for rank in range(4) for epoch in range(1, 50)}
     assert len(seeds) == 4 * 49
+
+
+@pytest.mark.slow
+def test_sigterm_under_torchrun_saves_once_and_every_rank_stops(tmp_path):
+    """torchrun forwards SIGTERM to both ranks; they agree on the stop, rank 0 saves last.pt
+    and both exit (no rank left waiting in a collective)."""
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+               "train_baselines.py", "--smoke", "--device", "cpu", "--quiet", "--out-dir", str(tmp_path),
+               "--run-name", "stop", "--epochs", "200", "--milestones", "200", "--train-size", "256"]
+    process = subprocess.Popen(command, cwd=ROOT, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                               text=True)
+    log = tmp_path / "stop" / "log.txt"
+    try:
+        deadline = time.monotonic() + 120
+        while "epoch 1/200" not in (log.read_text() if log.exists() else ""):
+            assert process.poll() is None and time.monotonic() < deadline, "the run did not reach epoch 1"
+            time.sleep(0.5)
+        process.send_signal(signal.SIGTERM)
+        _, err = process.communicate(timeout=120)
+    finally:
+        process.kill()
+    assert err.count("stopped by") == 2  # both ranks stopped, at the same point
+    assert "saved" in err and "--resume" in err
+    checkpoint = torch.load(tmp_path / "stop" / "last.pt", weights_only=True)
+    assert checkpoint["epoch"] >= 1
