@@ -1,7 +1,7 @@
 """Worker for tests/test_distributed.py, started by torchrun (2 processes) or plainly (1).
 
 ``sync OUT``: three TRADES-ANCRA steps under DDP; after each, rank 0 records the largest
-parameter difference between the ranks (all-gathered).
+difference of parameters and BatchNorm buffers between the ranks (all-gathered).
 ``parity OUT``: one TRADES-RA step on the same 32 examples, split over the processes, with
 BatchNorm frozen in eval mode and a deterministic PGD start; rank 0 saves the updated weights.
 """
@@ -34,11 +34,13 @@ def build(context, device, method_config):
         assert frozen and all(name.startswith("sub_block1.") for name in frozen), frozen  # TRADES layout
     model = distributed.wrap(context, model, device)
     optimizer = build_optimizer(model, Schedule(lr=0.1))
+    distributed.share_buffers_each_step(context, engine.unwrap(model), optimizer)
     return model, TrainStep(model, optimizer, method_config, num_classes=10)
 
 
-def flat_parameters(model):
-    return torch.cat([p.detach().flatten() for p in engine.unwrap(model).parameters()])
+def flat_parameters(model, buffers=False):
+    tensors = list(engine.unwrap(model).parameters()) + (list(engine.unwrap(model).buffers()) if buffers else [])
+    return torch.cat([t.detach().float().flatten() for t in tensors])
 
 
 def check_sync(context, device, out):
@@ -50,7 +52,7 @@ def check_sync(context, device, out):
     differences = []
     for x, y in loader:
         step(x, y, epoch=1)
-        flat = flat_parameters(model)
+        flat = flat_parameters(model, buffers=True)
         gathered = [torch.empty_like(flat) for _ in range(context.world_size)]
         dist.all_gather(gathered, flat)
         differences.append(max((g - gathered[0]).abs().max().item() for g in gathered))

@@ -102,15 +102,26 @@ def all_reduce_sum(context, tensor):
 
 
 def average_buffers(context, model):
-    """Average floating buffers (BatchNorm running statistics) over ranks, so that evaluation and
-    the checkpoint see one set of statistics. Means average exactly; a variance average leaves
-    out the spread between the ranks' shard means."""
+    """Average floating buffers (BatchNorm running statistics) over ranks in one all-reduce.
+    Means average exactly; a variance average leaves out the spread between the shard means."""
     if not context.enabled:
         return
-    for buffer in model.buffers():
-        if buffer.is_floating_point():
-            dist.all_reduce(buffer)
-            buffer.div_(context.world_size)
+    buffers = [b for b in model.buffers() if b.is_floating_point()]
+    if not buffers:
+        return
+    flat = torch.cat([b.detach().flatten() for b in buffers])
+    dist.all_reduce(flat)
+    flat.div_(context.world_size)
+    for buffer, value in zip(buffers, flat.split([b.numel() for b in buffers])):
+        buffer.copy_(value.view_as(buffer))
+
+
+def share_buffers_each_step(context, model, optimizer):
+    """After every optimizer step, average the BatchNorm running statistics over the ranks, so
+    every rank attacks (eval mode) and evaluates the same model as rank 0 checkpoints. Not
+    needed with SyncBatchNorm, whose statistics are already global."""
+    if context.enabled:
+        optimizer.register_step_post_hook(lambda *_: average_buffers(context, model))
 
 
 def freeze_unused_parameters(model, probe):

@@ -543,7 +543,6 @@ class Trainer:
     def evaluate_all(self):
         """``{split: evaluate(...)}`` for each evaluation loader."""
         model, speed = self.step.attack_model, self.step.speed
-        distributed.average_buffers(self.context, unwrap(model))
         reduce = lambda counts: distributed.all_reduce_sum(self.context, counts)  # noqa: E731
         return {split: evaluate(model, loader, self.eval_config, speed, reduce)
                 for split, loader in self.eval_loaders.items()}

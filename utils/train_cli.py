@@ -21,7 +21,7 @@ from utils.checkpoint import (RunDirError, atomic_write_json, load_training_chec
                               resolve_resume, seed_everything)
 from utils.engine import (ConfigError, EvalConfig, MethodConfig, NonFiniteLossError, RunInfo, Schedule, SpeedConfig,
                           Trainer, TrainingInterrupted, TrainStep, build_optimizer, build_scheduler, prepare_model,
-                          resolve_device)
+                          resolve_device, unwrap)
 from utils.negatives import STRATEGIES
 
 EVAL_BATCH = 256
@@ -308,6 +308,8 @@ def run(kind, args, payload=None, run_dir=None):
     model = distributed_model(prepare_model(build_model(args, device), speed), args, context, device)
     schedule = Schedule(args.lr, args.momentum, args.weight_decay, tuple(args.milestones))
     optimizer = build_optimizer(model, schedule)
+    if not args.sync_bn:
+        distributed.share_buffers_each_step(context, unwrap(model), optimizer)
     step = TrainStep(model, optimizer, method_config(args), data.num_classes(args.dataset), speed)
     shard = dict(rank=context.rank, world_size=context.world_size)
     eval_loader = lambda split: data.BatchLoader(split, EVAL_BATCH, shuffle=False, augment=False,  # noqa: E731
