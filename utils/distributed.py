@@ -4,7 +4,6 @@ touches ``torch.distributed`` and every helper here is then a no-op.
 """
 import inspect
 import os
-from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -80,18 +79,6 @@ def shutdown(wait=True):
 def barrier(context):
     if context.enabled:
         dist.barrier()
-
-
-@contextmanager
-def main_first(context):
-    """Rank 0 runs the block first (downloads, creating the run folder), then the others."""
-    if not context.is_main:
-        barrier(context)
-    try:
-        yield
-    finally:
-        if context.is_main:
-            barrier(context)
 
 
 def all_reduce_sum(context, tensor):

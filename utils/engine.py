@@ -482,13 +482,11 @@ class Trainer:
         """Whether any rank was asked to stop (a collective in distributed runs)."""
         if not self.context.enabled:
             return bool(self._stop_signal)
-        flag = torch.tensor([float(bool(self._stop_signal))], device=self.context_device())
+        device = next(unwrap(self.model).parameters()).device
+        flag = torch.tensor([float(bool(self._stop_signal))], device=device)
         if distributed.all_reduce_sum(self.context, flag).item() > 0:
             self._stop_signal = self._stop_signal or "a stop request on another rank"
         return bool(self._stop_signal)
-
-    def context_device(self):
-        return next(unwrap(self.model).parameters()).device
 
     def _stop_now(self, epoch, mid_epoch=True):
         """Raise TrainingInterrupted; mid-epoch, first save ``last.pt`` with ``epoch`` marked incomplete."""
