@@ -4,8 +4,8 @@ import argparse
 import sys
 
 from utils.cli import run_cli
-from utils.features import FeatureError, load_npz
-from utils.plots import histogram_figures, mixed_metadata
+from utils.analysis.features import FeatureError, load_npz
+from utils.analysis.plots import histogram_figures, mixed_metadata
 
 
 def parse_args(argv=None):

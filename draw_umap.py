@@ -10,9 +10,9 @@ import numpy as np
 from models import CheckpointError
 from utils.cli import run_cli
 from utils.data import DatasetError
-from utils.features import (FeatureError, add_common_arguments, attack_from_args, check_options, load_analysis,
+from utils.analysis.features import (FeatureError, add_common_arguments, attack_from_args, check_options, load_analysis,
                             umap_inputs)
-from utils.plots import umap_embedding, umap_figure
+from utils.analysis.plots import umap_embedding, umap_figure
 
 
 def parse_args(argv=None):

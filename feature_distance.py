@@ -7,9 +7,9 @@ from pathlib import Path
 from models import CheckpointError
 from utils.cli import run_cli
 from utils.data import DatasetError
-from utils.features import (FeatureError, add_common_arguments, attack_from_args, check_options,
+from utils.analysis.features import (FeatureError, add_common_arguments, attack_from_args, check_options,
                             feature_distances, load_analysis, safe_name, save_npz, stats_table)
-from utils.negatives import STRATEGIES
+from utils.training.negatives import STRATEGIES
 
 
 def parse_args(argv=None):

@@ -16,10 +16,10 @@ import torch
 from models import CheckpointError, load_model, read_checkpoint
 from utils import data as datasets
 from utils.cli import eps_type, run_cli
-from utils.autoattack_runner import AutoAttackUnavailable, import_autoattack
-from utils.evaluation import (BUDGETS, EvaluationError, Settings, attack_catalogue, eps_text, evaluate, json_report,
+from utils.evaluation.autoattack_adapter import AutoAttackUnavailable, import_autoattack
+from utils.evaluation.suite import (BUDGETS, EvaluationError, Settings, attack_catalogue, eps_text, evaluate, json_report,
                               markdown_report, select_attacks)
-from utils.sanity import run_checks
+from utils.evaluation.sanity import run_checks
 
 
 def number_list(text):

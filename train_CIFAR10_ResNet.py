@@ -4,7 +4,7 @@ Run `python train_CIFAR10_ResNet.py --help` for the options; `--smoke` runs the 
 """
 import sys
 
-from utils.train_cli import main
+from utils.training.cli import main
 
 if __name__ == "__main__":
     sys.exit(main("resnet"))

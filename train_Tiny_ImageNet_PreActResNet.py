@@ -4,7 +4,7 @@ Run `python train_Tiny_ImageNet_PreActResNet.py --help` for the options; `--smok
 """
 import sys
 
-from utils.train_cli import main
+from utils.training.cli import main
 
 if __name__ == "__main__":
     sys.exit(main("tiny"))

@@ -5,7 +5,7 @@ Run `python train_baselines.py --help` for the options; `--smoke` runs the whole
 """
 import sys
 
-from utils.train_cli import main
+from utils.training.cli import main
 
 if __name__ == "__main__":
     sys.exit(main("baselines"))

@@ -1,4 +1,4 @@
-"""Time the real training step (utils.engine.TrainStep) on synthetic data and compare it with
+"""Time the real training step (utils.training.engine.TrainStep) on synthetic data and compare it with
 the bare model passes it has to do.
 
 For every (arch, method, batch size) it prints a table row, and with ``--json`` one JSON object:
@@ -30,7 +30,7 @@ from models import create_model  # noqa: E402
 from utils import data  # noqa: E402
 from utils.cli import add_speed_arguments  # noqa: E402
 from utils.attacks import attack_mode  # noqa: E402
-from utils.engine import (EvalConfig, MethodConfig, Schedule, SpeedConfig, TrainStep, build_optimizer,  # noqa: E402
+from utils.training.engine import (EvalConfig, MethodConfig, Schedule, SpeedConfig, TrainStep, build_optimizer,  # noqa: E402
                           evaluate, prepare_model, resolve_device)
 
 SUFFIXES = {"-ancra": (True, True), "-anc": (True, False), "-ra": (False, True), "": (False, False)}

@@ -15,8 +15,9 @@ import torch.distributed as dist  # noqa: E402
 import torch.nn as nn  # noqa: E402
 
 from models import create_model  # noqa: E402
-from utils import attacks, data, distributed, engine  # noqa: E402
-from utils.engine import MethodConfig, Schedule, TrainStep, build_optimizer  # noqa: E402
+from utils import attacks, data, distributed  # noqa: E402
+from utils.training import engine  # noqa: E402
+from utils.training.engine import MethodConfig, Schedule, TrainStep, build_optimizer  # noqa: E402
 
 BATCH = 32
 

@@ -9,9 +9,9 @@ import torch.nn.functional as F
 
 from models import ra_policy
 from tests.toys import ToyRA
-from utils import adaptive, sanity
-from utils.autoattack_runner import capture_autoattack_output, parse_accuracies, run_apgd
-from utils.evaluation import (BUDGETS, AttackResult, Evaluation, Settings, attack_catalogue, evaluate,
+from utils.evaluation import adaptive, sanity
+from utils.evaluation.autoattack_adapter import capture_autoattack_output, parse_accuracies, run_apgd
+from utils.evaluation.suite import (BUDGETS, AttackResult, Evaluation, Settings, attack_catalogue, evaluate,
                               select_attacks)
 
 EPS = 8 / 255

@@ -14,8 +14,8 @@ import torch
 
 from models import load_model
 from utils import data, distributed
-from utils.engine import ConfigError, evaluate
-from utils.train_cli import main as train_main, rank_batch
+from utils.training.engine import ConfigError, evaluate
+from utils.training.cli import main as train_main, rank_batch
 
 ROOT = Path(__file__).resolve().parents[1]
 WORKER = ROOT / "tests" / "dist_worker.py"

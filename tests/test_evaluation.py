@@ -13,10 +13,10 @@ import test_white_attack
 from models import create_model
 from tests.toys import ToyRA
 from utils import data as datasets
-from utils.evaluation import (BUDGETS, AttackResult, Evaluation, EvaluationError, Settings, attack_catalogue,
+from utils.evaluation.suite import (BUDGETS, AttackResult, Evaluation, EvaluationError, Settings, attack_catalogue,
                               attack_seed, eps_text, evaluate, json_report, markdown_report, merge_runs,
                               select_attacks)
-from utils.sanity import run_checks
+from utils.evaluation.sanity import run_checks
 
 NUM_CLASSES = 5
 

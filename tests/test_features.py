@@ -14,9 +14,9 @@ import feature_distance
 from conftest import build_model
 from utils import data as datasets
 from utils.cli import eps_type
-from utils.features import (FEATURE_KEYS, META_KEYS, METRIC_KEYS, FeatureError, load_npz, method_label,
+from utils.analysis.features import (FEATURE_KEYS, META_KEYS, METRIC_KEYS, FeatureError, load_npz, method_label,
                             pair_metrics, save_npz, summarize)
-from utils.plots import PANELS, combined_histogram, mixed_metadata, panel_histogram
+from utils.analysis.plots import PANELS, combined_histogram, mixed_metadata, panel_histogram
 
 IMAGE_SIZE = 16
 FAST = ["--steps", "2", "--quiet", "--device", "cpu"]

@@ -5,8 +5,8 @@ from collections import Counter
 import pytest
 import torch
 
-from utils.losses import training_loss
-from utils.negatives import (STRATEGIES, choose_negatives, effective_strategy, make_negatives,
+from utils.training.losses import training_loss
+from utils.training.negatives import (STRATEGIES, choose_negatives, effective_strategy, make_negatives,
                              random_negatives)
 
 

@@ -9,7 +9,7 @@ import torch
 
 from models import create_model
 from utils import data
-from utils.engine import MethodConfig, Schedule, SpeedConfig, TrainStep, build_optimizer, prepare_model
+from utils.training.engine import MethodConfig, Schedule, SpeedConfig, TrainStep, build_optimizer, prepare_model
 
 
 def _run_step(speed, method="trades", anc=True, strategy="random_adv", ra=True, epoch=1, seed=0):

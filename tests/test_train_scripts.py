@@ -11,8 +11,8 @@ import pytest
 import torch
 
 from models import load_model
-from utils import engine, train_cli
-from utils.train_cli import main
+from utils.training import cli as train_cli, engine
+from utils.training.cli import main
 
 REPO = Path(__file__).resolve().parents[1]
 # WRN-16-1 keeps script-level tests cheap; the real WRN-34-10 smoke is the same code path.

@@ -8,11 +8,12 @@ import torch
 import torch.nn as nn
 
 from models import create_model
-from utils import attacks, data, engine, negatives
+from utils import attacks, data
+from utils.training import engine, negatives
 from utils.checkpoint import (RunDirError, atomic_save_many, capture_rng, load_scheduler_state, prepare_run_dir,
                               restore_rng, scheduler_state)
-from utils.curves import plot_curves
-from utils.engine import (ConfigError, EvalConfig, MethodConfig, RunInfo, Schedule, SpeedConfig, Trainer, TrainStep,
+from utils.analysis.curves import plot_curves
+from utils.training.engine import (ConfigError, EvalConfig, MethodConfig, RunInfo, Schedule, SpeedConfig, Trainer, TrainStep,
                           build_optimizer, build_scheduler, evaluate)
 
 

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .attacks import EPS, attack_mode, pgd
+from utils.attacks import EPS, attack_mode, pgd
 
 BASE_STRATEGIES = ("random", "soft", "hard", "easy")
 STRATEGIES = BASE_STRATEGIES + tuple(f"{s}_adv" for s in BASE_STRATEGIES)

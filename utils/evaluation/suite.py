@@ -19,10 +19,10 @@ import torch
 from tqdm import tqdm
 
 from models import has_reverse_attention
-from utils import adaptive
-from utils.adaptive import EnsembleView, pgd_judged_on_model, still_correct
+from utils.evaluation import adaptive
+from utils.evaluation.adaptive import EnsembleView, pgd_judged_on_model, still_correct
 from utils.attacks import attack_mode
-from utils.autoattack_runner import import_autoattack, run_autoattack
+from utils.evaluation.autoattack_adapter import import_autoattack, run_autoattack
 
 PAPER_STEP = 0.007
 PRESETS = ("paper", "adaptive", "sanity", "all")

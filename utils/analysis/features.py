@@ -34,7 +34,7 @@ from models import has_reverse_attention, load_model, read_checkpoint
 from utils import data as datasets
 from utils.attacks import EPS, pgd
 from utils.cli import eps_type
-from utils.negatives import STRATEGIES, choose_negatives, effective_strategy
+from utils.training.negatives import STRATEGIES, choose_negatives, effective_strategy
 
 METRIC_KEYS = ("pp_cos", "pp_l2", "np_cos", "np_l2")
 META_KEYS = ("checkpoint", "label", "target_label", "dataset", "strategy", "attack", "seed", "n_examples")

@@ -7,7 +7,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402  (after choosing the headless backend)
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 
-from .checkpoint import atomic_write_bytes  # noqa: E402
+from utils.checkpoint import atomic_write_bytes  # noqa: E402
 
 ACCURACY_KEYS = ("nat", "pgd")
 NOT_LOSSES = ("acc_", "anc_fired", "neg_valid")
@@ -24,7 +24,7 @@ def loss_terms(records):
 
 
 def plot_curves(records, path, title=None):
-    """Draw the two panels for the epoch ``records`` (see :mod:`utils.engine`) into ``path`` atomically."""
+    """Draw the two panels for the epoch ``records`` (see :mod:`utils.training.engine`) into ``path`` atomically."""
     epochs = [r["epoch"] for r in records]
     fig, (acc_ax, loss_ax) = plt.subplots(1, 2, figsize=(11, 4))
     for split, style in (("test", "-"), ("val", "--")):

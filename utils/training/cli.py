@@ -19,10 +19,10 @@ from utils.attacks import EPS
 from utils.cli import add_speed_arguments, eps_fraction, eps_type
 from utils.checkpoint import (RunDirError, atomic_write_json, load_training_checkpoint, prepare_run_dir,
                               resolve_resume, seed_everything)
-from utils.engine import (ConfigError, EvalConfig, MethodConfig, NonFiniteLossError, RunInfo, Schedule, SpeedConfig,
+from utils.training.engine import (ConfigError, EvalConfig, MethodConfig, NonFiniteLossError, RunInfo, Schedule, SpeedConfig,
                           Trainer, TrainingInterrupted, TrainStep, build_optimizer, build_scheduler, prepare_model,
                           resolve_device, unwrap)
-from utils.negatives import STRATEGIES
+from utils.training.negatives import STRATEGIES
 
 EVAL_BATCH = 256
 NOT_RESTORED_ON_RESUME = ("resume", "overwrite", "smoke", "world_size")

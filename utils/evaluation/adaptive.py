@@ -12,7 +12,7 @@ import torch.nn as nn
 
 from models import ra_policy
 from utils.attacks import attack_mode, pgd
-from utils.autoattack_runner import run_apgd, run_square
+from utils.evaluation.autoattack_adapter import run_apgd, run_square
 
 
 # ---------------------------------------------------------------- surrogate views of an RA model

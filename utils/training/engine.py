@@ -24,9 +24,9 @@ from utils import distributed
 from utils.attacks import EPS, pgd, pgd_train, random_start
 from utils.checkpoint import (BEST, LAST, atomic_save, atomic_save_many, capture_rng, load_scheduler_state,
                               read_metrics, restore_rng, scheduler_state, write_metrics)
-from utils.curves import plot_curves
-from utils.losses import DEFAULT_BETA, METHODS as LOSS_METHODS, training_loss
-from utils.negatives import STRATEGIES, Negatives, make_negatives, select_negatives
+from utils.analysis.curves import plot_curves
+from utils.training.losses import DEFAULT_BETA, METHODS as LOSS_METHODS, training_loss
+from utils.training.negatives import STRATEGIES, Negatives, make_negatives, select_negatives
 
 METHODS = LOSS_METHODS + ("standard",)
 ATTACK_LOSSES = ("ce", "kl")

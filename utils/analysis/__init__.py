@@ -1,0 +1,1 @@
+"""Analysis: penultimate-feature statistics, their figures and the training curves."""

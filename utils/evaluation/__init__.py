@@ -1,0 +1,1 @@
+"""Evaluation: the attack catalogue, the adaptive attacks, sanity checks and the AutoAttack adapter."""

@@ -1,0 +1,24 @@
+"""The paper's recipe constants, in one place (paper §4 and the protocol in docs/protocol.md).
+
+Library code reads these names instead of repeating the numbers; command-line defaults and
+dataclass defaults refer to them too, so a change here changes every default at once.
+"""
+
+EPS = 8 / 255                # L∞ radius of training and evaluation attacks (images in [0, 1])
+STEP_SIZE = 0.007            # PGD step of the training attacks, the per-epoch check and PGD-40 / C&W-40
+TRAIN_ATTACK_STEPS = 10      # PGD steps of the training attacks (AE and OE)
+EVAL_STEPS = 20              # PGD steps of the per-epoch robustness check
+AUX_WEIGHT = 2.0             # λ: weight of the reverse-attention heads in losses and "with p" attacks
+ZETA = 3.0                   # ζ: weight of the ANC term
+ALPHA = 1.0                  # α: ANC asymmetry (1 moves only the negative)
+BETA = {"trades": 6.0, "mart": 5.0}  # β of each method's robust term
+NEGATIVE_WARMUP_EPOCHS = 10  # non-random negative strategies use `random` for epochs <= this
+START_NOISE = 0.001          # std of the Gaussian start x + 0.001·N(0, 1) of the training attacks
+
+# SGD schedule of the paper (120 epochs, lr x0.1 after epochs 75, 90, 100)
+EPOCHS = 120
+BATCH_SIZE = 128
+LR = 0.01
+MOMENTUM = 0.9
+MILESTONES = (75, 90, 100)
+LR_GAMMA = 0.1
