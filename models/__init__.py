@@ -30,16 +30,22 @@ def create_model(arch, num_classes, reverse_attention=True, image_size=None):
     raise ValueError(f"unknown architecture {arch!r}; choose {ARCH_HELP}")
 
 
+def unwrap(model):
+    """The bare model inside DataParallel / DDP / ``torch.compile`` wrappers."""
+    while hasattr(model, "module"):
+        model = model.module
+    return getattr(model, "_orig_mod", model)
+
+
 def has_reverse_attention(model):
-    """True when ``model`` (possibly DDP/DataParallel-wrapped) has RA heads."""
-    target = model.module if hasattr(model, "module") else model
-    return bool(getattr(target, "reverse_attention", False))
+    """True when ``model`` (possibly DDP/DataParallel/compile-wrapped) has RA heads."""
+    return bool(getattr(unwrap(model), "reverse_attention", False))
 
 
 from .loading import CheckpointError, load_model, model_config, read_checkpoint  # noqa: E402  (needs create_model)
 
 __all__ = [
-    "create_model", "canonical_arch", "has_reverse_attention", "ra_policy", "MaskPolicy",
+    "create_model", "canonical_arch", "has_reverse_attention", "unwrap", "ra_policy", "MaskPolicy",
     "ResNet", "WideResNet", "PreActResNet", "ARCH_HELP",
     "load_model", "read_checkpoint", "model_config", "CheckpointError",
 ]

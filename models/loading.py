@@ -20,11 +20,15 @@ def read_checkpoint(path, map_location="cpu"):
         raise CheckpointError(f"cannot read checkpoint {path} ({type(err).__name__}: {err})") from err
 
 
-def extract_state_dict(payload):
+def extract_state_dict(payload, use_ema=True):
     """The model's state dict from our checkpoints, reference-style dicts or a bare state dict,
-    with any DataParallel/DDP ``module.`` prefix removed."""
+    with any DataParallel/DDP ``module.`` prefix removed. With ``use_ema`` a checkpoint that
+    holds an EMA of the weights (``payload["ema"]["state_dict"]``) gives those."""
     state = payload
-    if isinstance(payload, dict):
+    ema = payload.get("ema") if isinstance(payload, dict) else None
+    if use_ema and isinstance(ema, dict) and isinstance(ema.get("state_dict"), dict):
+        state = ema["state_dict"]
+    elif isinstance(payload, dict):
         for key in ("model", "state_dict", "model_state_dict", "net"):
             if key in payload and isinstance(payload[key], dict):
                 state = payload[key]
@@ -66,15 +70,16 @@ def model_config(payload):
     }
 
 
-def load_model(path_or_payload, arch=None, num_classes=None, reverse_attention=None, device="cpu"):
+def load_model(path_or_payload, arch=None, num_classes=None, reverse_attention=None, device="cpu", use_ema=True):
     """Build the model a checkpoint holds and load it with ``strict=True``.
 
     Arguments left as None come from the checkpoint; ones given must agree with it (for a
     reference state dict, RA or plain is not recorded, so ``reverse_attention`` then defaults
-    to True). Returns ``(model, config)``.
+    to True). ``use_ema``: take the EMA weights when the checkpoint has them (``config["weights"]``
+    says which were loaded). Returns ``(model, config)``.
     """
     payload = read_checkpoint(path_or_payload) if isinstance(path_or_payload, (str, os.PathLike)) else path_or_payload
-    state = extract_state_dict(payload)
+    state = extract_state_dict(payload, use_ema)
     found = model_config(payload)
     wanted = {
         "arch": canonical_arch(arch or found["arch"]),
@@ -94,6 +99,8 @@ def load_model(path_or_payload, arch=None, num_classes=None, reverse_attention=N
             f"you asked for {_describe(wanted['arch'], wanted['num_classes'], wanted['reverse_attention'])}"
         )
     config = dict(found, **wanted)
+    has_ema = isinstance(payload, dict) and isinstance(payload.get("ema"), dict)
+    config["weights"] = "ema" if (use_ema and has_ema) else "raw"
     model = create_model(config["arch"], config["num_classes"], config["reverse_attention"], config["image_size"])
     try:
         model.load_state_dict(state, strict=True)

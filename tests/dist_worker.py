@@ -14,7 +14,7 @@ import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 import torch.nn as nn  # noqa: E402
 
-from models import create_model  # noqa: E402
+from models import create_model, unwrap  # noqa: E402
 from utils import attacks, data, distributed  # noqa: E402
 from utils.training import engine  # noqa: E402
 from utils.training.engine import MethodConfig, Schedule, TrainStep, build_optimizer  # noqa: E402
@@ -35,12 +35,12 @@ def build(context, device, method_config):
         assert frozen and all(name.startswith("sub_block1.") for name in frozen), frozen  # TRADES layout
     model = distributed.wrap(context, model, device)
     optimizer = build_optimizer(model, Schedule(lr=0.1))
-    distributed.share_buffers_each_step(context, engine.unwrap(model), optimizer)
+    distributed.share_buffers_each_step(context, unwrap(model), optimizer)
     return model, TrainStep(model, optimizer, method_config, num_classes=10)
 
 
 def flat_parameters(model, buffers=False):
-    tensors = list(engine.unwrap(model).parameters()) + (list(engine.unwrap(model).buffers()) if buffers else [])
+    tensors = list(unwrap(model).parameters()) + (list(unwrap(model).buffers()) if buffers else [])
     return torch.cat([t.detach().float().flatten() for t in tensors])
 
 

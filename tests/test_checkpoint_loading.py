@@ -30,7 +30,8 @@ def test_round_trip_through_file_gives_identical_outputs(tiny_model, tmp_path):
     torch.save(payload(model, "wrn-16-1", 10, True), path)
     loaded, config = load_model(str(path))
     x = torch.rand(3, 3, 16, 16)
-    assert config == {"arch": "wrn-16-1", "num_classes": 10, "reverse_attention": True, "image_size": 32}
+    assert config == {"arch": "wrn-16-1", "num_classes": 10, "reverse_attention": True, "image_size": 32,
+                      "weights": "raw"}
     assert torch.equal(outputs(loaded, x), outputs(model, x))
     assert read_checkpoint(path)["epoch"] == 7
     again, _ = load_model(path)  # a PathLike works too
@@ -56,7 +57,8 @@ def test_bare_reference_state_dict_loads_with_inferred_config(tiny_model, tmp_pa
     path = tmp_path / "ref.pth"
     torch.save(model.state_dict(), path)  # just the state dict, as the reference repo saves it
     loaded, config = load_model(str(path))
-    assert config == {"arch": arch, "num_classes": classes, "reverse_attention": True, "image_size": image_size}
+    assert config == {"arch": arch, "num_classes": classes, "reverse_attention": True, "image_size": image_size,
+                      "weights": "raw"}
     x = torch.rand(2, 3, size, size)
     assert torch.equal(outputs(loaded, x), outputs(model, x))
     assert model_config(model.state_dict())["reverse_attention"] is None  # not recorded in a bare dict

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from models import ARCH_HELP, CheckpointError, create_model
+from models import ARCH_HELP, CheckpointError, create_model, unwrap
 from utils import data, distributed
 from utils.attacks import EPS
 from utils.cli import add_speed_arguments, eps_fraction, eps_type
@@ -21,7 +21,7 @@ from utils.checkpoint import (RunDirError, atomic_write_json, load_training_chec
                               resolve_resume, seed_everything)
 from utils.training.engine import (ConfigError, EvalConfig, MethodConfig, NonFiniteLossError, RunInfo, Schedule, SpeedConfig,
                           Trainer, TrainingInterrupted, TrainStep, build_optimizer, build_scheduler, prepare_model,
-                          resolve_device, unwrap)
+                          resolve_device)
 from utils.training.negatives import STRATEGIES
 
 EVAL_BATCH = 256

@@ -19,7 +19,7 @@ from typing import Optional
 import torch
 from tqdm import tqdm
 
-from models import has_reverse_attention
+from models import has_reverse_attention, unwrap
 from utils import distributed
 from utils.attacks import EPS, pgd, pgd_train, random_start
 from utils.checkpoint import (BEST, LAST, atomic_save, atomic_save_many, capture_rng, load_scheduler_state,
@@ -44,13 +44,6 @@ class NonFiniteLossError(RuntimeError):
 
 class TrainingInterrupted(RuntimeError):
     """Ctrl-C or SIGTERM: ``last.pt`` was saved and the message says how to resume."""
-
-
-def unwrap(model):
-    """The bare model inside a DataParallel / DDP / compile wrapper (for state dicts)."""
-    while hasattr(model, "module"):
-        model = model.module
-    return getattr(model, "_orig_mod", model)
 
 
 def resolve_device(name="auto"):
