@@ -9,8 +9,6 @@ from .reverse_attention import ReverseAttentionMixin
 class BasicBlock(nn.Module):
     """Post-activation residual block: relu(bn2(conv2(relu(bn1(conv1 x)))) + shortcut x)."""
 
-    expansion = 1
-
     def __init__(self, in_planes, planes, stride=1):
         super().__init__()
         self.conv1 = nn.Conv2d(in_planes, planes, 3, stride, 1, bias=False)
@@ -68,12 +66,9 @@ class ResNet(ReverseAttentionMixin, nn.Module):
             out = block(out)
         return out
 
-    def block_output(self, h):
+    def block_output(self, h, index=None):
         return h
 
     def pool(self, z):
         return torch.flatten(F.adaptive_avg_pool2d(z, 1), 1)
 
-
-def resnet18(num_classes=10, reverse_attention=True):
-    return ResNet((2, 2, 2, 2), num_classes, reverse_attention)

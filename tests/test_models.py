@@ -8,7 +8,6 @@ from models import create_model, has_reverse_attention, ra_policy
 from models.reverse_attention import class_mask
 
 
-
 def close(a, b):
     """Equal up to float32 rounding (logits here are O(1)-O(10))."""
     return torch.allclose(a, b, rtol=1e-4, atol=1e-4)
