@@ -45,8 +45,7 @@ class Normalized(nn.Module):
 
 def check_normalization(mean, std):
     """``(mean, std)`` as tuples of floats of one length (1 or 3); std entries must be positive."""
-    mean = tuple(float(v) for v in torch.as_tensor(mean).flatten().tolist())
-    std = tuple(float(v) for v in torch.as_tensor(std).flatten().tolist())
+    mean, std = _floats(mean), _floats(std)
     if len(mean) not in (1, 3) or len(std) != len(mean):
         raise NormalizationError(f"normalization needs 1 or 3 means and as many stds; "
                                  f"got {len(mean)} and {len(std)}")
@@ -54,6 +53,14 @@ def check_normalization(mean, std):
         raise NormalizationError(f"normalization std must be positive and every value finite; "
                                  f"got mean {mean}, std {std}")
     return mean, std
+
+
+def _floats(values):
+    if isinstance(values, torch.Tensor):
+        return tuple(float(v) for v in values.detach().flatten().tolist())
+    if isinstance(values, (int, float)):
+        return (float(values),)
+    return tuple(float(v) for v in values)
 
 
 def parse_normalization(text):
