@@ -66,7 +66,7 @@ class ResNet(ReverseAttentionMixin, nn.Module):
             out = block(out)
         return out
 
-    def block_output(self, h, index=None):
+    def block_output(self, h):
         return h
 
     def pool(self, z):

@@ -48,10 +48,11 @@ class ReverseAttentionMixin:
     """Shared RA forward for backbones that provide the hooks below.
 
     A backbone implements ``forward_trunk(x)`` (everything before the RA blocks),
-    ``ra_blocks`` (the last two residual blocks of the last stage), ``block_output(h, index)``
-    (the map z that RA block ``index`` hands on, ``index=None`` at the end of a plain network:
-    identity for ResNet, relu(bn(h)) for pre-activation nets), ``pool(z)`` (the network's own
-    pooling, flattened) and ``classifier`` (the shared linear layer).
+    ``ra_blocks`` (the last two residual blocks of the last stage), ``block_output(h)``
+    (the map z that a block hands to RA: identity for ResNet, relu(bn_final(h)) for
+    pre-activation nets), ``pool(z)`` (the network's own pooling, flattened) and
+    ``classifier`` (the shared linear layer). A backbone with ``separate_bn`` BatchNorms
+    (``ra_bn``) takes ``block_output(h, index)`` with the RA block's index.
     """
 
     reverse_attention: bool
@@ -63,10 +64,10 @@ class ReverseAttentionMixin:
         for index, block in enumerate(self.ra_blocks):
             h = block(h)
             if self.reverse_attention:
-                h, p = self._attend(self.block_output(h, index), y)
+                h, p = self._attend(self._ra_map(h, index), y)
                 aux.append(p)
         if not self.reverse_attention:
-            h = self.block_output(h, None)
+            h = self.block_output(h)
         features = self.pool(h)
         logits = self.classifier(features)
         if not (return_aux or return_features):
@@ -77,6 +78,12 @@ class ReverseAttentionMixin:
         if return_features:
             out += (features,)
         return out
+
+    def _ra_map(self, h, index):
+        """The map z of RA block ``index``."""
+        if getattr(self, "ra_bn", None) is None:
+            return self.block_output(h)
+        return self.block_output(h, index)
 
     def ra_norm(self, index, final):
         """The BatchNorm giving RA block ``index`` its map: the network's ``final`` one (shared by
