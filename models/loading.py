@@ -130,7 +130,7 @@ def _wanted_config(found, arch, num_classes, reverse_attention):
             f"you asked for {_model_phrase(wanted['arch'], wanted['num_classes'], wanted['reverse_attention'])}")
     if wanted["reverse_attention"] is None:
         raise CheckpointError(
-            f"checkpoint is a bare {wanted['arch']} state dict that does not record whether it was trained with "
+            f"checkpoint holds a {wanted['arch']} state dict but does not record whether it was trained with "
             f"reverse attention, and RA adds no parameters, so its weights cannot tell; pass --reverse-attention on "
             f"(reverse_attention=True) for an RA model or --reverse-attention off (reverse_attention=False) for a "
             f"plain one such as a TRADES or RobustBench model")
