@@ -28,7 +28,7 @@ def read_checkpoint(path, map_location="cpu"):
         if "weights only load failed" in str(err).lower():
             raise CheckpointError(_pickle_refusal(path, str(err))) from None
         raise CheckpointError(f"cannot read checkpoint {path} ({type(err).__name__}: {_first_line(err)})") from None
-    except Exception as err:  # corrupt or truncated file, not a torch file, ...
+    except Exception as err:  # noqa: BLE001  (corrupt or truncated file, not a torch file, ...)
         raise CheckpointError(f"cannot read checkpoint {path} ({type(err).__name__}: {_first_line(err)})") from None
 
 
@@ -60,7 +60,7 @@ def extract_state_dict(payload, use_ema=True):
                 break
     if not isinstance(state, dict) or not state:
         raise CheckpointError("checkpoint holds no model state dict")
-    return {(k[len("module."):] if k.startswith("module.") else k): v for k, v in state.items()}
+    return {(k.removeprefix("module.")): v for k, v in state.items()}
 
 
 def saved_model_config(payload):

@@ -4,7 +4,7 @@ import argparse
 import math
 
 import torch
-import torch.nn as nn
+from torch import nn
 
 PRESETS = {
     "cifar10": ((0.4914, 0.4822, 0.4465), (0.2471, 0.2435, 0.2616)),

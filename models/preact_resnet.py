@@ -2,8 +2,8 @@
 ``linear``; final BN+ReLU; shortcut from relu(bn1 x)) and RobustBench's variant (no final BN,
 shortcut from the block input x), which is a different network with similar names."""
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
+from torch import nn
 
 from .reverse_attention import ReverseAttentionMixin, separate_norms
 

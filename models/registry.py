@@ -5,8 +5,9 @@ A new architecture is one ``register_arch`` call; ``create_model``, ``load_model
 checkpoints, which store ``model_config``), ``arch_info`` and the help texts then know it.
 """
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable, NamedTuple, Optional
+from typing import NamedTuple, Optional
 
 
 @dataclass(frozen=True)

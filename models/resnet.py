@@ -1,7 +1,7 @@
 """ResNet-18 with the CIFAR stem (3×3 conv, no max-pool), plain or with reverse attention."""
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
+from torch import nn
 
 from .reverse_attention import ReverseAttentionMixin
 

@@ -13,8 +13,8 @@ from dataclasses import dataclass
 from typing import Optional
 
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
+from torch import nn
 
 from .wrappers import unwrap
 

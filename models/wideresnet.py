@@ -2,8 +2,8 @@
 import math
 
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
+from torch import nn
 
 from .reverse_attention import ReverseAttentionMixin, separate_norms
 

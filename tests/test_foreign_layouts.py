@@ -4,8 +4,8 @@ RobustBench PreActResNet-18, normalisation inside the model), saved, loaded, and
 same logits as the reference module."""
 import pytest
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
+from torch import nn
 
 from models import (
     CheckpointError,

@@ -3,7 +3,7 @@ from it, and a toy architecture registered here that builds and loads its own ch
 without any library edit."""
 import pytest
 import torch
-import torch.nn as nn
+from torch import nn
 
 from models import (
     ArchInfo,

@@ -281,16 +281,14 @@ def test_straight_through_forward_is_argmax_and_backward_is_soft(tiny_model):
 
 def test_policy_errors():
     torch.manual_seed(0)
-    with pytest.raises(ValueError, match="plain"):
-        with ra_policy(create_model("wrn-16-1", 10, reverse_attention=False)):
-            pass
+    plain = create_model("wrn-16-1", 10, reverse_attention=False)
+    with pytest.raises(ValueError, match="plain"), ra_policy(plain):
+        pass
     model = create_model("wrn-16-1", 10)
-    with pytest.raises(ValueError, match="unknown RA policy"):
-        with ra_policy(model, "bogus"):
-            pass
-    with pytest.raises(ValueError, match="classes"):
-        with ra_policy(model, "fixed"):
-            pass
+    with pytest.raises(ValueError, match="unknown RA policy"), ra_policy(model, "bogus"):
+        pass
+    with pytest.raises(ValueError, match="classes"), ra_policy(model, "fixed"):
+        pass
 
 
 # ---------------------------------------------------------------- names, counts, errors
