@@ -1,9 +1,17 @@
-"""Read checkpoints safely and turn architecture mismatches into one clear sentence."""
+"""Read checkpoints safely and rebuild their models: our checkpoints by their saved
+``model_config``, foreign state dicts by recognising their layout; every refusal is one sentence."""
 import os
+import pickle
+import re
 
 import torch
 
-from . import canonical_arch, create_model
+from .layouts import Layout
+from .normalization import Normalized, check_normalization, parse_normalization
+from .registry import arch_help, arch_specs, canonical_arch, create_model, resolve_arch
+
+BASE_KEYS = ("arch", "num_classes", "reverse_attention", "image_size", "normalization")
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
 
 
 class CheckpointError(RuntimeError):
@@ -11,13 +19,30 @@ class CheckpointError(RuntimeError):
 
 
 def read_checkpoint(path, map_location="cpu"):
-    """Load ``path`` with ``weights_only=True``; a missing/corrupt file raises CheckpointError."""
+    """Load ``path`` with ``weights_only=True``; a missing, corrupt or pickled-code file raises CheckpointError."""
     if not os.path.isfile(path):
         raise CheckpointError(f"checkpoint {path} does not exist; pass the path of a .pt/.pth file")
     try:
         return torch.load(path, map_location=map_location, weights_only=True)
-    except Exception as err:  # corrupt file, pickle with disallowed globals, ...
-        raise CheckpointError(f"cannot read checkpoint {path} ({type(err).__name__}: {err})") from err
+    except pickle.UnpicklingError as err:
+        if "weights only load failed" in str(err).lower():
+            raise CheckpointError(_pickle_refusal(path, str(err))) from None
+        raise CheckpointError(f"cannot read checkpoint {path} ({type(err).__name__}: {_first_line(err)})") from None
+    except Exception as err:  # noqa: BLE001  (corrupt or truncated file, not a torch file, ...)
+        raise CheckpointError(f"cannot read checkpoint {path} ({type(err).__name__}: {_first_line(err)})") from None
+
+
+def _first_line(err):
+    return _ANSI.sub("", str(err)).strip().split("\n")[0][:200]
+
+
+def _pickle_refusal(path, message):
+    """One sentence for a file that needs pickle: what it holds, why it is refused, what to do."""
+    found = re.search(r"GLOBAL ([\w.]+)|Unsupported class ([\w.]+)", message)
+    what = f" ({found.group(1) or found.group(2)})" if found else ""
+    return (f"checkpoint {path} holds pickled Python code or objects{what}, which this project refuses to load "
+            f"because unpickling can run arbitrary code; re-save just the weights with the code that wrote it, "
+            f"e.g. torch.save(model.state_dict(), 'weights.pt'), and load that file")
 
 
 def extract_state_dict(payload, use_ema=True):
@@ -35,76 +60,175 @@ def extract_state_dict(payload, use_ema=True):
                 break
     if not isinstance(state, dict) or not state:
         raise CheckpointError("checkpoint holds no model state dict")
-    return {(k[len("module."):] if k.startswith("module.") else k): v for k, v in state.items()}
+    return {(k.removeprefix("module.")): v for k, v in state.items()}
 
 
-def infer_architecture(state):
-    """Guess (arch, num_classes, image_size) from parameter names and shapes."""
-    if "block1.layer.0.conv1.weight" in state:
-        n = len({k.split(".")[2] for k in state if k.startswith("block1.layer.")})
-        widen = state["block1.layer.0.conv1.weight"].shape[0] // 16
-        return f"wrn-{6 * n + 4}-{widen}", state["fc.weight"].shape[0], 32
-    if "linear.weight" in state and "bn.weight" in state:
-        grid = round((state["linear.weight"].shape[1] // 512) ** 0.5)
-        return "preact-resnet18", state["linear.weight"].shape[0], 32 * grid
-    if "fc.weight" in state and "layer4.0.conv1.weight" in state:
-        return "resnet18", state["fc.weight"].shape[0], 32
-    raise CheckpointError("checkpoint does not look like resnet18, preact-resnet18 or a wrn-D-K state dict")
+def saved_model_config(payload):
+    """The ``model_config`` our checkpoints store (with at least arch and num_classes), else None."""
+    saved = payload.get("model_config") if isinstance(payload, dict) else None
+    if isinstance(saved, dict) and saved.get("arch") and saved.get("num_classes"):
+        return dict(saved)
+    return None
 
 
-def _describe(arch, num_classes, reverse_attention):
+def infer_layout(state, arch=None, num_classes=None):
+    """The :class:`Layout` of a foreign state dict, recognised by the registered architectures;
+    when none recognises it, ``arch`` and ``num_classes`` (if both given) build it as stated."""
+    for spec in arch_specs():
+        layout = spec.infer(state) if spec.infer else None
+        if layout is not None:
+            return layout
+    if arch and num_classes:
+        spec, _ = _resolve(arch)
+        return Layout(canonical_arch(arch), num_classes, spec.input_size, state, ("layout given by arch/num_classes",))
+    raise CheckpointError(f"checkpoint does not look like a state dict of {arch_help()}; "
+                          f"pass --arch and --num-classes to load it into one of them")
+
+
+def checkpoint_model_config(payload):
+    """Model config of a checkpoint: the one our checkpoints saved, read first; inferred from
+    parameter names and shapes only for foreign state dicts (``reverse_attention`` None there:
+    RA adds no parameters, so the weights cannot tell)."""
+    saved = saved_model_config(payload)
+    if saved is not None:
+        return dict({"reverse_attention": None, "image_size": None}, **saved)
+    layout = infer_layout(extract_state_dict(payload))
+    return {"arch": layout.arch, "num_classes": layout.num_classes, "reverse_attention": None,
+            "image_size": layout.image_size}
+
+
+model_config = checkpoint_model_config  # former name, kept importable for one release
+
+
+def _resolve(arch):
+    try:
+        return resolve_arch(arch)
+    except ValueError as err:
+        raise CheckpointError(str(err)) from None
+
+
+def _model_phrase(arch, num_classes, reverse_attention):
     kind = {True: "an RA", False: "a plain", None: "a (RA or plain: not recorded)"}[reverse_attention]
     return f"{kind} {arch} with {num_classes} classes"
 
 
-def model_config(payload):
-    """Model config saved with one of our checkpoints, inferred from shapes for anything else."""
-    state = extract_state_dict(payload)
-    arch, num_classes, image_size = infer_architecture(state)
-    saved = payload.get("model_config", {}) if isinstance(payload, dict) else {}
-    return {
-        "arch": saved.get("arch", arch),
-        "num_classes": saved.get("num_classes", num_classes),
-        "reverse_attention": saved.get("reverse_attention"),
-        "image_size": saved.get("image_size", image_size),
-    }
-
-
-def load_model(path_or_payload, arch=None, num_classes=None, reverse_attention=None, device="cpu", use_ema=True):
-    """Build the model a checkpoint holds and load it with ``strict=True``.
-
-    Arguments left as None come from the checkpoint; ones given must agree with it (for a
-    reference state dict, RA or plain is not recorded, so ``reverse_attention`` then defaults
-    to True). ``use_ema``: take the EMA weights when the checkpoint has them (``config["weights"]``
-    says which were loaded). Returns ``(model, config)``.
-    """
-    payload = read_checkpoint(path_or_payload) if isinstance(path_or_payload, (str, os.PathLike)) else path_or_payload
-    state = extract_state_dict(payload, use_ema)
-    found = model_config(payload)
+def _wanted_config(found, arch, num_classes, reverse_attention):
+    """``found`` overridden by the arguments given; a disagreement or an unanswerable RA question
+    is refused in one sentence."""
+    spec, _ = _resolve(found["arch"])
+    if reverse_attention is None and found["reverse_attention"] is None and not spec.supports_ra:
+        reverse_attention = False  # a plain-only architecture leaves nothing to guess
     wanted = {
         "arch": canonical_arch(arch or found["arch"]),
         "num_classes": num_classes or found["num_classes"],
         "reverse_attention": reverse_attention if reverse_attention is not None else found["reverse_attention"],
     }
-    if wanted["reverse_attention"] is None:
-        wanted["reverse_attention"] = True
-    mismatch = (
-        wanted["arch"] != found["arch"]
-        or wanted["num_classes"] != found["num_classes"]
-        or (found["reverse_attention"] is not None and wanted["reverse_attention"] != found["reverse_attention"])
-    )
-    if mismatch:
+    if (wanted["arch"] != canonical_arch(found["arch"]) or wanted["num_classes"] != found["num_classes"]
+            or (found["reverse_attention"] is not None and wanted["reverse_attention"] != found["reverse_attention"])):
         raise CheckpointError(
-            f"checkpoint is {_describe(found['arch'], found['num_classes'], found['reverse_attention'])}; "
-            f"you asked for {_describe(wanted['arch'], wanted['num_classes'], wanted['reverse_attention'])}"
-        )
-    config = dict(found, **wanted)
-    has_ema = isinstance(payload, dict) and isinstance(payload.get("ema"), dict)
-    config["weights"] = "ema" if (use_ema and has_ema) else "raw"
-    model = create_model(config["arch"], config["num_classes"], config["reverse_attention"], config["image_size"])
+            f"checkpoint is {_model_phrase(found['arch'], found['num_classes'], found['reverse_attention'])}; "
+            f"you asked for {_model_phrase(wanted['arch'], wanted['num_classes'], wanted['reverse_attention'])}")
+    if wanted["reverse_attention"] is None:
+        raise CheckpointError(
+            f"checkpoint holds a {wanted['arch']} state dict but does not record whether it was trained with "
+            f"reverse attention, and RA adds no parameters, so its weights cannot tell; pass --reverse-attention on "
+            f"(reverse_attention=True) for an RA model or --reverse-attention off (reverse_attention=False) for a "
+            f"plain one such as a TRADES or RobustBench model")
+    return dict(found, **wanted)
+
+
+def _examples(keys, n=2):
+    shown = ", ".join(keys[:n])
+    return shown + (", ..." if len(keys) > n else "")
+
+
+def _load_weights(model, state, phrase):
+    """Load ``state`` into ``model``: every key must match in name and shape, except that the
+    model's unused submodules (``unused_state_prefixes``) may be absent as a whole."""
+    own = model.state_dict()
+    absent_ok = [p for p in getattr(model, "unused_state_prefixes", ())
+                 if not any(k.startswith(p) for k in state)]
+    missing = [k for k in own if k not in state and not any(k.startswith(p) for p in absent_ok)]
+    unexpected = [k for k in state if k not in own]
+    wrong = [f"{k}: checkpoint {'×'.join(map(str, state[k].shape))}, model {'×'.join(map(str, own[k].shape))}"
+             for k in own if k in state and tuple(state[k].shape) != tuple(own[k].shape)]
+    problems = [f"{len(keys)} {what} (e.g. {_examples(keys)})" for what, keys in
+                (("keys missing", missing), ("unexpected keys", unexpected), ("tensors of the wrong shape", wrong))
+                if keys]
+    if problems:
+        raise CheckpointError(f"checkpoint does not fit {phrase}: {'; '.join(problems)}")
+    model.load_state_dict(state, strict=False)
+
+
+def _carried_normalization(state):
+    """Pop RobustBench-style ``mu``/``sigma`` buffers (normalisation inside the model) from ``state``."""
+    if "mu" in state and "sigma" in state and state["mu"].numel() == state["sigma"].numel():
+        return check_normalization(state.pop("mu"), state.pop("sigma"))
+    return None
+
+
+def _normalization(given, carried):
+    """The normalisation to apply: the argument (text or (mean, std)) or the checkpoint's own."""
+    if isinstance(given, str):
+        given = parse_normalization(given)
+    given = check_normalization(*given) if given is not None else None
+    if given is not None and carried is not None and not _same_normalization(given, carried):
+        raise CheckpointError(f"checkpoint carries its own input normalization (mean {carried[0]}, std {carried[1]}); "
+                              f"drop the normalization you passed ({given[0]} / {given[1]})")
+    return given or carried
+
+
+def _same_normalization(a, b):
+    return all(len(x) == len(y) and all(abs(u - v) < 1e-6 for u, v in zip(x, y)) for x, y in zip(a, b))
+
+
+def load_model(path_or_payload, arch=None, num_classes=None, reverse_attention=None, device="cpu", use_ema=True,
+               normalization=None):
+    """Build the model a checkpoint holds and load its weights (every key must fit).
+
+    Our checkpoints are rebuilt from their saved ``model_config`` (read first, so any registered
+    architecture loads); foreign state dicts are recognised by their parameter names (see
+    ``docs/README-models.md``). Arguments left as None come from the checkpoint; ones given must
+    agree with it. A foreign state dict does not say whether it is RA or plain, so
+    ``reverse_attention`` must then be given (plain-only architectures excepted).
+    ``use_ema``: take the EMA weights when present. ``normalization``: None, a preset/explicit
+    text for :func:`parse_normalization`, or ``(mean, std)``; the model is then wrapped in
+    :class:`Normalized` (RobustBench ``mu``/``sigma`` buffers in a state dict do this by themselves).
+
+    Returns ``(model, config)``; ``config`` holds arch, num_classes, reverse_attention (the one
+    used), image_size, the architecture's options, ``weights`` ("ema"/"raw"), ``source``
+    ("checkpoint config" or "parameter names"), ``adaptations`` (what was changed to fit a
+    foreign layout) and ``normalization`` (None or {"mean", "std"}).
+    """
+    payload = read_checkpoint(path_or_payload) if isinstance(path_or_payload, (str, os.PathLike)) else path_or_payload
+    state = extract_state_dict(payload, use_ema)
+    saved = saved_model_config(payload)
+    if saved is not None:
+        found, notes, carried, source = checkpoint_model_config(payload), (), None, "checkpoint config"
+        if saved.get("normalization"):
+            carried = check_normalization(saved["normalization"]["mean"], saved["normalization"]["std"])
+    else:
+        carried = _carried_normalization(state)
+        layout = infer_layout(state, arch, num_classes)
+        state, notes, source = layout.state, layout.notes, "parameter names"
+        found = {"arch": layout.arch, "num_classes": layout.num_classes, "reverse_attention": None,
+                 "image_size": layout.image_size}
+        if carried is not None:
+            notes += ("input normalization taken from the mu/sigma buffers",)
+    config = _wanted_config(found, arch, num_classes, reverse_attention)
+    options = {k: v for k, v in config.items() if k not in BASE_KEYS}
+    phrase = _model_phrase(config["arch"], config["num_classes"], config["reverse_attention"])
     try:
-        model.load_state_dict(state, strict=True)
-    except RuntimeError as err:
-        first = str(err).splitlines()[0:2]
-        raise CheckpointError(f"checkpoint does not fit {_describe(config['arch'], config['num_classes'], config['reverse_attention'])}: {' '.join(first)}") from err
+        model = create_model(config["arch"], config["num_classes"], config["reverse_attention"],
+                             config["image_size"], **options)
+    except ValueError as err:
+        raise CheckpointError(f"cannot build {phrase}: {err}") from None
+    _load_weights(model, state, phrase)
+    config["image_size"] = config["image_size"] or model.arch_config["image_size"]
+    norm = _normalization(normalization, carried)
+    if norm is not None:
+        model = Normalized(model, *norm)
+    has_ema = isinstance(payload, dict) and isinstance(payload.get("ema"), dict)
+    config.update(weights="ema" if (use_ema and has_ema) else "raw", source=source, adaptations=list(notes),
+                  normalization=model.normalization if norm is not None else None)
     return model.to(device), config

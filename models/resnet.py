@@ -1,15 +1,13 @@
 """ResNet-18 with the CIFAR stem (3×3 conv, no max-pool), plain or with reverse attention."""
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
+from torch import nn
 
 from .reverse_attention import ReverseAttentionMixin
 
 
 class BasicBlock(nn.Module):
     """Post-activation residual block: relu(bn2(conv2(relu(bn1(conv1 x)))) + shortcut x)."""
-
-    expansion = 1
 
     def __init__(self, in_planes, planes, stride=1):
         super().__init__()
@@ -74,6 +72,3 @@ class ResNet(ReverseAttentionMixin, nn.Module):
     def pool(self, z):
         return torch.flatten(F.adaptive_avg_pool2d(z, 1), 1)
 
-
-def resnet18(num_classes=10, reverse_attention=True):
-    return ResNet((2, 2, 2, 2), num_classes, reverse_attention)

@@ -1,4 +1,4 @@
-"""Reverse attention (RA), written once for every backbone (SPEC §1).
+"""Reverse attention (RA), written once for every backbone (docs/protocol.md §1).
 
 An RA block's feature map ``z`` (N×Ch×H×W) is classified by the shared classifier to give
 auxiliary logits ``p``; a class ``c`` is chosen per example (the label when given, else
@@ -13,9 +13,12 @@ from dataclasses import dataclass
 from typing import Optional
 
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
+from torch import nn
 
+from .wrappers import unwrap
+
+RA_BLOCKS = 2  # RA acts on the last two residual blocks of the last stage
 POLICIES = ("default", "fixed", "straight_through", "soft", "identity")
 
 
@@ -48,7 +51,8 @@ class ReverseAttentionMixin:
     ``ra_blocks`` (the last two residual blocks of the last stage), ``block_output(h)``
     (the map z that a block hands to RA: identity for ResNet, relu(bn_final(h)) for
     pre-activation nets), ``pool(z)`` (the network's own pooling, flattened) and
-    ``classifier`` (the shared linear layer).
+    ``classifier`` (the shared linear layer). A backbone with ``separate_bn`` BatchNorms
+    (``ra_bn``) takes ``block_output(h, index)`` with the RA block's index.
     """
 
     reverse_attention: bool
@@ -57,10 +61,10 @@ class ReverseAttentionMixin:
     def forward(self, x, y=None, return_aux=False, return_features=False):
         h = self.forward_trunk(x)
         aux = []
-        for block in self.ra_blocks:
+        for index, block in enumerate(self.ra_blocks):
             h = block(h)
             if self.reverse_attention:
-                h, p = self._attend(self.block_output(h), y)
+                h, p = self._attend(self._ra_map(h, index), y)
                 aux.append(p)
         if not self.reverse_attention:
             h = self.block_output(h)
@@ -74,6 +78,20 @@ class ReverseAttentionMixin:
         if return_features:
             out += (features,)
         return out
+
+    def _ra_map(self, h, index):
+        """The map z of RA block ``index``."""
+        if getattr(self, "ra_bn", None) is None:
+            return self.block_output(h)
+        return self.block_output(h, index)
+
+    def ra_norm(self, index, final):
+        """The BatchNorm giving RA block ``index`` its map: the network's ``final`` one (shared by
+        both RA blocks, as in the reference) unless ``separate_bn`` gave this block its own."""
+        own = getattr(self, "ra_bn", None)
+        if own is not None and index is not None and index < len(own):
+            return own[index]
+        return final
 
     def _attend(self, z, y):
         """Return (z ⊙ mask, auxiliary logits) for one RA block."""
@@ -97,6 +115,16 @@ class ReverseAttentionMixin:
         return z * class_mask(weight, classes, self.pool_grid, z.shape[-2:]), p
 
 
+def separate_norms(channels, separate_bn, reverse_attention):
+    """``ra_bn`` for ``separate_bn``: one BatchNorm for every RA block but the last, whose output
+    is the end of the network and keeps the final BatchNorm; None when the option is off."""
+    if not separate_bn:
+        return None
+    if not reverse_attention:
+        raise ValueError("separate_bn needs reverse attention (a plain network has only its final BatchNorm)")
+    return nn.ModuleList([nn.BatchNorm2d(channels) for _ in range(RA_BLOCKS - 1)])
+
+
 def class_mask(weight, classes, grid, spatial_size):
     """Mask Ω[c] (or Σ_c w_c Ω[c] for a N×C weighting) shaped N×Ch×H×W.
 
@@ -114,7 +142,7 @@ def class_mask(weight, classes, grid, spatial_size):
 @contextmanager
 def ra_policy(model: nn.Module, kind: str = "default", classes=None, tau: float = 1.0):
     """Temporarily change how ``model``'s RA blocks choose their masks (for adaptive attacks)."""
-    target = model.module if hasattr(model, "module") else model
+    target = unwrap(model)
     if not getattr(target, "reverse_attention", False):
         raise ValueError("ra_policy needs a model with reverse attention; this one is plain")
     previous = getattr(target, "_ra_policy", None)

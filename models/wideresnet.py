@@ -2,10 +2,10 @@
 import math
 
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
+from torch import nn
 
-from .reverse_attention import ReverseAttentionMixin
+from .reverse_attention import ReverseAttentionMixin, separate_norms
 
 
 class BasicBlock(nn.Module):
@@ -49,11 +49,17 @@ class NetworkBlock(nn.Module):
 
 
 class WideResNet(ReverseAttentionMixin, nn.Module):
-    """WRN-depth-widen; RA (when on) acts on the last two blocks of ``block3``."""
+    """WRN-depth-widen; RA (when on) acts on the last two blocks of ``block3``.
+
+    ``separate_bn`` (RA only, off by default): the first RA block gets its own BatchNorm
+    (``ra_bn.0``) instead of sharing the final ``bn1``, which stays for the last block (the end
+    of the network)."""
 
     pool_grid = 1
+    unused_state_prefixes = ("sub_block1.",)  # may be absent from foreign state dicts
 
-    def __init__(self, depth=34, widen_factor=10, num_classes=10, reverse_attention=True, drop_rate=0.0):
+    def __init__(self, depth=34, widen_factor=10, num_classes=10, reverse_attention=True, drop_rate=0.0,
+                 separate_bn=False):
         super().__init__()
         if (depth - 4) % 6 != 0 or depth < 16:
             raise ValueError(f"WideResNet depth must be 6n+4 with n >= 2 (e.g. 28, 34); got {depth}")
@@ -66,8 +72,9 @@ class WideResNet(ReverseAttentionMixin, nn.Module):
         self.block2 = NetworkBlock(n, widths[1], widths[2], 2, drop_rate)
         self.block3 = NetworkBlock(n, widths[2], widths[3], 2, drop_rate)
         self.bn1 = nn.BatchNorm2d(widths[3])
-        self.relu = nn.ReLU(inplace=True)
         self.fc = nn.Linear(widths[3], num_classes)
+        self.separate_bn = bool(separate_bn)
+        self.ra_bn = separate_norms(widths[3], separate_bn, reverse_attention)
         self._init_weights()
 
     def _init_weights(self):
@@ -95,8 +102,8 @@ class WideResNet(ReverseAttentionMixin, nn.Module):
             out = block(out)
         return out
 
-    def block_output(self, h):
-        return F.relu(self.bn1(h))
+    def block_output(self, h, index=None):
+        return F.relu(self.ra_norm(index, self.bn1)(h))
 
     def pool(self, z):
         return torch.flatten(F.adaptive_avg_pool2d(z, 1), 1)

@@ -4,9 +4,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from models import create_model, has_reverse_attention, ra_policy
+from models import CheckpointError, create_model, has_reverse_attention, load_model, ra_policy
 from models.reverse_attention import class_mask
-
 
 
 def close(a, b):
@@ -282,16 +281,14 @@ def test_straight_through_forward_is_argmax_and_backward_is_soft(tiny_model):
 
 def test_policy_errors():
     torch.manual_seed(0)
-    with pytest.raises(ValueError, match="plain"):
-        with ra_policy(create_model("wrn-16-1", 10, reverse_attention=False)):
-            pass
+    plain = create_model("wrn-16-1", 10, reverse_attention=False)
+    with pytest.raises(ValueError, match="plain"), ra_policy(plain):
+        pass
     model = create_model("wrn-16-1", 10)
-    with pytest.raises(ValueError, match="unknown RA policy"):
-        with ra_policy(model, "bogus"):
-            pass
-    with pytest.raises(ValueError, match="classes"):
-        with ra_policy(model, "fixed"):
-            pass
+    with pytest.raises(ValueError, match="unknown RA policy"), ra_policy(model, "bogus"):
+        pass
+    with pytest.raises(ValueError, match="classes"), ra_policy(model, "fixed"):
+        pass
 
 
 # ---------------------------------------------------------------- names, counts, errors
@@ -376,3 +373,87 @@ def test_create_model_errors():
             create_model(bad, 10)
     with pytest.raises(ValueError, match="divisible by 32"):
         create_model("preact-resnet18", 10, image_size=40)
+
+
+# ---------------------------------------------------------------- separate BatchNorms (ablation)
+
+def _random_bn_stats(model, seed=3):
+    """Distinct running statistics in every BatchNorm, so which BN a block uses shows in its output."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.running_mean.copy_(0.2 * torch.randn(m.num_features, generator=gen))
+                m.running_var.copy_(0.5 + torch.rand(m.num_features, generator=gen))
+    return model.eval()
+
+
+@pytest.mark.parametrize("arch,final", [("wrn-16-1", "bn1"), ("preact-resnet18", "bn")])
+def test_separate_bn_only_adds_one_batchnorm_for_the_first_ra_block(arch, final):
+    default = list(create_model(arch, 10).state_dict())
+    assert list(create_model(arch, 10, separate_bn=False).state_dict()) == default
+    separate = list(create_model(arch, 10, separate_bn=True).state_dict())
+    assert separate == default + [f"ra_bn.0.{s}" for s in ("weight", "bias", "running_mean", "running_var",
+                                                            "num_batches_tracked")]
+    assert f"{final}.weight" in default and not any(k.startswith("ra_bn") for k in default)
+    with pytest.raises(ValueError, match="separate_bn needs reverse attention"):
+        create_model(arch, 10, reverse_attention=False, separate_bn=True)
+    with pytest.raises(ValueError, match="takes no option 'separate_bn'"):
+        create_model("resnet18", 10, separate_bn=True)
+
+
+def test_separate_bn_wrn_forward_matches_hand_computation():
+    torch.manual_seed(0)
+    model = _random_bn_stats(create_model("wrn-16-1", 10, separate_bn=True))
+    x = torch.rand(3, 3, 16, 16)
+    with torch.no_grad():
+        out = model.block2(model.block1(model.conv1(x)))
+        weight, want_aux = model.fc.weight, []
+        for bn, block in zip((model.ra_bn[0], model.bn1), model.block3.layer):
+            z = F.relu(bn(block(out)))
+            p = model.fc(z.mean((2, 3)))
+            out = z * weight[p.argmax(1)][:, :, None, None]
+            want_aux.append(p)
+        logits, aux = model(x, return_aux=True)
+    assert close(logits, model.fc(out.mean((2, 3)))) and all(close(a, b) for a, b in zip(aux, want_aux))
+
+
+@pytest.mark.parametrize("arch,final,size", [("wrn-16-1", "bn1", 16), ("preact-resnet18", "bn", 64)])
+def test_changing_one_batchnorm_changes_only_its_ra_blocks_output(arch, final, size):
+    torch.manual_seed(0)
+    x = torch.rand(2, 3, size, size)
+
+    def aux_after_shifting(model, name):
+        with torch.no_grad():
+            before = model(x, return_aux=True)[1]
+            model.get_submodule(name).running_mean.add_(0.5)
+            return before, model(x, return_aux=True)[1]
+
+    separate = _random_bn_stats(create_model(arch, 10, separate_bn=True))
+    before, after = aux_after_shifting(separate, final)
+    assert torch.equal(after[0], before[0]) and differ(after[1], before[1])  # the final BN: last RA block only
+    before, after = aux_after_shifting(separate, "ra_bn.0")
+    assert differ(after[0], before[0])  # the first RA block's own BN
+    shared = _random_bn_stats(create_model(arch, 10))
+    before, after = aux_after_shifting(shared, final)
+    assert differ(after[0], before[0]) and differ(after[1], before[1])  # default: one BN for both blocks
+
+
+def test_separate_bn_is_recorded_and_rebuilt_by_load_model():
+    torch.manual_seed(0)
+    model = _random_bn_stats(create_model("wrn-16-1", 10, separate_bn=True))
+    assert model.arch_config["separate_bn"] is True
+    loaded, config = load_model({"model": model.state_dict(), "model_config": model.arch_config})
+    x = torch.rand(2, 3, 16, 16)
+    with torch.no_grad():
+        assert torch.equal(loaded.eval()(x), model(x))
+    assert config["separate_bn"] is True and loaded.separate_bn
+    with pytest.raises(CheckpointError, match=r"5 unexpected keys \(e\.g\. ra_bn\.0\.weight, ra_bn\.0\.bias, \.\.\.\)"):
+        load_model({"model": model.state_dict(), "model_config": dict(model.arch_config, separate_bn=False)})
+
+
+def test_no_unused_attributes_remain():
+    from models.preact_resnet import PreActBlock
+    from models.resnet import BasicBlock
+    assert not hasattr(BasicBlock, "expansion") and not hasattr(PreActBlock, "expansion")
+    assert not hasattr(create_model("wrn-16-1", 10), "relu")
