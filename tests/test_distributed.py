@@ -14,7 +14,8 @@ import torch
 
 from models import load_model
 from utils import data, distributed
-from utils.training.engine import ConfigError, evaluate
+from utils.training.errors import ConfigError
+from utils.training.monitor import monitor_accuracy
 from utils.training.cli import main as train_main, rank_batch
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -94,8 +95,8 @@ def test_evaluation_shards_count_every_example_once():
     assert [len(list(iter(s))) for s in shards] == [1, 1, 1] and [len(s.indices(0)) for s in shards] == [4, 4, 3]
 
     model = _initial_model().eval()
-    whole = evaluate(model, data.BatchLoader(pair, 4, shuffle=False, augment=False))
-    counts = [evaluate(model, s) for s in shards]  # what each rank counts before the reduction
+    whole = monitor_accuracy(model, data.BatchLoader(pair, 4, shuffle=False, augment=False))
+    counts = [monitor_accuracy(model, s) for s in shards]  # what each rank counts before the reduction
     assert sum(c["size"] for c in counts) == whole["size"] == 11
     assert sum(c["nat"] * c["size"] for c in counts) == pytest.approx(whole["nat"] * 11)
 

@@ -5,7 +5,8 @@ import pytest
 import torch
 import torch.nn as nn
 
-from utils.training.losses import anc, kl_per_example, mart_bce, mart_kl, trades_kl, training_loss
+from utils.training.losses import anc, kl_per_example, mart_bce, mart_kl, trades_kl
+from utils.training.methods import training_loss
 
 # ---------------------------------------------------------------- hand arithmetic (no torch)
 

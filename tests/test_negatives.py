@@ -5,7 +5,7 @@ from collections import Counter
 import pytest
 import torch
 
-from utils.training.losses import training_loss
+from utils.training.methods import training_loss
 from utils.training.negatives import (STRATEGIES, choose_negatives, effective_strategy, make_negatives,
                              random_negatives)
 

@@ -9,7 +9,9 @@ import torch
 
 from models import create_model
 from utils import data
-from utils.training.engine import MethodConfig, Schedule, SpeedConfig, TrainStep, build_optimizer, prepare_model
+from utils.training.config import MethodConfig, SpeedConfig, prepare_model
+from utils.training.schedule import Schedule, build_optimizer
+from utils.training.step import TrainStep
 
 
 def _run_step(speed, method="trades", anc=True, strategy="random_adv", ra=True, epoch=1, seed=0):

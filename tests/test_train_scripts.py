@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from models import load_model
-from utils.training import cli as train_cli, engine
+from utils.training import cli as train_cli, step as train_step
 from utils.training.cli import main
 
 REPO = Path(__file__).resolve().parents[1]
@@ -103,14 +103,14 @@ def test_resume_gives_identical_weights(tmp_path):
 
 def _patch_loss(monkeypatch, on_call):
     """Wrap the engine's training loss; ``on_call(n, loss, metrics)`` may change the n-th result."""
-    real, count = engine.training_loss, [0]
+    real, count = train_step.training_loss, [0]
 
     def wrapped(*args, **kwargs):
         count[0] += 1
         loss, batch_metrics = real(*args, **kwargs)
         return on_call(count[0], loss, batch_metrics)
 
-    monkeypatch.setattr(engine, "training_loss", wrapped)
+    monkeypatch.setattr(train_step, "training_loss", wrapped)
 
 
 def test_nan_loss_stops_with_a_clear_error_and_keeps_last_checkpoint(tmp_path, monkeypatch, capsys):
@@ -131,23 +131,48 @@ def test_nan_loss_stops_with_a_clear_error_and_keeps_last_checkpoint(tmp_path, m
     assert [r["epoch"] for r in metrics(run)] == [1]
 
 
-def test_ctrl_c_saves_last_checkpoint_and_resume_finishes(tmp_path, monkeypatch, capsys):
-    def interrupt(n, loss, batch_metrics):
+def _same_weights(a, b):
+    return a["model"].keys() == b["model"].keys() and all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_mid_epoch_stop_keeps_the_epoch_end_checkpoint_and_resume_is_bit_exact(tmp_path, monkeypatch, capsys,
+                                                                                signum):
+    out = ["--out-dir", str(tmp_path)]
+    assert main("wideresnet", SMALL_WRN + out + ["--run-name", "straight"]) == 0
+    epoch_one = tmp_path / "epoch1.pt"
+
+    def interrupt(n, loss, batch_metrics):  # smoke: 2 batches per epoch, so call 3 is inside epoch 2
         if n == 3:
-            os.kill(os.getpid(), signal.SIGINT)
+            epoch_one.write_bytes((tmp_path / "r" / "last.pt").read_bytes())
+            os.kill(os.getpid(), signum)
         return loss, batch_metrics
 
     _patch_loss(monkeypatch, interrupt)
     run = tmp_path / "r"
-    assert main("wideresnet", SMALL_WRN + ["--out-dir", str(tmp_path), "--run-name", "r"]) == 130
-    assert f"stopped by SIGINT during epoch 2; saved {run / 'last.pt'}, continue with --resume {run}" in \
-        capsys.readouterr().err
-    saved = _weights(run / "last.pt")
-    assert (saved["epoch"], saved["interrupted_epoch"]) == (1, 2)
+    assert main("wideresnet", SMALL_WRN + out + ["--run-name", "r"]) == 130
+    name = signal.Signals(signum).name
+    assert (f"stopped by {name} during epoch 2; epoch 2 restarts from the epoch-end checkpoint {run / 'last.pt'} "
+            f"(epoch 1): continue with --resume {run}") in capsys.readouterr().err
+    assert (run / "last.pt").read_bytes() == epoch_one.read_bytes()  # the clean epoch-end file, untouched
+    assert _weights(run / "last.pt")["interrupted_epoch"] is None
     monkeypatch.undo()
     assert main("wideresnet", ["--resume", str(run)]) == 0
-    assert _weights(run / "last.pt")["epoch"] == 2
-    assert "resuming interrupted epoch 2" in (run / "log.txt").read_text()
+    resumed, straight = _weights(run / "last.pt"), _weights(tmp_path / "straight" / "last.pt")
+    assert resumed["epoch"] == 2 and _same_weights(resumed, straight)
+    strip = lambda r: {k: v for k, v in r.items() if k != "seconds"}  # noqa: E731
+    assert [strip(r) for r in metrics(run)] == [strip(r) for r in metrics(tmp_path / "straight")]
+
+
+def test_stop_in_the_first_epoch_resumes_from_the_saved_start(tmp_path, monkeypatch):
+    out = ["--out-dir", str(tmp_path)]
+    assert main("wideresnet", SMALL_WRN + out + ["--run-name", "straight"]) == 0
+    _patch_loss(monkeypatch, lambda n, loss, m: (os.kill(os.getpid(), signal.SIGTERM) if n == 1 else None, loss, m)[1:])
+    assert main("wideresnet", SMALL_WRN + out + ["--run-name", "r"]) == 130
+    assert _weights(tmp_path / "r" / "last.pt")["epoch"] == 0
+    monkeypatch.undo()
+    assert main("wideresnet", ["--resume", str(tmp_path / "r")]) == 0
+    assert _same_weights(_weights(tmp_path / "r" / "last.pt"), _weights(tmp_path / "straight" / "last.pt"))
 
 
 def test_existing_run_directory_is_refused(tmp_path, capsys):

@@ -27,7 +27,7 @@ def eps_type(text):
 
 
 def add_speed_arguments(group):
-    """--amp / --channels-last / --joint-attacks / --compile (utils.training.engine.SpeedConfig)."""
+    """--amp / --channels-last / --joint-attacks / --compile (utils.training.config.SpeedConfig)."""
     group.add_argument("--amp", action=argparse.BooleanOptionalAction, default=None,
                        help="bf16 autocast for attacks, losses and the per-epoch evaluation (default: on for CUDA)")
     group.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None,

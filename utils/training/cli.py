@@ -19,9 +19,12 @@ from utils.attacks import EPS
 from utils.cli import add_speed_arguments, eps_fraction, eps_type
 from utils.checkpoint import (RunDirError, atomic_write_json, load_training_checkpoint, prepare_run_dir,
                               resolve_resume, seed_everything)
-from utils.training.engine import (ConfigError, EvalConfig, MethodConfig, NonFiniteLossError, RunInfo, Schedule, SpeedConfig,
-                          Trainer, TrainingInterrupted, TrainStep, build_optimizer, build_scheduler, prepare_model,
-                          resolve_device)
+from utils.training.config import EvalConfig, MethodConfig, SpeedConfig, prepare_model, resolve_device
+from utils.training.errors import ConfigError, NonFiniteLossError, TrainingInterrupted
+from utils.training.records import RunInfo
+from utils.training.schedule import Schedule, build_optimizer, build_scheduler
+from utils.training.step import TrainStep
+from utils.training.trainer import Trainer
 from utils.training.negatives import STRATEGIES
 
 EVAL_BATCH = 256
