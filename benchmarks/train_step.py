@@ -22,20 +22,26 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import torch  # noqa: E402
-from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
-from torch.utils.flop_counter import flop_registry  # noqa: E402
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils.flop_counter import flop_registry
 
-from models import create_model  # noqa: E402
-from utils import data  # noqa: E402
-from utils.cli import add_speed_arguments  # noqa: E402
-from utils.attacks import attack_mode  # noqa: E402
-from utils.training.config import EvalConfig, MethodConfig, SpeedConfig, prepare_model, resolve_device  # noqa: E402
-from utils.training.errors import ConfigError  # noqa: E402
-from utils.training.methods import get_method, method_names, parse_method_name  # noqa: E402
-from utils.training.monitor import monitor_accuracy  # noqa: E402
-from utils.training.schedule import Schedule, build_optimizer  # noqa: E402
-from utils.training.step import TrainStep  # noqa: E402
+from models import create_model
+from utils import data
+from utils.attacks import attack_mode
+from utils.cli import add_speed_arguments
+from utils.training.config import (
+    EvalConfig,
+    MethodConfig,
+    SpeedConfig,
+    prepare_model,
+    resolve_device,
+)
+from utils.training.errors import ConfigError
+from utils.training.methods import get_method, method_names, parse_method_name
+from utils.training.monitor import monitor_accuracy
+from utils.training.schedule import Schedule, build_optimizer
+from utils.training.step import TrainStep
 
 CIFAR_TRAIN, EVAL_IMAGES = 50_000, 1_000
 
@@ -46,7 +52,7 @@ def parse_method(name):
         method, anc, ra = parse_method_name(name)
     except ConfigError as err:
         raise SystemExit(f"error: {err}") from None
-    return dict(method=method, anc=anc, attack_loss=get_method(method).attack_loss(anc, ra)), ra
+    return {"method": method, "anc": anc, "attack_loss": get_method(method).attack_loss(anc, ra)}, ra
 
 
 class FlopCount(TorchDispatchMode):

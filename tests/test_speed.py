@@ -112,8 +112,8 @@ def test_benchmark_rejects_an_unknown_method():
 
     with pytest.raises(SystemExit, match="unknown method 'trades-ancr'"):
         parse_method("trades-ancr")
-    assert parse_method("trades") == (dict(method="trades", anc=False, attack_loss="kl"), False)
-    assert parse_method("mart-ancra") == (dict(method="mart", anc=True, attack_loss="ce"), True)
+    assert parse_method("trades") == ({"method": "trades", "anc": False, "attack_loss": "kl"}, False)
+    assert parse_method("mart-ancra") == ({"method": "mart", "anc": True, "attack_loss": "ce"}, True)
 
 
 @pytest.mark.slow

@@ -11,7 +11,8 @@ import pytest
 import torch
 
 from models import load_model
-from utils.training import cli as train_cli, step as train_step
+from utils.training import cli as train_cli
+from utils.training import step as train_step
 from utils.training.cli import main
 
 REPO = Path(__file__).resolve().parents[1]
@@ -35,7 +36,7 @@ def check_smoke_run(run, arch, reverse_attention):
     assert [r["epoch"] for r in records] == [1, 2]
     assert all(0 <= r["test"]["nat"] <= 1 and 0 <= r["test"]["pgd"] <= 1 and r["test"]["size"] == 32
                for r in records)
-    model, config = load_model(str(run / "last.pt"))
+    _model, config = load_model(str(run / "last.pt"))
     assert (config["arch"], config["reverse_attention"]) == (arch, reverse_attention)
     payload = torch.load(run / "last.pt", weights_only=True)
     assert payload["epoch"] == 2 and payload["interrupted_epoch"] is None
@@ -47,7 +48,7 @@ def check_smoke_run(run, arch, reverse_attention):
 @pytest.mark.slow
 def test_resnet_script_smoke_runs_as_a_program(tmp_path):
     result = subprocess.run([sys.executable, "train_CIFAR10_ResNet.py", "--smoke", "--quiet", "--out-dir",
-                             str(tmp_path)], cwd=REPO, capture_output=True, text=True, timeout=600)
+                             str(tmp_path)], check=False, cwd=REPO, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr
     args = check_smoke_run(tmp_path / "smoke_synthetic_resnet18_trades-ancra_s0", "resnet18", True)
     assert (args["weight_decay"], args["attack_loss"], args["lr"]) == (2e-4, "ce", 0.01)
@@ -97,7 +98,7 @@ def test_resume_gives_identical_weights(tmp_path):
     momenta = [(a["momentum_buffer"], b["momentum_buffer"])
                for a, b in zip(straight["optimizer"]["state"].values(), resumed["optimizer"]["state"].values())]
     assert momenta and all(torch.equal(a, b) for a, b in momenta)
-    strip = lambda r: {k: v for k, v in r.items() if k != "seconds"}  # noqa: E731
+    strip = lambda r: {k: v for k, v in r.items() if k != "seconds"}
     assert [strip(r) for r in metrics(tmp_path / "straight")] == [strip(r) for r in metrics(tmp_path / "split")]
 
 
@@ -160,7 +161,7 @@ def test_mid_epoch_stop_keeps_the_epoch_end_checkpoint_and_resume_is_bit_exact(t
     assert main("wideresnet", ["--resume", str(run)]) == 0
     resumed, straight = _weights(run / "last.pt"), _weights(tmp_path / "straight" / "last.pt")
     assert resumed["epoch"] == 2 and _same_weights(resumed, straight)
-    strip = lambda r: {k: v for k, v in r.items() if k != "seconds"}  # noqa: E731
+    strip = lambda r: {k: v for k, v in r.items() if k != "seconds"}
     assert [strip(r) for r in metrics(run)] == [strip(r) for r in metrics(tmp_path / "straight")]
 
 
@@ -198,8 +199,8 @@ def test_resuming_a_checkpoint_of_another_architecture_is_refused(tmp_path, caps
     capsys.readouterr()
     assert main("resnet", ["--resume", str(tmp_path / "wrn")]) == 2
     err = capsys.readouterr().err
-    assert err.startswith(f"error: cannot resume {tmp_path / 'wrn'}: it holds an RA wrn-16-1 with 10 classes")
-    assert "build an RA resnet18 with 10 classes" in err
+    assert err == (f"error: cannot resume {tmp_path / 'wrn'}: it holds a wrn-16-1 model and this script trains "
+                   f"resnet18 models; resume it with the script that created it\n")
 
 
 def test_resume_of_nothing_and_cuda_without_gpu_are_one_line_errors(tmp_path, capsys):

@@ -5,15 +5,23 @@ import random
 import numpy as np
 import pytest
 import torch
-import torch.nn as nn
+from torch import nn
 
 from models import create_model
 from utils import attacks, data
-from utils.training import negatives, step as train_step
-from utils.checkpoint import (RunDirError, atomic_save_many, capture_rng, load_scheduler_state, prepare_run_dir,
-                              restore_rng, scheduler_state)
 from utils.analysis.curves import plot_curves
-from utils.training.config import EvalConfig, MethodConfig, SpeedConfig
+from utils.checkpoint import (
+    RunDirError,
+    atomic_save_many,
+    capture_rng,
+    load_scheduler_state,
+    prepare_run_dir,
+    restore_rng,
+    scheduler_state,
+)
+from utils.training import negatives
+from utils.training import step as train_step
+from utils.training.config import PLAIN_SPEED, EvalConfig, MethodConfig, SpeedConfig
 from utils.training.errors import ConfigError
 from utils.training.monitor import monitor_accuracy
 from utils.training.records import RunInfo
@@ -27,7 +35,7 @@ def _batch(n=8, size=8, seed=0):
     return pair.float(), pair.y
 
 
-def _step(method="trades", anc=True, ra=True, attack_loss="ce", seed=0, speed=SpeedConfig()):
+def _step(method="trades", anc=True, ra=True, attack_loss="ce", seed=0, speed=PLAIN_SPEED):
     torch.manual_seed(seed)
     model = create_model("wrn-16-1", 10, reverse_attention=ra)
     optimizer = build_optimizer(model, Schedule(lr=0.05))

@@ -1,7 +1,6 @@
 """What a training run computes and how: the method's settings, the speed options, the
 per-epoch check and the device. Frozen dataclasses that validate themselves."""
 from dataclasses import dataclass
-from typing import Optional
 
 import torch
 
@@ -40,7 +39,7 @@ class MethodConfig:
     strategy: str = "random_adv"
     alpha: float = recipe.ALPHA
     zeta: float = recipe.ZETA
-    beta: Optional[float] = None
+    beta: float | None = None
     aux_weight: float = recipe.AUX_WEIGHT
     attack_loss: str = "ce"
     eps: float = recipe.EPS
@@ -117,6 +116,9 @@ class SpeedConfig:
         return ", ".join(flags)
 
 
+PLAIN_SPEED = SpeedConfig()  # fp32, NCHW, joint attacks: the reference execution
+
+
 def prepare_model(model, speed: SpeedConfig):
     """Apply ``speed``'s memory format to ``model`` in place (before the optimizer and DDP see it)."""
     return model.to(memory_format=speed.memory_format())
@@ -139,3 +141,6 @@ class EvalConfig:
     @property
     def attack_name(self):
         return f"PGD-{self.steps}"
+
+
+RECIPE_CHECK = EvalConfig()  # PGD-20 at 8/255 with step 0.007

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+
 def kl_per_example(nat_logits, adv_logits):
     """KL_i(x‖x_a) = Σ_j pn_ij (log pn_ij − log pa_ij); gradient flows through both sides."""
     log_pn = F.log_softmax(nat_logits.float(), 1)

@@ -11,7 +11,14 @@ import torch.nn.functional as F
 from models import has_reverse_attention
 from utils import recipe
 from utils.training.errors import ConfigError
-from utils.training.losses import Outputs, anc_loss, mart_bce, mart_kl, ra_form, trades_kl
+from utils.training.losses import (
+    Outputs,
+    anc_loss,
+    mart_bce,
+    mart_kl,
+    ra_form,
+    trades_kl,
+)
 
 SUFFIXES = {"-ancra": (True, True), "-anc": (True, False), "-ra": (False, True)}
 _REGISTRY = {}
@@ -22,7 +29,8 @@ class Method:
 
     ``attacked``: trains on adversarial examples (else the training attack is skipped);
     ``uses_natural``: needs the natural forward even without ANC; ``allows_anc``: may take
-    negatives; ``aliases``: other spellings accepted in labels (e.g. ``pgd_at``).
+    negatives; ``aliases``: other spellings accepted in labels (e.g. ``pgd_at``); ``awp_warmup``:
+    epochs before AWP starts by default (as in the AWP authors' code for the method).
     """
 
     name = ""
@@ -32,6 +40,7 @@ class Method:
     attacked = True
     uses_natural = True
     allows_anc = True
+    awp_warmup = 0
 
     def attack_loss(self, anc, reverse_attention):
         """Loss of the training attack: CE (every ANCRA variant follows the reference's CE attack)."""
@@ -181,6 +190,7 @@ class TRADES(Method):
 
     name, label = "trades", "TRADES"
     default_beta = recipe.BETA["trades"]
+    awp_warmup = 10
 
     def attack_loss(self, anc, reverse_attention):
         return "ce" if anc or reverse_attention else "kl"

@@ -3,10 +3,10 @@
 import torch
 
 from utils.attacks import pgd
-from utils.training.config import EvalConfig, SpeedConfig
+from utils.training.config import PLAIN_SPEED, RECIPE_CHECK, EvalConfig, SpeedConfig
 
 
-def monitor_accuracy(model, loader, config: EvalConfig = EvalConfig(), speed: SpeedConfig = SpeedConfig(),
+def monitor_accuracy(model, loader, config: EvalConfig = RECIPE_CHECK, speed: SpeedConfig = PLAIN_SPEED,
                      reduce=None):
     """Natural and PGD accuracy of ``model`` over ``loader`` (eval mode, argmax RA masks).
 

@@ -2,7 +2,6 @@
 checkpoint payload and the one-line epoch summary."""
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Optional
 
 from models import unwrap
 from utils.checkpoint import capture_rng, scheduler_state
@@ -13,7 +12,7 @@ class RunInfo:
     """What a checkpoint records besides the training state: the run's folder, its arguments
     (a plain dict) and the model config that ``models.load_model`` reads back."""
 
-    run_dir: Optional[Path]
+    run_dir: Path | None
     args: dict
     model_config: dict
     title: str = ""
@@ -25,7 +24,7 @@ class BestSoFar:
 
     split: str
     score: float = -1.0
-    epoch: Optional[int] = None
+    epoch: int | None = None
 
     def describe(self):
         where = ("the validation split held out from training" if self.split == "val"

@@ -6,7 +6,7 @@ import torch
 
 from models import has_reverse_attention, unwrap
 from utils.attacks import pgd, pgd_train, random_start
-from utils.training.config import MethodConfig, SpeedConfig, compiled
+from utils.training.config import PLAIN_SPEED, MethodConfig, SpeedConfig, compiled
 from utils.training.methods import training_loss
 from utils.training.negatives import Negatives, make_negatives, select_negatives
 from utils.training.updates import WeightUpdate
@@ -22,7 +22,7 @@ class TrainStep:
     plain optimizer step).
     """
 
-    def __init__(self, model, optimizer, config: MethodConfig, num_classes, speed: SpeedConfig = SpeedConfig(),
+    def __init__(self, model, optimizer, config: MethodConfig, num_classes, speed: SpeedConfig = PLAIN_SPEED,
                  update=None):
         self.model = compiled(model, speed)
         self.attack_model = compiled(unwrap(model), speed)  # attacks bypass DDP: no gradient sync, no parameter grads
@@ -37,7 +37,7 @@ class TrainStep:
 
     def _pgd_args(self):
         cfg = self.config
-        return dict(eps=cfg.eps, step_size=cfg.step_size, steps=cfg.steps, aux_weight=self.attack_aux_weight)
+        return {"eps": cfg.eps, "step_size": cfg.step_size, "steps": cfg.steps, "aux_weight": self.attack_aux_weight}
 
     def adversarial(self, x, y):
         """Training adversarial examples (x itself for a method without an attack)."""

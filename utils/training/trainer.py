@@ -13,9 +13,17 @@ from tqdm import tqdm
 from models import unwrap
 from utils import distributed
 from utils.analysis.curves import plot_curves
-from utils.checkpoint import BEST, LAST, atomic_save, atomic_save_many, load_scheduler_state, read_metrics, \
-    restore_rng, write_metrics
-from utils.training.config import EvalConfig
+from utils.checkpoint import (
+    BEST,
+    LAST,
+    atomic_save,
+    atomic_save_many,
+    load_scheduler_state,
+    read_metrics,
+    restore_rng,
+    write_metrics,
+)
+from utils.training.config import RECIPE_CHECK, EvalConfig
 from utils.training.errors import ConfigError, NonFiniteLossError, TrainingInterrupted
 from utils.training.monitor import monitor_accuracy
 from utils.training.records import BestSoFar, RunInfo, checkpoint_payload, summary_line
@@ -30,7 +38,7 @@ class Trainer:
     and writes metrics, curves and checkpoints into ``run.run_dir`` (if not None)."""
 
     def __init__(self, step: TrainStep, scheduler, train_loader, eval_loaders, run: RunInfo, *, epochs,
-                 eval_config: EvalConfig = EvalConfig(), save_freq=10, quiet=False, sync_every=20,
+                 eval_config: EvalConfig = RECIPE_CHECK, save_freq=10, quiet=False, sync_every=20,
                  context: distributed.Context = distributed.SINGLE, reseed=None):
         if "test" not in eval_loaders:
             raise ConfigError("the trainer needs a 'test' evaluation loader")
@@ -120,12 +128,12 @@ class Trainer:
 
     # --- one epoch
 
-    def _host_means(self, sums, count, epoch, batch):
+    def _host_means(self, sums, batch, epoch):
         """Bring the running sums to the host (one sync) as means over all ranks; stop on a NaN/inf
         loss (every rank sees the same reduced loss, so all stop together)."""
         names = list(sums)
         values = torch.stack([sums[k].float() for k in names])
-        values = (distributed.all_reduce_sum(self.context, values) / (self.context.world_size * count)).tolist()
+        values = (distributed.all_reduce_sum(self.context, values) / (self.context.world_size * batch)).tolist()
         means = dict(zip(names, values))
         if not math.isfinite(means["loss"]):
             raise NonFiniteLossError(
@@ -139,15 +147,14 @@ class Trainer:
         bars = not self.quiet and self.context.is_main and sys.stderr.isatty()
         bar = tqdm(self.train_loader, desc=f"epoch {epoch}/{self.epochs}", leave=False, dynamic_ncols=True,
                    disable=not bars)
-        sums, means, count = {}, {}, 0
+        sums, means = {}, {}
         for batch, (x, y) in enumerate(bar, 1):
             metrics = self.step(x, y, epoch)
             for name, value in metrics.items():
                 sums[name] = sums[name] + value if name in sums else value
-            count += 1
             stop = self.stop.poll()
             if batch % self.sync_every == 0 or batch == len(self.train_loader) or stop:
-                means = self._host_means(sums, count, epoch, batch)
+                means = self._host_means(sums, batch, epoch)
                 bar.set_postfix(loss=f"{means['loss']:.3f}",
                                 acc=f"{100 * means.get('acc_adv', means.get('acc_nat', 0.0)):.1f}%")
             if stop:
@@ -164,7 +171,7 @@ class Trainer:
     def evaluate_all(self):
         """``{split: monitor_accuracy(...)}`` for each evaluation loader."""
         model, speed = self.monitored_model(), self.step.speed
-        reduce = lambda counts: distributed.all_reduce_sum(self.context, counts)  # noqa: E731
+        reduce = lambda counts: distributed.all_reduce_sum(self.context, counts)
         return {split: monitor_accuracy(model, loader, self.eval_config, speed, reduce)
                 for split, loader in self.eval_loaders.items()}
 
