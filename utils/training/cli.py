@@ -23,7 +23,8 @@ from utils.training.negatives import STRATEGIES
 from utils.training.setup import check_resume, method_config, run
 
 SMOKE_DEFAULTS = {"dataset": "synthetic", "train_size": 32, "batch_size": 16, "epochs": 2, "milestones": [2],
-                      "eval_size": 32, "eval_steps": 2, "attack_steps": 2, "save_freq": 2, "overwrite": True}
+                  "eval_size": 32, "eval_steps": 2, "attack_steps": 2, "save_freq": 2, "overwrite": True,
+                  "awp_warmup": 0}  # with --awp-gamma, AWP runs from the first smoke epoch
 DATA_SEED = 0  # seed of the synthetic data and of the fixed subsets (read back by the evaluation)
 
 
