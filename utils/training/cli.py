@@ -20,7 +20,7 @@ from utils.training.config import DEVICES
 from utils.training.errors import ConfigError, NonFiniteLossError, TrainingInterrupted
 from utils.training.methods import get_method, method_names
 from utils.training.negatives import STRATEGIES
-from utils.training.setup import check_resume, method_config, run
+from utils.training.setup import check_resume, method_config, run, schedule_of
 
 SMOKE_DEFAULTS = {"dataset": "synthetic", "train_size": 32, "batch_size": 16, "epochs": 2, "milestones": [2],
                   "eval_size": 32, "eval_steps": 2, "attack_steps": 2, "save_freq": 2, "overwrite": True,
@@ -253,6 +253,7 @@ def resolve_args(kind, args):
         raise ConfigError(f"--image-size only applies to the synthetic dataset; {args.dataset} images are "
                           f"{data.image_size(args.dataset)} pixels wide")
     _check_ranges(args)
+    schedule_of(args)  # validates lr, momentum and weight decay
     args.method_name = method_config(args).name(args.reverse_attention)
     if args.run_name is None:
         prefix = "smoke_" if args.smoke else ""
