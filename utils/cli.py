@@ -24,7 +24,6 @@ class OneLineArgumentParser(argparse.ArgumentParser):
     def _attach_negative_values(self, args):
         """Join ``--opt -1`` into ``--opt=-1`` for options that take exactly one value."""
         single = {option for action in self._actions if action.nargs is None and action.option_strings
-                  and not isinstance(action, (argparse._StoreConstAction, argparse._StoreTrueAction))
                   for option in action.option_strings}
         joined, i = [], 0
         while i < len(args):
