@@ -66,7 +66,6 @@ BAD_INPUT = {
     "unknown arch": ("baselines", ["--smoke", "--arch", "vgg16", "--out-dir", "{w}/runs"], "unknown architecture"),
     "arch against depth": ("wideresnet", ["--smoke", "--arch", "wrn-28-10", "--depth", "16", "--out-dir", "{w}/runs"],
                            "disagrees"),
-    "resume with run-name": ("resnet", ["--resume", "{w}/runs/real", "--run-name", "x"], "--run-name cannot be"),
     "resume of a non-training checkpoint": ("resnet", ["--resume", "{w}/runs/real"],
                                             "is not a training checkpoint"),
 }
@@ -132,9 +131,13 @@ def test_resume_refuses_another_method_and_a_resume_with_nothing_to_do_writes_no
                 capsys)[0] == 0
     run = tmp_path / "r"
     before = snapshot(tmp_path)
-    for change, word in [(["--method", "mart"], "method"), (["--no-anc"], "anc"), (["--no-ra"], "holds an RA")]:
+    refused = [(["--method", "mart"], "method"), (["--no-anc"], "anc"), (["--no-ra"], "holds an RA"),
+               (["--run-name", "other"], "--run-name points away"), (["--out-dir", str(run)], "--out-dir points"),
+               (["--overwrite"], "--overwrite cannot be combined")]
+    for change, word in refused:
         code, err = call("wideresnet", ["--resume", str(run), *change], capsys)
         assert code == 2 and word in err and err.count("\n") == 1
-    code, _ = call("wideresnet", ["--resume", str(run), "--epochs", "1", "--lr", "0.5"], capsys)
-    assert code == 0
+    same_launch = SMALL_WRN + ["--out-dir", str(tmp_path), "--run-name", "r", "--epochs", "1", "--lr", "0.5"]
+    code, err = call("wideresnet", [*same_launch, "--resume", str(run)], capsys)  # the original launch + --resume
+    assert code == 0, err
     assert snapshot(tmp_path) == before

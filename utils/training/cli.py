@@ -178,9 +178,9 @@ def parse_args(kind, argv=None):
     first = parser.parse_args(argv)
     payload = run_dir = None
     if first.resume:
-        resume.refuse_folder_options(resume.explicit_options(parser, argv))
         run_dir, checkpoint_path = resolve_resume(first.resume)
         payload = load_training_checkpoint(checkpoint_path)
+        resume.refuse_folder_options(resume.explicit_options(parser, argv), first, run_dir, payload["args"])
         known = vars(parser.parse_args([]))
         parser.set_defaults(**{k: v for k, v in payload["args"].items()
                                if k in known and k not in resume.NOT_RESTORED})

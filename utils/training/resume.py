@@ -2,11 +2,11 @@
 options it takes from the resumed run, and the schedule options whose change rebuilds the
 optimizer's schedule."""
 import argparse
+from pathlib import Path
 
 from utils.training.errors import ConfigError
 
 NOT_RESTORED = ("resume", "overwrite", "world_size")          # never taken from the resumed run
-REFUSED_WITH_RESUME = ("run_name", "out_dir", "overwrite", "smoke")  # the run folder is the resumed one
 IDENTITY = ("method", "anc", "reverse_attention", "arch", "dataset", "image_size")
 SCHEDULE = ("lr", "momentum", "weight_decay", "milestones")
 
@@ -23,12 +23,22 @@ def explicit_options(parser, argv):
             action.default = saved[action.dest]
 
 
-def refuse_folder_options(explicit):
-    """``--run-name`` / ``--out-dir`` / ``--overwrite`` / ``--smoke`` make no sense with ``--resume``."""
-    given = [f"--{name.replace('_', '-')}" for name in REFUSED_WITH_RESUME if name in explicit]
-    if given:
-        raise ConfigError(f"{' and '.join(given)} cannot be combined with --resume: a resumed run keeps its own "
-                          f"folder and settings; drop {'them' if len(given) > 1 else 'it'}")
+def refuse_folder_options(explicit, given, run_dir, saved):
+    """With ``--resume`` the run folder is the resumed one: ``--run-name`` / ``--out-dir`` naming
+    another folder, ``--overwrite``, and ``--smoke`` for a run that was not a smoke run are refused
+    (repeating the original launch's folder options is accepted)."""
+    run_dir = Path(run_dir).resolve()
+    elsewhere = [f"--{name.replace('_', '-')}" for name, differs in (
+        ("run_name", lambda: given.run_name != run_dir.name),
+        ("out_dir", lambda: Path(given.out_dir).resolve() != run_dir.parent)) if name in explicit and differs()]
+    if elsewhere:
+        raise ConfigError(f"{' and '.join(elsewhere)} point{'s' if len(elsewhere) == 1 else ''} away from the "
+                          f"resumed run {run_dir}: a resumed run keeps its folder; drop "
+                          f"{'it' if len(elsewhere) == 1 else 'them'}")
+    if "overwrite" in explicit:
+        raise ConfigError("--overwrite cannot be combined with --resume: resuming continues the run; drop it")
+    if "smoke" in explicit and not saved.get("smoke"):
+        raise ConfigError(f"--smoke cannot resume {run_dir}: it is not a smoke run; drop --smoke")
 
 
 def refuse_identity_changes(saved, args):
