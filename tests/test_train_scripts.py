@@ -233,3 +233,20 @@ def test_runs_saved_with_pixel_eps_resume_with_the_same_radius():
     args.eps = 8.0  # args.json of runs written before eps was stored as a fraction
     train_cli.resolve_args("resnet", args)
     assert args.eps == pytest.approx(8 / 255)
+
+
+def test_a_run_written_before_awp_ema_and_arch_options_resumes(tmp_path, capsys):
+    """Old run folders: args without the new options and a checkpoint saved at an interruption."""
+    assert main("wideresnet", SMALL_WRN + ["--out-dir", str(tmp_path), "--run-name", "old", "--epochs", "1"]) == 0
+    run = tmp_path / "old"
+    payload = _weights(run / "last.pt")
+    for key in ("awp_gamma", "awp_warmup", "ema", "data_seed", "arch"):
+        payload["args"].pop(key)
+    payload["args"].update(depth=16, widen=1)
+    payload["interrupted_epoch"] = 2  # the old format saved mid-epoch states like this
+    torch.save(payload, run / "last.pt")
+    assert main("wideresnet", ["--resume", str(run), "--epochs", "2"]) == 0
+    assert "resuming interrupted epoch 2" in (run / "log.txt").read_text()
+    resumed = _weights(run / "last.pt")
+    assert resumed["epoch"] == 2 and "ema" not in resumed
+    assert (resumed["args"]["arch"], resumed["args"]["awp_gamma"], resumed["args"]["data_seed"]) == ("wrn-16-1", 0.0, 0)

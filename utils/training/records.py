@@ -4,7 +4,16 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from models import unwrap
-from utils.checkpoint import capture_rng, scheduler_state
+from utils.analysis.curves import plot_curves
+from utils.checkpoint import (
+    BEST,
+    LAST,
+    atomic_save_many,
+    capture_rng,
+    load_scheduler_state,
+    scheduler_state,
+    write_metrics,
+)
 
 
 @dataclass
@@ -49,6 +58,26 @@ def checkpoint_payload(step, scheduler, run: RunInfo, epoch, best: BestSoFar, la
     }
     payload.update(step.update.state_dict())
     return payload
+
+
+def load_training_state(step, scheduler, payload):
+    """Put a checkpoint's weights, optimizer, scheduler and weight-update plug-in states back."""
+    unwrap(step.model).load_state_dict(payload["model"], strict=True)
+    step.optimizer.load_state_dict(payload["optimizer"])
+    load_scheduler_state(scheduler, payload["scheduler"])
+    step.update.load_state_dict(payload)
+
+
+def save_epoch_files(run: RunInfo, records, payload, *, is_best, save_freq):
+    """Metrics, curves and the checkpoints of the epoch ``payload`` ends: ``best.pt`` when
+    ``is_best``, ``epoch_N.pt`` every ``save_freq`` epochs, and ``last.pt``, replaced last."""
+    write_metrics(run.run_dir, records)
+    plot_curves(records, run.run_dir / "curves.png", run.title)
+    epoch = payload["epoch"]
+    targets = [run.run_dir / BEST] if is_best else []
+    if save_freq and epoch % save_freq == 0:
+        targets.append(run.run_dir / f"epoch_{epoch}.pt")
+    atomic_save_many(payload, [*targets, run.run_dir / LAST])
 
 
 def summary_line(record, epochs):

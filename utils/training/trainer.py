@@ -12,13 +12,9 @@ from tqdm import tqdm
 
 from models import unwrap
 from utils import distributed
-from utils.analysis.curves import plot_curves
 from utils.checkpoint import (
-    BEST,
     LAST,
     atomic_save,
-    atomic_save_many,
-    load_scheduler_state,
     read_metrics,
     restore_rng,
     write_metrics,
@@ -26,7 +22,14 @@ from utils.checkpoint import (
 from utils.training.config import RECIPE_CHECK, EvalConfig
 from utils.training.errors import ConfigError, NonFiniteLossError, TrainingInterrupted
 from utils.training.monitor import monitor_accuracy
-from utils.training.records import BestSoFar, RunInfo, checkpoint_payload, summary_line
+from utils.training.records import (
+    BestSoFar,
+    RunInfo,
+    checkpoint_payload,
+    load_training_state,
+    save_epoch_files,
+    summary_line,
+)
 from utils.training.step import TrainStep
 from utils.training.stop import StopControl
 from utils.training.updates import EMA
@@ -79,10 +82,7 @@ class Trainer:
 
     def restore(self, payload):
         """Load a checkpoint written by :meth:`checkpoint`; returns the epoch to start from."""
-        unwrap(self.model).load_state_dict(payload["model"], strict=True)
-        self.optimizer.load_state_dict(payload["optimizer"])
-        load_scheduler_state(self.scheduler, payload["scheduler"])
-        self.step.update.load_state_dict(payload)
+        load_training_state(self.step, self.scheduler, payload)
         best = payload.get("best") or {}
         if best.get("split", self.best.split) == self.best.split:
             self.best = BestSoFar(**best)
@@ -102,15 +102,8 @@ class Trainer:
         return f"the last good checkpoint {self.run.run_dir / LAST} (epoch {self.completed_epochs}) is intact"
 
     def _save_epoch(self, epoch, is_best):
-        run_dir = self.run.run_dir
-        if run_dir is None:
-            return
-        write_metrics(run_dir, self.records)
-        plot_curves(self.records, run_dir / "curves.png", self.run.title)
-        targets = [run_dir / BEST] if is_best else []
-        if self.save_freq and epoch % self.save_freq == 0:
-            targets.append(run_dir / f"epoch_{epoch}.pt")
-        atomic_save_many(self.checkpoint(epoch), targets + [run_dir / LAST])  # last.pt replaced last
+        if self.run.run_dir is not None:
+            save_epoch_files(self.run, self.records, self.checkpoint(epoch), is_best=is_best, save_freq=self.save_freq)
 
     def _stop_now(self, epoch, mid_epoch=True):
         """Raise TrainingInterrupted; ``last.pt`` is the epoch-end checkpoint and is left as it is."""
