@@ -150,3 +150,14 @@ def test_sigterm_under_torchrun_saves_once_and_every_rank_stops(tmp_path):
     assert "--resume" in err and ("restarts from the epoch-end checkpoint" in err or "saved" in err)
     checkpoint = torch.load(tmp_path / "stop" / "last.pt", weights_only=True)
     assert checkpoint["epoch"] >= 1
+
+
+@pytest.mark.slow
+def test_torchrun_training_with_awp_and_ema(tmp_path):
+    """AWP perturbs the bare module on each rank and EMA averages the synchronised weights."""
+    _torchrun("train_baselines.py", "--smoke", "--device", "cpu", "--quiet", "--out-dir", tmp_path,
+              "--run-name", "awp", "--awp-gamma", "0.01", "--ema", "0.9", cwd=ROOT)
+    payload = torch.load(tmp_path / "awp" / "last.pt", weights_only=True)
+    assert payload["ema"]["updates"] == 4 and payload["args"]["awp_warmup"] == 0
+    _, config = load_model(tmp_path / "awp" / "last.pt")
+    assert config["weights"] == "ema"
