@@ -68,8 +68,10 @@ def _model_arguments(parser, kind):
                  "baselines": ARCH_HELP}.get(kind, f"{spec.default_arch} (the one this script trains)")
     model.add_argument("--arch", default=None if kind == "wideresnet" else spec.default_arch, help=arch_help)
     if kind == "wideresnet":
-        model.add_argument("--depth", type=int, default=None, help="WRN depth (6n+4: 34, 28, ...); shorthand for --arch")
-        model.add_argument("--widen", type=int, default=None, help="WRN widen factor; shorthand for --arch")
+        model.add_argument("--depth", type=int, default=None,
+                           help="WRN depth (6n+4: 34, 28, ...); shorthand for --arch (34 when neither is given)")
+        model.add_argument("--widen", type=int, default=None,
+                           help="WRN widen factor; shorthand for --arch (10 when neither is given)")
     model.add_argument("--method", choices=spec.methods, default=spec.default_method,
                        help="training method" + (" (ANCRA variant unless --no-anc/--no-ra)" if spec.ancra else ""))
     if spec.ancra:
