@@ -143,10 +143,13 @@ class EMA(UpdatePlugin):
 
     @torch.no_grad()
     def after_step(self, model):
-        for name, value in unwrap(model).state_dict().items():
-            if name in self.averaged:
-                self.state[name].mul_(self.decay).add_(value.detach(), alpha=1.0 - self.decay)
-            else:
+        current = unwrap(model).state_dict()
+        averaged = [name for name in current if name in self.averaged]
+        ema = [self.state[name] for name in averaged]
+        torch._foreach_mul_(ema, self.decay)  # one fused update of all parameters on GPUs
+        torch._foreach_add_(ema, [current[name].detach() for name in averaged], alpha=1.0 - self.decay)
+        for name, value in current.items():
+            if name not in self.averaged:
                 self.state[name].copy_(value)
         self.updates += 1
 
