@@ -1,4 +1,4 @@
-"""Time the real training step (utils.training.engine.TrainStep) on synthetic data and compare it with
+"""Time the real training step (utils.training.step.TrainStep) on synthetic data and compare it with
 the bare model passes it has to do.
 
 For every (arch, method, batch size) it prints a table row, and with ``--json`` one JSON object:
@@ -22,32 +22,37 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import torch  # noqa: E402
-from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
-from torch.utils.flop_counter import flop_registry  # noqa: E402
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils.flop_counter import flop_registry
 
-from models import create_model  # noqa: E402
-from utils import data  # noqa: E402
-from utils.cli import add_speed_arguments  # noqa: E402
-from utils.attacks import attack_mode  # noqa: E402
-from utils.training.engine import (EvalConfig, MethodConfig, Schedule, SpeedConfig, TrainStep, build_optimizer,  # noqa: E402
-                          evaluate, prepare_model, resolve_device)
+from models import create_model
+from utils import data
+from utils.attacks import attack_mode
+from utils.cli import add_speed_arguments
+from utils.training.config import (
+    EvalConfig,
+    MethodConfig,
+    SpeedConfig,
+    prepare_model,
+    resolve_device,
+)
+from utils.training.errors import ConfigError
+from utils.training.methods import get_method, method_names, parse_method_name
+from utils.training.monitor import monitor_accuracy
+from utils.training.schedule import Schedule, build_optimizer
+from utils.training.step import TrainStep
 
-SUFFIXES = {"-ancra": (True, True), "-anc": (True, False), "-ra": (False, True), "": (False, False)}
 CIFAR_TRAIN, EVAL_IMAGES = 50_000, 1_000
 
 
 def parse_method(name):
     """``trades-ancra`` → (MethodConfig kwargs, reverse_attention); plain names are the vanilla baselines."""
-    for suffix, (anc, ra) in SUFFIXES.items():
-        base = name[: len(name) - len(suffix)] if suffix else name
-        if name.endswith(suffix) and base in ("pgd-at", "trades", "mart", "standard"):
-            if base == "standard" and (anc or ra):
-                break
-            attack_loss = "kl" if (base == "trades" and not anc and not ra) else "ce"
-            return dict(method=base, anc=anc, attack_loss=attack_loss), ra
-    raise SystemExit(f"error: unknown method {name!r}; use pgd-at, trades, mart or standard, optionally with "
-                     f"-anc, -ra or -ancra (e.g. trades-ancra)")
+    try:
+        method, anc, ra = parse_method_name(name)
+    except ConfigError as err:
+        raise SystemExit(f"error: {err}") from None
+    return {"method": method, "anc": anc, "attack_loss": get_method(method).attack_loss(anc, ra)}, ra
 
 
 class FlopCount(TorchDispatchMode):
@@ -101,7 +106,7 @@ def model_passes(step, x, y):
     cfg, speed, model = step.config, step.speed, step.attack_model
     batch = x.shape[0]
     aux = step.attack_aux_weight > 0
-    attacked = cfg.method != "standard"
+    attacked = step.method.attacked
     negatives_attacked = cfg.anc and cfg.strategy.endswith("_adv")
     sizes = ([2 * batch] if step.can_join() else [batch] * (attacked + negatives_attacked))
     if speed.channels_last:
@@ -119,7 +124,7 @@ def model_passes(step, x, y):
                         logits = [out[0], *out[1]] if aux else [out]
                         grad, = torch.autograd.grad(sum(o.float().sum() for o in logits), x_att)
         step.model.train()
-        forwards = 1 + (cfg.method != "pgd-at" or cfg.anc) + cfg.anc
+        forwards = attacked + (step.method.uses_natural or cfg.anc) + cfg.anc
         total = 0.0
         for _ in range(forwards):
             out = step.model(x, y, return_aux=True) if step.reverse_attention else step.model(x)
@@ -159,7 +164,7 @@ def epoch_estimate(step, images_per_s, device, image_size):
     per-epoch PGD-20 evaluation of 1,000 fixed test images, timed."""
     pair = data.make_synthetic("test", EVAL_IMAGES, image_size, seed=0)
     loader = data.BatchLoader(pair, 256, shuffle=False, augment=False, device=device)
-    eval_s = timed(lambda: evaluate(step.attack_model, loader, EvalConfig(), step.speed), device, 1)
+    eval_s = timed(lambda: monitor_accuracy(step.attack_model, loader, EvalConfig(), step.speed), device, 1)
     return CIFAR_TRAIN / images_per_s + eval_s, eval_s
 
 
@@ -217,7 +222,7 @@ def build_parser():
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--arch", nargs="+", default=["resnet18"], help="resnet18, wrn-34-10, preact-resnet18, ...")
     parser.add_argument("--method", nargs="+", default=["trades-ancra"],
-                        help="pgd-at / trades / mart / standard, with -anc, -ra or -ancra")
+                        help=f"{' / '.join(method_names())}, with -anc, -ra or -ancra")
     parser.add_argument("--batch-size", nargs="+", type=int, default=[32])
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     parser.add_argument("--steps", type=int, default=5, help="timed rounds (one step, one model-pass replay) per configuration; medians are reported")

@@ -10,14 +10,16 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import torch  # noqa: E402
-import torch.distributed as dist  # noqa: E402
-import torch.nn as nn  # noqa: E402
+import torch
+import torch.distributed as dist
+from torch import nn
 
-from models import create_model, unwrap  # noqa: E402
-from utils import attacks, data, distributed  # noqa: E402
-from utils.training import engine  # noqa: E402
-from utils.training.engine import MethodConfig, Schedule, TrainStep, build_optimizer  # noqa: E402
+from models import create_model, unwrap
+from utils import attacks, data, distributed
+from utils.training import step as train_step
+from utils.training.config import MethodConfig
+from utils.training.schedule import Schedule, build_optimizer
+from utils.training.step import TrainStep
 
 BATCH = 32
 
@@ -70,7 +72,7 @@ def freeze_batchnorm(model):
 
 
 def check_parity(context, device, out):
-    engine.pgd_train = lambda model, x, y, **kw: attacks.pgd(model, x, y, init="none", **kw)
+    train_step.pgd_train = lambda model, x, y, **kw: attacks.pgd(model, x, y, init="none", **kw)
     model, step = build(context, device, MethodConfig("trades", anc=False, steps=2))
     freeze_batchnorm(model)
     pair = data.make_synthetic("train", BATCH, 8, seed=0)

@@ -14,8 +14,10 @@ import torch
 
 from models import load_model
 from utils import data, distributed
-from utils.training.engine import ConfigError, evaluate
-from utils.training.cli import main as train_main, rank_batch
+from utils.training.cli import main as train_main
+from utils.training.errors import ConfigError
+from utils.training.monitor import monitor_accuracy
+from utils.training.setup import rank_batch
 
 ROOT = Path(__file__).resolve().parents[1]
 WORKER = ROOT / "tests" / "dist_worker.py"
@@ -31,7 +33,7 @@ def _env():
 def _torchrun(*args, cwd):
     """``torchrun --standalone --nproc_per_node=2 ARGS`` (a free port is chosen by torchrun)."""
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", *map(str, args)]
-    result = subprocess.run(command, cwd=cwd, env=_env(), capture_output=True, text=True, timeout=300)
+    result = subprocess.run(command, check=False, cwd=cwd, env=_env(), capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     return result
 
@@ -94,8 +96,8 @@ def test_evaluation_shards_count_every_example_once():
     assert [len(list(iter(s))) for s in shards] == [1, 1, 1] and [len(s.indices(0)) for s in shards] == [4, 4, 3]
 
     model = _initial_model().eval()
-    whole = evaluate(model, data.BatchLoader(pair, 4, shuffle=False, augment=False))
-    counts = [evaluate(model, s) for s in shards]  # what each rank counts before the reduction
+    whole = monitor_accuracy(model, data.BatchLoader(pair, 4, shuffle=False, augment=False))
+    counts = [monitor_accuracy(model, s) for s in shards]  # what each rank counts before the reduction
     assert sum(c["size"] for c in counts) == whole["size"] == 11
     assert sum(c["nat"] * c["size"] for c in counts) == pytest.approx(whole["nat"] * 11)
 
@@ -145,6 +147,17 @@ def test_sigterm_under_torchrun_saves_once_and_every_rank_stops(tmp_path):
     finally:
         process.kill()
     assert err.count("stopped by") == 2  # both ranks stopped, at the same point
-    assert "saved" in err and "--resume" in err
+    assert "--resume" in err and ("restarts from the epoch-end checkpoint" in err or "saved" in err)
     checkpoint = torch.load(tmp_path / "stop" / "last.pt", weights_only=True)
     assert checkpoint["epoch"] >= 1
+
+
+@pytest.mark.slow
+def test_torchrun_training_with_awp_and_ema(tmp_path):
+    """AWP perturbs the bare module on each rank and EMA averages the synchronised weights."""
+    _torchrun("train_baselines.py", "--smoke", "--device", "cpu", "--quiet", "--out-dir", tmp_path,
+              "--run-name", "awp", "--awp-gamma", "0.01", "--ema", "0.9", cwd=ROOT)
+    payload = torch.load(tmp_path / "awp" / "last.pt", weights_only=True)
+    assert payload["ema"]["updates"] == 4 and payload["args"]["awp_warmup"] == 0
+    _, config = load_model(tmp_path / "awp" / "last.pt")
+    assert config["weights"] == "ema"

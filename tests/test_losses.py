@@ -3,9 +3,10 @@ import math
 
 import pytest
 import torch
-import torch.nn as nn
+from torch import nn
 
-from utils.training.losses import anc, kl_per_example, mart_bce, mart_kl, trades_kl, training_loss
+from utils.training.losses import anc, kl_per_example, mart_bce, mart_kl, trades_kl
+from utils.training.methods import training_loss
 
 # ---------------------------------------------------------------- hand arithmetic (no torch)
 
@@ -132,7 +133,7 @@ def test_training_loss_matches_hand_values(method, ra, negatives):
     y, y_neg = torch.tensor(Y), torch.tensor(Y_NEG)
     beta, zeta, lam = 2.5, (0.0 if negatives == "zeta0" else 1.5), 0.7
     valid = [True, True, False] if negatives == "one_invalid" else [True, True, True]
-    kwargs = dict(beta=beta, zeta=zeta, aux_weight=lam)
+    kwargs = {"beta": beta, "zeta": zeta, "aux_weight": lam}
     if negatives != "none":
         kwargs.update(x_neg=ids(6), y_neg=y_neg)
     if negatives == "one_invalid":

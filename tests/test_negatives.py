@@ -5,9 +5,14 @@ from collections import Counter
 import pytest
 import torch
 
-from utils.training.losses import training_loss
-from utils.training.negatives import (STRATEGIES, choose_negatives, effective_strategy, make_negatives,
-                             random_negatives)
+from utils.training.methods import training_loss
+from utils.training.negatives import (
+    STRATEGIES,
+    choose_negatives,
+    effective_strategy,
+    make_negatives,
+    random_negatives,
+)
 
 
 def gen(seed=0):
@@ -24,11 +29,7 @@ def slow_choice(strategy, y, logits):
         for j, (other_label, other_pred) in enumerate(zip(labels, preds)):
             if other_label == label:
                 continue
-            if strategy == "soft" and other_pred == pred:
-                candidates.append(j)
-            elif strategy == "hard" and other_pred == label:
-                candidates.append(j)
-            elif strategy == "easy" and other_pred not in (label, pred):
+            if strategy == "soft" and other_pred == pred or strategy == "hard" and other_pred == label or strategy == "easy" and other_pred not in (label, pred):
                 candidates.append(j)
         chosen.append(max(candidates, key=lambda j: logits[j, label].item()) if candidates else None)
     return chosen
@@ -115,7 +116,7 @@ def test_single_class_batch_has_no_valid_negative_and_zero_anc(tiny_model):
     model = tiny_model()
     x, y = torch.rand(4, 3, 16, 16), torch.full((4,), 3)
     for strategy in STRATEGIES:
-        index, valid = choose_negatives(effective_strategy(strategy), y, 10, torch.randn(4, 10), gen())
+        _index, valid = choose_negatives(effective_strategy(strategy), y, 10, torch.randn(4, 10), gen())
         assert not valid.any()
     neg = make_negatives("random_adv", model, x, y, 10, steps=2, generator=gen())
     assert not neg.valid.any() and torch.equal(neg.y, y)

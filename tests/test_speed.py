@@ -9,7 +9,9 @@ import torch
 
 from models import create_model
 from utils import data
-from utils.training.engine import MethodConfig, Schedule, SpeedConfig, TrainStep, build_optimizer, prepare_model
+from utils.training.config import MethodConfig, SpeedConfig, prepare_model
+from utils.training.schedule import Schedule, build_optimizer
+from utils.training.step import TrainStep
 
 
 def _run_step(speed, method="trades", anc=True, strategy="random_adv", ra=True, epoch=1, seed=0):
@@ -110,8 +112,8 @@ def test_benchmark_rejects_an_unknown_method():
 
     with pytest.raises(SystemExit, match="unknown method 'trades-ancr'"):
         parse_method("trades-ancr")
-    assert parse_method("trades") == (dict(method="trades", anc=False, attack_loss="kl"), False)
-    assert parse_method("mart-ancra") == (dict(method="mart", anc=True, attack_loss="ce"), True)
+    assert parse_method("trades") == ({"method": "trades", "anc": False, "attack_loss": "kl"}, False)
+    assert parse_method("mart-ancra") == ({"method": "mart", "anc": True, "attack_loss": "ce"}, True)
 
 
 @pytest.mark.slow

@@ -5,16 +5,29 @@ import random
 import numpy as np
 import pytest
 import torch
-import torch.nn as nn
+from torch import nn
 
 from models import create_model
 from utils import attacks, data
-from utils.training import engine, negatives
-from utils.checkpoint import (RunDirError, atomic_save_many, capture_rng, load_scheduler_state, prepare_run_dir,
-                              restore_rng, scheduler_state)
 from utils.analysis.curves import plot_curves
-from utils.training.engine import (ConfigError, EvalConfig, MethodConfig, RunInfo, Schedule, SpeedConfig, Trainer, TrainStep,
-                          build_optimizer, build_scheduler, evaluate)
+from utils.checkpoint import (
+    RunDirError,
+    atomic_save_many,
+    capture_rng,
+    load_scheduler_state,
+    prepare_run_dir,
+    restore_rng,
+    scheduler_state,
+)
+from utils.training import negatives
+from utils.training import step as train_step
+from utils.training.config import PLAIN_SPEED, EvalConfig, MethodConfig, SpeedConfig
+from utils.training.errors import ConfigError
+from utils.training.monitor import monitor_accuracy
+from utils.training.records import RunInfo
+from utils.training.schedule import Schedule, build_optimizer, build_scheduler
+from utils.training.step import TrainStep
+from utils.training.trainer import Trainer
 
 
 def _batch(n=8, size=8, seed=0):
@@ -22,7 +35,7 @@ def _batch(n=8, size=8, seed=0):
     return pair.float(), pair.y
 
 
-def _step(method="trades", anc=True, ra=True, attack_loss="ce", seed=0, speed=SpeedConfig()):
+def _step(method="trades", anc=True, ra=True, attack_loss="ce", seed=0, speed=PLAIN_SPEED):
     torch.manual_seed(seed)
     model = create_model("wrn-16-1", 10, reverse_attention=ra)
     optimizer = build_optimizer(model, Schedule(lr=0.05))
@@ -70,7 +83,7 @@ def test_train_step_attack_settings(monkeypatch, method, anc, ra, attack_loss, j
         calls.append((kwargs["loss"], kwargs["aux_weight"], x.shape[0], int(targeted.sum())))
         return real_pgd(model, x, y, *args, **kwargs)
 
-    for module in (attacks, engine, negatives):
+    for module in (attacks, train_step, negatives):
         monkeypatch.setattr(module, "pgd", recording_pgd)
     step = _step(method, anc, ra, attack_loss, speed=SpeedConfig(joint_attacks=joint))
     step(*_batch(), epoch=12)
@@ -78,7 +91,7 @@ def test_train_step_attack_settings(monkeypatch, method, anc, ra, attack_loss, j
 
 
 def test_standard_training_uses_clean_inputs(monkeypatch):
-    monkeypatch.setattr(engine, "pgd_train", lambda *a, **k: pytest.fail("standard training must not attack"))
+    monkeypatch.setattr(train_step, "pgd_train", lambda *a, **k: pytest.fail("standard training must not attack"))
     metrics = _step("standard", anc=False, ra=False)(*_batch(), epoch=1)
     assert set(metrics) == {"acc_nat", "ce_nat", "loss"}
 
@@ -95,14 +108,14 @@ class MeanThreshold(nn.Module):
         return torch.stack([m, torch.full_like(m, 0.5)], 1)
 
 
-def test_evaluate_matches_hand_computed_accuracies():
+def test_monitor_accuracy_matches_hand_computed_accuracies():
     # grey levels / labels: 0.2→1 (robust), 0.8→0 (robust), 0.51→0 (eps-close: broken), 0.45→0 (wrong)
     levels = torch.tensor([51, 204, 130, 115] * 2, dtype=torch.uint8)
     labels = torch.tensor([1, 0, 0, 0] * 2)
     pair = data.TensorPair(levels.view(-1, 1, 1, 1).expand(-1, 3, 4, 4).contiguous(), labels, ["a", "b"])
     loader = data.BatchLoader(pair, 3, shuffle=False, augment=False)
     model = MeanThreshold()
-    result = evaluate(model.train(), loader, EvalConfig(steps=20))
+    result = monitor_accuracy(model.train(), loader, EvalConfig(steps=20))
     assert result == {"nat": 0.75, "pgd": 0.5, "size": 8}
     assert model.training and model.scale.requires_grad
 

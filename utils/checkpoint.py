@@ -161,18 +161,38 @@ def load_scheduler_state(scheduler, state):
 # ----------------------------------------------------------------------------- run directory
 
 
-def prepare_run_dir(run_dir, overwrite=False):
-    """Create ``run_dir`` for a new run. An existing run there is an error unless ``overwrite``,
-    which deletes only the run's own files (anything else in the folder is left alone)."""
+def check_run_dir(run_dir, overwrite=False, smoke=False):
+    """Refuse, before anything is created or deleted, a ``run_dir`` that cannot take a new run:
+    a file, an existing run without ``overwrite``, or (for a smoke run) a run that is not a smoke run.
+    Returns the run files that :func:`prepare_run_dir` would delete."""
     run_dir = Path(run_dir)
-    if run_dir.exists() and not run_dir.is_dir():
-        raise RunDirError(f"{run_dir} exists and is not a directory; choose another --run-name or --out-dir")
+    for parent in [run_dir, *run_dir.parents]:
+        if parent.exists() and not parent.is_dir():
+            raise RunDirError(f"{parent} exists and is not a directory; choose another --run-name or --out-dir")
     existing = [p for p in run_dir.iterdir() if _is_run_file(p.name)] if run_dir.is_dir() else []
+    if existing and smoke and not _is_smoke_run(run_dir):
+        raise RunDirError(f"run directory {run_dir} holds a run that is not a smoke run, and a --smoke run never "
+                          f"replaces one; choose another --run-name")
     if existing and not overwrite:
         raise RunDirError(
             f"run directory {run_dir} already holds a run; pass --resume {run_dir} to continue it, "
             f"--overwrite to replace it, or --run-name NAME to start a new one")
-    for path in existing:
+    return existing
+
+
+def _is_smoke_run(run_dir):
+    """Whether the run's ``args.json`` says it was a ``--smoke`` run."""
+    try:
+        return json.loads((Path(run_dir) / "args.json").read_text()).get("smoke") is True
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+def prepare_run_dir(run_dir, overwrite=False, smoke=False):
+    """Create ``run_dir`` for a new run after :func:`check_run_dir`; ``overwrite`` deletes only the
+    run's own files (anything else in the folder is left alone)."""
+    run_dir = Path(run_dir)
+    for path in check_run_dir(run_dir, overwrite, smoke):
         path.unlink()
     run_dir.mkdir(parents=True, exist_ok=True)
     return run_dir

@@ -1,8 +1,39 @@
-"""Small pieces every command-line script shares: the ε argument type, the speed flags and the
-``main`` wrapper that turns the library's expected errors into ``error: ...`` and exit code 2."""
+"""Small pieces every command-line script shares: the one-line argument parser, the ε argument
+type, the speed flags and the ``main`` wrapper that turns the library's expected errors into
+``error: ...`` and exit code 2."""
 import argparse
+import re
 import sys
 from fractions import Fraction
+
+_NEGATIVE_VALUE = re.compile(r"^-(\d|\.\d)")
+
+
+class OneLineArgumentParser(argparse.ArgumentParser):
+    """argparse whose errors are one line ``error: ...`` on stderr and exit code 2 (no usage block),
+    and which reads a negative number after a one-value option as its value
+    (``--eps -8/255`` is ``--eps=-8/255``, so the option's own check explains the range)."""
+
+    def error(self, message):
+        self.exit(2, f"error: {message}\n")
+
+    def parse_known_args(self, args=None, namespace=None):
+        args = sys.argv[1:] if args is None else list(args)
+        return super().parse_known_args(self._attach_negative_values(args), namespace)
+
+    def _attach_negative_values(self, args):
+        """Join ``--opt -1`` into ``--opt=-1`` for options that take exactly one value."""
+        single = {option for action in self._actions if action.nargs is None and action.option_strings
+                  for option in action.option_strings}
+        joined, i = [], 0
+        while i < len(args):
+            if args[i] in single and i + 1 < len(args) and _NEGATIVE_VALUE.match(args[i + 1]):
+                joined.append(f"{args[i]}={args[i + 1]}")
+                i += 2
+            else:
+                joined.append(args[i])
+                i += 1
+        return joined
 
 
 def fraction(text):
@@ -22,12 +53,13 @@ def eps_type(text):
     """argparse type for ε in any of the usual spellings: ``8/255``, ``0.031`` or pixel units ``8``."""
     value = fraction(text)
     if not 0 <= value <= 255:
-        raise argparse.ArgumentTypeError(f"--eps must be >= 0, e.g. 8/255, 0.031 or 8 (pixel units), got {text!r}")
+        raise argparse.ArgumentTypeError(f"the radius must lie in [0, 255]: a fraction of the pixel range below 1 "
+                                         f"(8/255, 0.031) or pixel units (8), got {text!r}")
     return eps_fraction(value)
 
 
 def add_speed_arguments(group):
-    """--amp / --channels-last / --joint-attacks / --compile (utils.training.engine.SpeedConfig)."""
+    """--amp / --channels-last / --joint-attacks / --compile (utils.training.config.SpeedConfig)."""
     group.add_argument("--amp", action=argparse.BooleanOptionalAction, default=None,
                        help="bf16 autocast for attacks, losses and the per-epoch evaluation (default: on for CUDA)")
     group.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None,

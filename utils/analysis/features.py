@@ -34,14 +34,15 @@ from models import has_reverse_attention, load_model, read_checkpoint
 from utils import data as datasets
 from utils.attacks import EPS, pgd
 from utils.cli import eps_type
+from utils.training.methods import get_method, method_names, split_method_suffix
+from utils.training.methods import method_label as registry_label
 from utils.training.negatives import STRATEGIES, choose_negatives, effective_strategy
 
 METRIC_KEYS = ("pp_cos", "pp_l2", "np_cos", "np_l2")
 META_KEYS = ("checkpoint", "label", "target_label", "dataset", "strategy", "attack", "seed", "n_examples")
 INDEX_KEYS = ("anchor_index", "negative_index")
 FEATURE_KEYS = ("feat_nat", "feat_adv", "feat_neg")
-METHOD_NAMES = {"pgd-at": "PGD-AT", "pgdat": "PGD-AT", "pgd_at": "PGD-AT", "at": "PGD-AT", "pgd": "PGD-AT",
-                "trades": "TRADES", "mart": "MART", "standard": "Standard"}
+METHOD_NAMES = {name: get_method(name).label for name in method_names()}  # from the method registry
 
 
 class FeatureError(ValueError):
@@ -99,15 +100,7 @@ def method_label(args, reverse_attention=None):
 
     Tolerant of missing keys: ANC comes from ``anc``/``no_anc``/``zeta``, RA from the model
     itself (``reverse_attention``) or ``ra``/``no_ra``, else from an ``-ancra``-style suffix."""
-    name = str(args.get("method") or "model").lower()
-    suffix = None
-    for tail in ("ancra", "anc", "ra"):
-        for sep in ("-", "_"):
-            if name.endswith(sep + tail):
-                name, suffix = name[: -len(tail) - 1], tail
-                break
-        if suffix:
-            break
+    name, suffix = split_method_suffix(args.get("method") or "model")
     anc = _flag(args, "anc", "no_anc")
     if anc is None and args.get("zeta") is not None and suffix is None:
         anc = float(args["zeta"]) > 0
@@ -116,9 +109,7 @@ def method_label(args, reverse_attention=None):
     ra = reverse_attention if reverse_attention is not None else _flag(args, "ra", "no_ra")
     if ra is None:
         ra = suffix in ("ancra", "ra")
-    base = METHOD_NAMES.get(name, name.upper())
-    tail = "ANCRA" if anc and ra else "ANC" if anc else "RA" if ra else ""
-    return f"{base}-{tail}" if tail else base
+    return registry_label(name, anc, ra)
 
 
 def load_analysis(checkpoint, dataset=None, data_dir=None, device="cpu", label=None):

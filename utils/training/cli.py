@@ -1,33 +1,31 @@
 """Command line shared by the four train_* scripts: one parser builder, one ``main``.
 
 A script only names its kind (``resnet``, ``wideresnet``, ``tiny``, ``baselines``); the kind
-fixes the architecture options, the dataset choices and whether the model is ANCRA (RA model,
-ANC on) or a plain baseline. ``--smoke`` swaps the defaults for a tiny synthetic run;
+fixes the architectures it accepts, the dataset choices and whether the model is ANCRA (RA
+model, ANC on) or a plain baseline. ``--smoke`` swaps the defaults for a tiny synthetic run;
 ``--resume`` takes the defaults from the run being resumed, so only changed options need
-repeating.
+repeating. Every option is checked before any folder is created or deleted.
 """
 import argparse
+import re
 import sys
 from dataclasses import dataclass
-from pathlib import Path
 
-import torch
-
-from models import ARCH_HELP, CheckpointError, create_model, unwrap
-from utils import data, distributed
-from utils.attacks import EPS
-from utils.cli import add_speed_arguments, eps_fraction, eps_type
-from utils.checkpoint import (RunDirError, atomic_write_json, load_training_checkpoint, prepare_run_dir,
-                              resolve_resume, seed_everything)
-from utils.training.engine import (ConfigError, EvalConfig, MethodConfig, NonFiniteLossError, RunInfo, Schedule, SpeedConfig,
-                          Trainer, TrainingInterrupted, TrainStep, build_optimizer, build_scheduler, prepare_model,
-                          resolve_device)
+from models import ARCH_HELP, CheckpointError, canonical_arch
+from utils import data, distributed, recipe
+from utils.checkpoint import RunDirError, load_training_checkpoint, resolve_resume
+from utils.cli import OneLineArgumentParser, add_speed_arguments, eps_fraction, eps_type
+from utils.training import resume
+from utils.training.config import DEVICES
+from utils.training.errors import ConfigError, NonFiniteLossError, TrainingInterrupted
+from utils.training.methods import get_method, method_names
 from utils.training.negatives import STRATEGIES
+from utils.training.setup import check_resume, method_config, run, schedule_of
 
-EVAL_BATCH = 256
-NOT_RESTORED_ON_RESUME = ("resume", "overwrite", "smoke", "world_size")
-SMOKE_DEFAULTS = dict(dataset="synthetic", train_size=32, image_size=8, batch_size=16, epochs=2, milestones=[2],
-                      eval_size=32, eval_steps=2, attack_steps=2, save_freq=2, overwrite=True)
+SMOKE_DEFAULTS = {"dataset": "synthetic", "train_size": 32, "batch_size": 16, "epochs": 2, "milestones": [2],
+                  "eval_size": 32, "eval_steps": 2, "attack_steps": 2, "save_freq": 2, "overwrite": True,
+                  "awp_warmup": 0}  # with --awp-gamma, AWP runs from the first smoke epoch
+DATA_SEED = 0  # seed of the synthetic data and of the fixed subsets (read back by the evaluation)
 
 
 @dataclass(frozen=True)
@@ -38,93 +36,118 @@ class ScriptKind:
     datasets: tuple
     default_dataset: str
     ancra: bool            # RA model + ANC by default, with --no-anc / --no-ra ablations
-    methods: tuple
     default_method: str
+    default_arch: str
+    arch_pattern: str      # regular expression of the architectures the script trains
     smoke_image_size: int = 16
 
+    @property
+    def methods(self):
+        """Registered methods this script offers (ANCRA scripts: those that take negatives)."""
+        return tuple(m for m in method_names() if get_method(m).allows_anc or not self.ancra)
 
+
+CIFAR = ("cifar10", "cifar100", "synthetic")
 KINDS = {
     "resnet": ScriptKind("Train ResNet-18 with ANCRA (PGD-AT / TRADES / MART + ANC + RA) on CIFAR-10/100.",
-                         ("cifar10", "cifar100", "synthetic"), "cifar10", True, ("trades", "pgd-at", "mart"), "trades"),
+                         CIFAR, "cifar10", True, "trades", "resnet18", r"resnet18"),
     "wideresnet": ScriptKind("Train a WideResNet (default WRN-34-10) with ANCRA on CIFAR-10/100.",
-                             ("cifar10", "cifar100", "synthetic"), "cifar10", True, ("trades", "pgd-at", "mart"),
-                             "trades"),
+                             CIFAR, "cifar10", True, "trades", "wrn-34-10", r"wrn-\d+-\d+"),
     "tiny": ScriptKind("Train PreActResNet-18 with ANCRA on Tiny-ImageNet (200 classes, 64x64).",
-                       ("tiny-imagenet", "synthetic"), "tiny-imagenet", True, ("trades", "pgd-at", "mart"), "trades",
-                       smoke_image_size=32),
+                       ("tiny-imagenet", "synthetic"), "tiny-imagenet", True, "trades", "preact-resnet18",
+                       r"preact-resnet18", smoke_image_size=32),
     "baselines": ScriptKind("Train vanilla PGD-AT / TRADES / MART (or standard training) on a plain model.",
-                            tuple(data.DATASETS), "cifar10", False, ("pgd-at", "trades", "mart", "standard"),
-                            "pgd-at"),
+                            tuple(data.DATASETS), "cifar10", False, "pgd-at", "resnet18", r".+"),
 }
 
 
-def build_parser(kind):
-    """The argument parser of script ``kind``."""
+def _model_arguments(parser, kind):
     spec = KINDS[kind]
-    parser = argparse.ArgumentParser(description=spec.description,
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     model = parser.add_argument_group("model and method")
+    arch_help = {"wideresnet": "wrn-D-K (e.g. wrn-34-10, wrn-28-10); default wrn-<depth>-<widen>",
+                 "baselines": ARCH_HELP}.get(kind, f"{spec.default_arch} (the one this script trains)")
+    model.add_argument("--arch", default=None if kind == "wideresnet" else spec.default_arch, help=arch_help)
     if kind == "wideresnet":
-        model.add_argument("--depth", type=int, default=34, help="WRN depth (6n+4: 34, 28, ...)")
-        model.add_argument("--widen", type=int, default=10, help="WRN widen factor")
-    if kind == "baselines":
-        model.add_argument("--arch", default="resnet18", help=ARCH_HELP)
+        model.add_argument("--depth", type=int, default=None,
+                           help="WRN depth (6n+4: 34, 28, ...); shorthand for --arch (34 when neither is given)")
+        model.add_argument("--widen", type=int, default=None,
+                           help="WRN widen factor; shorthand for --arch (10 when neither is given)")
     model.add_argument("--method", choices=spec.methods, default=spec.default_method,
                        help="training method" + (" (ANCRA variant unless --no-anc/--no-ra)" if spec.ancra else ""))
     if spec.ancra:
         model.add_argument("--no-anc", action="store_true", help="ablation: no asymmetric negative contrast")
         model.add_argument("--no-ra", action="store_true", help="ablation: plain model without reverse attention")
         model.add_argument("--strategy", choices=STRATEGIES, default="random_adv",
-                           help="negative (other-class example) strategy; non-random ones use random for epochs <= 10")
-        model.add_argument("--alpha", type=float, default=1.0, help="ANC asymmetry (1: only the negative moves)")
-        model.add_argument("--zeta", type=float, default=3.0, help="weight of the ANC term")
-        model.add_argument("--aux-weight", type=float, default=2.0,
+                           help=f"negative (other-class example) strategy; non-random ones use random for "
+                                f"epochs <= {recipe.NEGATIVE_WARMUP_EPOCHS}")
+        model.add_argument("--alpha", type=float, default=recipe.ALPHA, help="ANC asymmetry (1: only the negative moves)")
+        model.add_argument("--zeta", type=float, default=recipe.ZETA, help="weight of the ANC term")
+        model.add_argument("--aux-weight", type=float, default=recipe.AUX_WEIGHT,
                            help="lambda: weight of the RA heads in losses and training attacks")
     model.add_argument("--beta", type=float, default=None, help="TRADES/MART robust-term weight (default 6 / 5)")
     model.add_argument("--attack-loss", choices=("ce", "kl"), default=None,
                        help="loss of the training adversarial examples (default: kl for vanilla TRADES, else ce)")
 
-    recipe = parser.add_argument_group("training recipe (defaults: the paper's, SPEC section 5)")
-    recipe.add_argument("--epochs", type=int, default=120)
-    recipe.add_argument("--batch-size", type=int, default=128)
-    recipe.add_argument("--lr", type=float, default=0.01,
-                        help="initial learning rate (the paper's 0.01 for every dataset; the reference "
-                             "Tiny-ImageNet script used 0.1)")
-    recipe.add_argument("--momentum", type=float, default=0.9)
-    recipe.add_argument("--weight-decay", type=float, default=None,
-                        help="default 5e-4 for Tiny-ImageNet / PreActResNet-18, 2e-4 otherwise")
-    recipe.add_argument("--milestones", type=int, nargs="*", default=[75, 90, 100],
-                        help="epochs after which the lr is multiplied by 0.1")
-    recipe.add_argument("--eps", type=eps_type, default=EPS, help="L-inf radius: 8/255 (default), 0.031 or 8 (pixel units)")
-    recipe.add_argument("--step-size", type=float, default=0.007, help="PGD step of training attacks and evaluation")
-    recipe.add_argument("--attack-steps", type=int, default=10, help="PGD steps of the training attacks")
 
-    dataset = parser.add_argument_group("data and evaluation")
-    dataset.add_argument("--dataset", choices=spec.datasets, default=spec.default_dataset)
-    dataset.add_argument("--data-dir", default=data.DEFAULT_DATA_DIR, help="where datasets live (CIFAR downloads here)")
-    dataset.add_argument("--train-size", type=int, default=None,
-                         help="train on a fixed random subset of this many images (synthetic: generate this many)")
-    dataset.add_argument("--image-size", type=int, default=None, help="side of the synthetic images (synthetic only)")
-    dataset.add_argument("--eval-size", type=int, default=1000,
-                         help="fixed test subset evaluated every epoch (0: the whole test set)")
-    dataset.add_argument("--eval-steps", type=int, default=20, help="steps of the per-epoch PGD evaluation")
-    dataset.add_argument("--val-size", type=int, default=0,
-                         help="hold out this many training images to choose best.pt (0: choose on the test subset)")
+def _recipe_arguments(parser):
+    group = parser.add_argument_group("training recipe (defaults: the paper's, docs/protocol.md section 5)")
+    group.add_argument("--epochs", type=int, default=recipe.EPOCHS)
+    group.add_argument("--batch-size", type=int, default=recipe.BATCH_SIZE)
+    group.add_argument("--lr", type=float, default=recipe.LR,
+                       help="initial learning rate (the paper's 0.01 for every dataset; the reference "
+                            "Tiny-ImageNet script used 0.1)")
+    group.add_argument("--momentum", type=float, default=recipe.MOMENTUM)
+    group.add_argument("--weight-decay", type=float, default=None,
+                       help="default 5e-4 for Tiny-ImageNet / PreActResNet-18, 2e-4 otherwise")
+    group.add_argument("--milestones", type=int, nargs="*", default=list(recipe.MILESTONES),
+                       help="epochs after which the lr is multiplied by 0.1")
+    group.add_argument("--eps", type=eps_type, default=recipe.EPS,
+                       help="L-inf radius: 8/255 (default), 0.031 or 8 (pixel units); at most 255 pixel units")
+    group.add_argument("--step-size", type=float, default=recipe.STEP_SIZE,
+                       help="PGD step of training attacks and evaluation")
+    group.add_argument("--attack-steps", type=int, default=recipe.TRAIN_ATTACK_STEPS,
+                       help="PGD steps of the training attacks")
+    update = parser.add_argument_group("weight update (beyond the paper; both off by default)")
+    update.add_argument("--awp-gamma", type=float, default=0.0,
+                        help="adversarial weight perturbation (Wu et al. 2020) of relative size gamma; 0 = off; "
+                             "their defaults: 5e-3 for TRADES, 1e-2 for PGD-AT")
+    update.add_argument("--awp-warmup", type=int, default=None,
+                        help="AWP starts after this many epochs (default as in their code: 10 for TRADES, else 0)")
+    update.add_argument("--ema", type=float, default=0.0, metavar="DECAY",
+                        help="keep an exponential moving average of the weights with this decay (e.g. 0.999); "
+                             "0 = off. When on, the per-epoch check and best.pt use the averaged weights")
 
-    run = parser.add_argument_group("run directory")
-    run.add_argument("--out-dir", default="runs", help="parent folder of run directories")
-    run.add_argument("--run-name", default=None, help="default: <dataset>_<arch>_<method>_s<seed>")
-    run.add_argument("--resume", default=None, metavar="PATH",
-                     help="continue a run: its directory (uses last.pt) or a checkpoint file")
-    run.add_argument("--overwrite", action="store_true", help="replace an existing run of the same name")
-    run.add_argument("--save-freq", type=int, default=10, help="also keep epoch_N.pt every this many epochs")
-    run.add_argument("--seed", type=int, default=0, help="seeds torch, numpy and python random")
-    run.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
-    run.add_argument("--quiet", action="store_true", help="no progress bars")
-    run.add_argument("--smoke", action="store_true",
-                     help="tiny synthetic run of the whole pipeline (2 epochs, a few batches, 2-step attacks); "
-                          "overwrites its own run directory")
 
+def _data_arguments(parser, spec):
+    group = parser.add_argument_group("data and evaluation")
+    group.add_argument("--dataset", choices=spec.datasets, default=spec.default_dataset)
+    group.add_argument("--data-dir", default=data.DEFAULT_DATA_DIR, help="where datasets live (CIFAR downloads here)")
+    group.add_argument("--train-size", type=int, default=None,
+                       help="train on a fixed random subset of this many images (synthetic: generate this many)")
+    group.add_argument("--image-size", type=int, default=None, help="side of the synthetic images (synthetic only)")
+    group.add_argument("--eval-size", type=int, default=1000,
+                       help="fixed test subset evaluated every epoch (0: the whole test set)")
+    group.add_argument("--eval-steps", type=int, default=recipe.EVAL_STEPS, help="steps of the per-epoch PGD evaluation")
+    group.add_argument("--val-size", type=int, default=0,
+                       help="hold out this many training images to choose best.pt (0: choose on the test subset)")
+
+
+def _run_arguments(parser):
+    group = parser.add_argument_group("run directory")
+    group.add_argument("--out-dir", default="runs", help="parent folder of run directories")
+    group.add_argument("--run-name", default=None, help="default: <dataset>_<arch>_<method>_s<seed>")
+    group.add_argument("--resume", default=None, metavar="PATH",
+                       help="continue a run: its directory (uses last.pt) or a checkpoint file; an interrupted "
+                            "epoch restarts from the epoch-end checkpoint. --lr, --momentum, --weight-decay, "
+                            "--milestones and --epochs given with it apply from the next epoch")
+    group.add_argument("--overwrite", action="store_true", help="replace an existing run of the same name")
+    group.add_argument("--save-freq", type=int, default=10, help="also keep epoch_N.pt every this many epochs")
+    group.add_argument("--seed", type=int, default=0, help="seeds torch, numpy and python random")
+    group.add_argument("--device", choices=DEVICES, default="auto")
+    group.add_argument("--quiet", action="store_true", help="no progress bars")
+    group.add_argument("--smoke", action="store_true",
+                       help="tiny synthetic run of the whole pipeline (2 epochs, a few batches, 2-step attacks); "
+                            "replaces its own run directory, never a run that is not a smoke run")
     several = parser.add_argument_group("several processes (launch with torchrun --nproc_per_node=N)")
     several.add_argument("--per-rank-batch", action="store_true",
                          help="--batch-size is per process (global batch = N x --batch-size); by default "
@@ -132,6 +155,15 @@ def build_parser(kind):
     several.add_argument("--sync-bn", action="store_true",
                          help="SyncBatchNorm: training BN statistics over the global batch instead of each shard")
 
+
+def build_parser(kind):
+    """The argument parser of script ``kind`` (errors are one line, exit code 2)."""
+    spec = KINDS[kind]
+    parser = OneLineArgumentParser(description=spec.description, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    _model_arguments(parser, kind)
+    _recipe_arguments(parser)
+    _data_arguments(parser, spec)
+    _run_arguments(parser)
     add_speed_arguments(parser.add_argument_group(
         "speed (same mathematics; defaults: bf16 on CUDA, fp32 on CPU; channels-last with bf16)"))
     return parser
@@ -150,23 +182,56 @@ def parse_args(kind, argv=None):
     if first.resume:
         run_dir, checkpoint_path = resolve_resume(first.resume)
         payload = load_training_checkpoint(checkpoint_path)
+        resume.refuse_folder_options(resume.explicit_options(parser, argv), first, run_dir, payload["args"])
         known = vars(parser.parse_args([]))
         parser.set_defaults(**{k: v for k, v in payload["args"].items()
-                               if k in known and k not in NOT_RESTORED_ON_RESUME})
+                               if k in known and k not in resume.NOT_RESTORED})
     elif first.smoke:
         parser.set_defaults(**dict(SMOKE_DEFAULTS, image_size=KINDS[kind].smoke_image_size))
     return parser.parse_args(argv), payload, run_dir
 
 
 def architecture(kind, args):
-    """Architecture name for the script kind and options."""
-    if kind == "resnet":
-        return "resnet18"
-    if kind == "wideresnet":
-        return f"wrn-{args.depth}-{args.widen}"
-    if kind == "tiny":
-        return "preact-resnet18"
-    return args.arch.lower()
+    """The canonical architecture name the options ask for (``--depth/--widen`` for WRN)."""
+    if kind != "wideresnet":
+        return canonical_arch(args.arch)
+    if args.arch is None:
+        return f"wrn-{args.depth or 34}-{args.widen or 10}"
+    arch = canonical_arch(args.arch)
+    match = re.fullmatch(r"wrn-(\d+)-(\d+)", arch)
+    if match and (args.depth not in (None, int(match[1])) or args.widen not in (None, int(match[2]))):
+        raise ConfigError(f"--arch {arch} disagrees with --depth {args.depth} / --widen {args.widen}; give one of them")
+    return arch
+
+
+def check_arch_fits(kind, arch, resumed=None):
+    """Refuse an architecture the script is not for (``resumed``: the checkpoint being resumed)."""
+    spec = KINDS[kind]
+    if re.fullmatch(spec.arch_pattern, arch):
+        return
+    trains = "wrn-D-K" if kind == "wideresnet" else spec.default_arch
+    if resumed is not None:
+        raise ConfigError(f"cannot resume {resumed}: it holds a {arch} model and this script trains {trains} "
+                          f"models; resume it with the script that created it")
+    raise ConfigError(f"this script trains {trains} models, not {arch}; use train_baselines.py --arch {arch} "
+                      f"for other architectures")
+
+
+def _check_ranges(args):
+    """Option ranges; each message names the option and what it accepts."""
+    for name in ("batch_size", "epochs", "attack_steps", "eval_steps"):
+        if getattr(args, name) < 1:
+            raise ConfigError(f"--{name.replace('_', '-')} must be at least 1")
+    if args.eval_size < 0 or args.val_size < 0 or (args.train_size is not None and args.train_size < 1):
+        raise ConfigError("--eval-size and --val-size must be >= 0 and --train-size >= 1")
+    if sorted(args.milestones) != list(args.milestones) or any(m < 1 for m in args.milestones):
+        raise ConfigError(f"--milestones must be increasing positive epochs, got {args.milestones}")
+    if args.awp_gamma < 0 or (args.awp_warmup is not None and args.awp_warmup < 0):
+        raise ConfigError("--awp-gamma and --awp-warmup must be >= 0 (0 turns AWP off)")
+    if not 0 <= args.ema < 1:
+        raise ConfigError(f"--ema is a decay in [0, 1) such as 0.999 (0 = off), got {args.ema}")
+    if args.image_size < 1:
+        raise ConfigError("--image-size must be at least 1")
 
 
 def resolve_args(kind, args):
@@ -176,22 +241,21 @@ def resolve_args(kind, args):
     args.eps = eps_fraction(args.eps)  # runs saved before ε was stored as a fraction hold pixel units (8.0)
     args.reverse_attention = spec.ancra and not args.no_ra
     args.anc = spec.ancra and not args.no_anc
+    args.data_seed = DATA_SEED
+    method = get_method(args.method)
     if args.weight_decay is None:
         args.weight_decay = 5e-4 if (args.dataset == "tiny-imagenet" or args.arch == "preact-resnet18") else 2e-4
     if args.attack_loss is None:
-        args.attack_loss = "kl" if (not spec.ancra and args.method == "trades") else "ce"
+        args.attack_loss = method.attack_loss(args.anc, args.reverse_attention)
+    if args.awp_warmup is None:
+        args.awp_warmup = method.awp_warmup
     if args.image_size is None:
         args.image_size = data.image_size(args.dataset)
     elif args.dataset != "synthetic" and args.image_size != data.image_size(args.dataset):
         raise ConfigError(f"--image-size only applies to the synthetic dataset; {args.dataset} images are "
                           f"{data.image_size(args.dataset)} pixels wide")
-    for name in ("batch_size", "epochs", "attack_steps", "eval_steps"):
-        if getattr(args, name) < 1:
-            raise ConfigError(f"--{name.replace('_', '-')} must be at least 1")
-    if args.eval_size < 0 or args.val_size < 0 or (args.train_size is not None and args.train_size < 1):
-        raise ConfigError("--eval-size and --val-size must be >= 0 and --train-size >= 1")
-    if sorted(args.milestones) != list(args.milestones) or any(m < 1 for m in args.milestones):
-        raise ConfigError(f"--milestones must be increasing positive epochs, got {args.milestones}")
+    _check_ranges(args)
+    schedule_of(args)  # validates lr, momentum and weight decay
     args.method_name = method_config(args).name(args.reverse_attention)
     if args.run_name is None:
         prefix = "smoke_" if args.smoke else ""
@@ -199,157 +263,16 @@ def resolve_args(kind, args):
     return args
 
 
-def method_config(args):
-    """The engine's MethodConfig for parsed ``args``."""
-    return MethodConfig(method=args.method, anc=args.anc, strategy=getattr(args, "strategy", "random_adv"),
-                        alpha=getattr(args, "alpha", 1.0), zeta=getattr(args, "zeta", 3.0), beta=args.beta,
-                        aux_weight=getattr(args, "aux_weight", 2.0), attack_loss=args.attack_loss,
-                        eps=args.eps, step_size=args.step_size, steps=args.attack_steps)
-
-
-def speed_config(args, device):
-    """The engine's SpeedConfig: per-device defaults, overridden by explicit flags."""
-    return SpeedConfig.for_device(device, amp=args.amp, channels_last=args.channels_last,
-                                  joint_attacks=args.joint_attacks, compile=args.compile)
-
-
-def model_config(args):
-    """The ``model_config`` stored in checkpoints (read back by ``models.load_model``)."""
-    return {"arch": args.arch, "num_classes": data.num_classes(args.dataset),
-            "reverse_attention": args.reverse_attention, "image_size": args.image_size}
-
-
-def _describe(config):
-    kind = "an RA" if config.get("reverse_attention") else "a plain"
-    return f"{kind} {config.get('arch')} with {config.get('num_classes')} classes on {config.get('image_size')}px images"
-
-
-def check_resume_model(payload, wanted, path):
-    """Refuse to resume a checkpoint whose model differs from the one these options build."""
-    saved = payload["model_config"]
-    if any(saved.get(k) != wanted[k] for k in ("arch", "num_classes", "reverse_attention", "image_size")):
-        raise CheckpointError(f"cannot resume {path}: it holds {_describe(saved)} but this script and its options "
-                              f"build {_describe(wanted)}; resume it with the script and options that created it")
-
-
-def load_splits(args):
-    """``(train, val or None, test subset)`` TensorPairs for ``args``."""
-    synthetic = dict(synthetic_image_size=args.image_size, seed=0)
-    train = data.load_dataset(args.dataset, args.data_dir, "train", synthetic_size=args.train_size, **synthetic)
-    test = data.load_dataset(args.dataset, args.data_dir, "test", **synthetic)
-    if args.train_size is not None:
-        train = data.fixed_subset(train, args.train_size, seed=0)
-    val = None
-    if args.val_size:
-        if args.val_size >= len(train):
-            raise ConfigError(f"--val-size {args.val_size} leaves no training data ({len(train)} images)")
-        train, val = data.split_holdout(train, args.val_size, args.seed)
-    return train, val, data.fixed_subset(test, args.eval_size or None, seed=0)
-
-
-def build_model(args, device):
-    """The model the options describe, on ``device``."""
-    try:
-        model = create_model(args.arch, data.num_classes(args.dataset), args.reverse_attention, args.image_size)
-    except ValueError as err:
-        raise ConfigError(str(err)) from None
-    return model.to(device)
-
-
-def rank_batch(args, context):
-    """This process's batch size: the global --batch-size split evenly, or --per-rank-batch as is."""
-    if args.per_rank_batch or not context.enabled:
-        return args.batch_size
-    if args.batch_size % context.world_size:
-        raise ConfigError(f"--batch-size {args.batch_size} cannot be split over {context.world_size} processes; "
-                          f"use a multiple of {context.world_size} or --per-rank-batch")
-    return args.batch_size // context.world_size
-
-
-def probe_loss(model, args, device):
-    """A scalar depending on every parameter a training forward uses (for freezing unused ones)."""
-    x = torch.zeros(2, 3, args.image_size, args.image_size, device=device)
-    if args.reverse_attention:
-        logits, aux = model(x, torch.zeros(2, dtype=torch.long, device=device), return_aux=True)
-        return sum(o.sum() for o in [logits, *aux])
-    return model(x).sum()
-
-
-def distributed_model(model, args, context, device):
-    """DDP around ``model`` (unused parameters frozen first), or ``model`` itself in a single process."""
-    if context.enabled:
-        frozen = distributed.freeze_unused_parameters(model, lambda: probe_loss(model, args, device))
-        if frozen and context.is_main:
-            print(f"parameters unused by the forward pass, frozen for DDP: {', '.join(frozen)}", file=sys.stderr)
-    return distributed.wrap(context, model, device, sync_bn=args.sync_bn)
-
-
-def run(kind, args, payload=None, run_dir=None):
-    """Train as ``args`` say (resuming ``payload`` when given); returns the epoch records.
-    Under torchrun every process runs this; rank 0 alone writes the run folder."""
-    resolve_args(kind, args)
-    context = distributed.from_env()
-    args.world_size = context.world_size
-    batch = rank_batch(args, context)
-    device = distributed.init(context, args.device) if context.enabled else resolve_device(args.device)
-    if args.sync_bn:
-        distributed.check_sync_bn(context, device)
-    wanted = model_config(args)
-    if payload is not None:
-        check_resume_model(payload, wanted, args.resume)
-        run_dir = Path(run_dir)
-    else:
-        run_dir = Path(args.out_dir) / args.run_name
-        distributed.run_on_main(context, lambda: prepare_run_dir(run_dir, overwrite=args.overwrite))
-    splits = distributed.run_on_main(context, lambda: load_splits(args))  # rank 0 downloads first
-    train, val, test = splits if context.is_main else load_splits(args)
-    seed_everything(args.seed)
-    speed = speed_config(args, device)
-    model = distributed_model(prepare_model(build_model(args, device), speed), args, context, device)
-    schedule = Schedule(args.lr, args.momentum, args.weight_decay, tuple(args.milestones))
-    optimizer = build_optimizer(model, schedule)
-    if not args.sync_bn:
-        distributed.share_buffers_each_step(context, unwrap(model), optimizer)
-    step = TrainStep(model, optimizer, method_config(args), data.num_classes(args.dataset), speed)
-    shard = dict(rank=context.rank, world_size=context.world_size)
-    eval_loader = lambda split: data.BatchLoader(split, EVAL_BATCH, shuffle=False, augment=False,  # noqa: E731
-                                                 device=device, pad=False, **shard)
-    loaders = {"test": eval_loader(test)}
-    if val is not None:
-        loaders["val"] = eval_loader(val)
-    train_loader = data.BatchLoader(train, batch, shuffle=True, augment=data.default_augment(args.dataset),
-                                    device=device, seed=args.seed, **shard)
-    saved_args = dict(vars(args))
-    info = RunInfo(run_dir if context.is_main else None, saved_args, wanted,
-                   title=f"{args.run_name} ({args.method_name})")
-    eval_config = EvalConfig(eps=args.eps, step_size=args.step_size, steps=args.eval_steps)
-    reseed = (lambda epoch: seed_everything(distributed.epoch_seed(args.seed, context.rank, epoch))
-              if context.enabled else None)
-    trainer = Trainer(step, build_scheduler(optimizer, schedule), train_loader, loaders, info, epochs=args.epochs,
-                      eval_config=eval_config, save_freq=args.save_freq, quiet=args.quiet, context=context,
-                      reseed=reseed)
-    if context.is_main:
-        atomic_write_json(run_dir / "args.json", saved_args)
-    processes = (f" | {context.world_size} processes x batch {batch} (global {batch * context.world_size})"
-                 + (", SyncBatchNorm" if args.sync_bn else "") if context.enabled else "")
-    trainer.log(f"{args.method_name} | {args.arch} on {args.dataset} ({len(train)} train, "
-                f"{len(val) if val is not None else 0} val, {len(test)} test images) | device {device} "
-                f"({speed.describe()}){processes} | run {run_dir}")
-    if payload is not None:
-        changed = [f"{k} {payload['args'].get(k)!r} -> {v!r}" for k, v in saved_args.items()
-                   if k in payload["args"] and payload["args"][k] != v and k not in NOT_RESTORED_ON_RESUME]
-        trainer.log(f"resuming {args.resume} (epoch {payload['epoch']})"
-                    + (f" with changed options: {', '.join(changed)}" if changed else ""))
-    start = trainer.restore(payload) if payload is not None else 1
-    return trainer.fit(start)
-
-
 def main(kind, argv=None):
     """Entry point of the train_* scripts; returns the process exit code."""
     finished = False
     try:
         args, payload, run_dir = parse_args(kind, argv)
-        run(kind, args, payload, run_dir)
+        resolve_args(kind, args)
+        if payload is not None:
+            check_resume(payload, args)
+        check_arch_fits(kind, args.arch, args.resume)
+        run(args, payload, run_dir)
         finished = True
     except (data.DatasetError, CheckpointError, RunDirError, ConfigError, distributed.DistributedError) as err:
         print(f"error: {err}", file=sys.stderr)
@@ -366,4 +289,3 @@ def main(kind, argv=None):
     finally:
         distributed.shutdown(wait=finished)
     return 0
-

@@ -1,16 +1,14 @@
-"""Training losses (SPEC §4): PGD-AT, TRADES and MART, each optionally with ANC and RA terms.
+"""The loss terms every training method is made of (docs/protocol.md §4, paper Eq. 4–7).
 
-Pure functions of logits are defined first; :func:`training_loss` runs the forwards (train
-mode, label-selected masks) and combines them. Each term T takes its RA form
-``T(final) + λ·mean_k T(p_k)`` when the model has auxiliary heads.
+Pure functions of logits, then the two pieces every method shares: :class:`Outputs` (the
+train-mode forward of one batch, final head and RA heads) and :func:`ra_form`, which gives
+any term T its reverse-attention form ``T(final) + λ·mean_k T(p_k)``. The methods that combine
+them live in :mod:`utils.training.methods`.
 """
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
-
-from models import has_reverse_attention
-
-METHODS = ("pgd-at", "trades", "mart")
-DEFAULT_BETA = {"pgd-at": 0.0, "trades": 6.0, "mart": 5.0}
 
 
 def kl_per_example(nat_logits, adv_logits):
@@ -49,9 +47,7 @@ def anc(nat_logits, neg_logits, alpha=1.0, valid=None):
     pn = F.softmax(nat_logits.float(), 1)
     po = F.softmax(neg_logits.float(), 1)
     h = pn.argmax(1)
-    fired = h == po.argmax(1)
-    if valid is not None:
-        fired = fired & valid
+    fired = anc_fired(nat_logits, neg_logits, valid)
     pn_h = pn.gather(1, h[:, None])[:, 0]
     po_h = po.gather(1, h[:, None])[:, 0]
     value = torch.zeros_like(pn_h)
@@ -62,88 +58,49 @@ def anc(nat_logits, neg_logits, alpha=1.0, valid=None):
     return (value * fired).mean(), fired
 
 
-def _ra_form(term, final, aux, aux_weight):
-    """term(final) + λ·mean_k term(aux_k), where each argument is a tuple of per-head inputs."""
-    value = term(*final)
+def anc_fired(nat_logits, neg_logits, valid=None):
+    """ANC's indicator alone: the natural example and its negative get the same predicted class."""
+    fired = F.softmax(nat_logits.float(), 1).argmax(1) == F.softmax(neg_logits.float(), 1).argmax(1)
+    return fired & valid if valid is not None else fired
+
+
+@dataclass
+class Outputs:
+    """Logits of one train-mode forward: the final head and the RA heads (empty for plain models)."""
+
+    final: torch.Tensor
+    aux: list
+
+    @classmethod
+    def of(cls, model, x, y, reverse_attention):
+        """Forward ``x``; RA models select their masks by the label ``y`` (paper §3.2)."""
+        if reverse_attention:
+            logits, aux = model(x, y, return_aux=True)
+            return cls(logits, list(aux))
+        return cls(model(x), [])
+
+    def accuracy(self, y):
+        """Training accuracy without label leakage: the label-selected masks make the final RA
+        head right almost by construction, so RA models report the first RA head (before every mask)."""
+        head = self.aux[0] if self.aux else self.final
+        return (head.argmax(1) == y).float().mean().detach()
+
+
+def ra_form(term, *outputs, aux_weight):
+    """``term(final…) + λ·mean_k term(aux_k…)`` over the matching heads of each of ``outputs``;
+    plain models (no RA heads) give ``term(final…)`` alone."""
+    value = term(*(o.final for o in outputs))
+    aux = list(zip(*(o.aux for o in outputs)))
     if aux:
-        value = value + aux_weight * torch.stack([term(*a) for a in aux]).mean()
+        value = value + aux_weight * torch.stack([term(*heads) for heads in aux]).mean()
     return value
 
 
-def _heads(logits, aux):
-    """[final, aux_1, ...] as a list of logits."""
-    return [logits, *aux]
-
-
-def _forward(model, x, y, ra):
-    """Train-mode forward with label-selected masks; returns ``(final logits, aux logits)``."""
-    if ra:
-        return model(x, y, return_aux=True)
-    return model(x), []
-
-
-def _accuracy(logits, aux, y):
-    """Training accuracy without label leakage. The training forward selects RA masks by the
-    label, which makes the final head right almost by construction; the first RA head comes
-    before every mask, so RA models report it instead."""
-    head = aux[0] if aux else logits
-    return (head.argmax(1) == y).float().mean().detach()
-
-
-def training_loss(method, model, x, y, x_adv, x_neg=None, y_neg=None, *, beta=None, zeta=3.0, alpha=1.0,
-                  aux_weight=2.0, neg_valid=None):
-    """Loss of one training batch and a dict of detached metrics.
-
-    ``method`` is ``pgd-at``, ``trades`` or ``mart``; ANC is active when negatives are given and
-    ``zeta > 0``; RA terms are active when ``model`` has auxiliary heads. ``neg_valid`` marks
-    anchors that have a negative (all, by default). Metrics hold each term's value, accuracies on
-    x / x_adv / x_neg (final head; the first RA head for RA models, see :func:`_accuracy`) and ``anc_fired`` (fraction of anchors whose indicator fired).
-    """
-    if method not in METHODS:
-        raise ValueError(f"unknown training method {method!r}; choose one of {', '.join(METHODS)}")
-    beta = DEFAULT_BETA[method] if beta is None else beta
-    ra = has_reverse_attention(model)
-    use_anc = x_neg is not None and zeta > 0
-    if use_anc and y_neg is None:
-        raise ValueError("negatives need their labels y_neg")
-    needs_natural = method != "pgd-at" or use_anc
-    w = aux_weight if ra else 0.0
-
-    adv_logits, adv_aux = _forward(model, x_adv, y, ra)
-    metrics = {"acc_adv": _accuracy(adv_logits, adv_aux, y)}
-    if needs_natural:
-        nat_logits, nat_aux = _forward(model, x, y, ra)
-        metrics["acc_nat"] = _accuracy(nat_logits, nat_aux, y)
-    pairs = lambda *heads: [tuple(h[k] for h in heads) for k in range(len(heads[0]))]  # noqa: E731
-
-    if method == "pgd-at":
-        ce = _ra_form(lambda a: F.cross_entropy(a.float(), y), (adv_logits,), [(a,) for a in adv_aux], w)
-        metrics["ce_adv"] = ce.detach()
-        loss = ce
-    elif method == "trades":
-        ce = _ra_form(lambda n: F.cross_entropy(n.float(), y), (nat_logits,), [(n,) for n in nat_aux], w)
-        heads = pairs(_heads(nat_logits, nat_aux), _heads(adv_logits, adv_aux))
-        kl = _ra_form(trades_kl, heads[0], heads[1:], w)
-        metrics.update(ce_nat=ce.detach(), kl=kl.detach())
-        loss = ce + beta * kl
-    else:  # mart
-        bce = _ra_form(lambda a: mart_bce(a, y), (adv_logits,), [(a,) for a in adv_aux], w)
-        heads = pairs(_heads(nat_logits, nat_aux), _heads(adv_logits, adv_aux))
-        kl = _ra_form(lambda n, a: mart_kl(n, a, y), heads[0], heads[1:], w)
-        metrics.update(bce_adv=bce.detach(), kl=kl.detach())
-        loss = bce + beta * kl
-
-    if use_anc:
-        neg_logits, neg_aux = _forward(model, x_neg, y_neg, ra)
-        heads = pairs(_heads(nat_logits, nat_aux), _heads(neg_logits, neg_aux))
-        anc_value, fired = anc(*heads[0], alpha=alpha, valid=neg_valid)
-        if heads[1:]:
-            aux_anc = torch.stack([anc(n, o, alpha=alpha, valid=neg_valid)[0] for n, o in heads[1:]]).mean()
-            anc_value = anc_value + w * aux_anc
-        metrics.update(anc=anc_value.detach(), anc_fired=fired.float().mean().detach(),
-                       acc_neg=_accuracy(neg_logits, neg_aux, y_neg))
-        if neg_valid is not None:
-            metrics["neg_valid"] = neg_valid.float().mean().detach()
-        loss = loss + zeta * anc_value
-    metrics["loss"] = loss.detach()
-    return loss, metrics
+def anc_loss(nat: Outputs, neg: Outputs, y_neg, *, alpha, aux_weight, valid=None):
+    """The ANC term in RA form and its metrics (value, fraction fired, accuracy on the negatives)."""
+    value = ra_form(lambda n, o: anc(n, o, alpha=alpha, valid=valid)[0], nat, neg, aux_weight=aux_weight)
+    metrics = {"anc": value.detach(), "anc_fired": anc_fired(nat.final, neg.final, valid).float().mean().detach(),
+               "acc_neg": neg.accuracy(y_neg)}
+    if valid is not None:
+        metrics["neg_valid"] = valid.float().mean().detach()
+    return value, metrics

@@ -1,4 +1,5 @@
-"""Other-class examples (negatives, OEs) for ANC, one per anchor (SPEC §3), fully vectorised.
+"""Other-class examples (negatives, OEs) for ANC, one per anchor (docs/protocol.md §3, paper Eq. 5),
+fully vectorised.
 
 ``choose_negatives`` picks, for each anchor, an index into the same batch; ``make_negatives``
 also runs the targeted attack of the ``*_adv`` strategies. Anchors that have no example of
@@ -8,11 +9,12 @@ from dataclasses import dataclass
 
 import torch
 
-from utils.attacks import EPS, attack_mode, pgd
+from utils import recipe
+from utils.attacks import attack_mode, pgd
 
 BASE_STRATEGIES = ("random", "soft", "hard", "easy")
 STRATEGIES = BASE_STRATEGIES + tuple(f"{s}_adv" for s in BASE_STRATEGIES)
-WARMUP_EPOCHS = 10  # non-random strategies use `random` for epochs <= 10 (SPEC §3)
+WARMUP_EPOCHS = recipe.NEGATIVE_WARMUP_EPOCHS  # non-random strategies use `random` until then
 
 
 @dataclass
@@ -26,7 +28,7 @@ class Negatives:
 
 
 def check_strategy(strategy):
-    """Raise a clear error for an unknown strategy name."""
+    """Raise a clear error for an unknown strategy name (the one check every caller uses)."""
     if strategy not in STRATEGIES:
         raise ValueError(f"unknown negative strategy {strategy!r}; choose one of {', '.join(STRATEGIES)}")
 
@@ -101,8 +103,8 @@ def select_negatives(strategy, model, x, y, num_classes, *, epoch=None, generato
     return choose_negatives(base, y, num_classes, logits, generator)
 
 
-def make_negatives(strategy, model, x, y, num_classes, *, epoch=None, eps=EPS, step_size=0.007, steps=10,
-                   aux_weight=0.0, generator=None):
+def make_negatives(strategy, model, x, y, num_classes, *, epoch=None, eps=recipe.EPS, step_size=recipe.STEP_SIZE,
+                   steps=recipe.TRAIN_ATTACK_STEPS, aux_weight=0.0, generator=None):
     """Select (and for ``*_adv`` strategies, attack toward the anchor's label) one negative per
     anchor. Selection logits and the attack use eval mode; ``y`` of the negative stays its
     true label."""

@@ -1,0 +1,97 @@
+"""What a run records: its identity (:class:`RunInfo`), the best-checkpoint selection, the
+checkpoint payload and the one-line epoch summary."""
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from models import unwrap
+from utils.analysis.curves import plot_curves
+from utils.checkpoint import (
+    BEST,
+    LAST,
+    atomic_save_many,
+    capture_rng,
+    load_scheduler_state,
+    scheduler_state,
+    write_metrics,
+)
+
+
+@dataclass
+class RunInfo:
+    """What a checkpoint records besides the training state: the run's folder, its arguments
+    (a plain dict) and the model config that ``models.load_model`` reads back."""
+
+    run_dir: Path | None
+    args: dict
+    model_config: dict
+    title: str = ""
+
+
+@dataclass
+class BestSoFar:
+    """The checkpoint selection: best PGD accuracy so far on ``split`` ('val' or 'test')."""
+
+    split: str
+    score: float = -1.0
+    epoch: int | None = None
+
+    def describe(self):
+        where = ("the validation split held out from training" if self.split == "val"
+                 else "the test subset (no --val-size given)")
+        return f"best chosen on {where}"
+
+
+def checkpoint_payload(step, scheduler, run: RunInfo, epoch, best: BestSoFar, last_record):
+    """The full training state after ``epoch`` completed epochs (weights_only-safe). Plug-ins of
+    the weight update with state add their entry (EMA: ``payload["ema"]``)."""
+    payload = {
+        "model": unwrap(step.model).state_dict(),
+        "model_config": dict(run.model_config),
+        "args": dict(run.args),
+        "epoch": epoch,
+        "interrupted_epoch": None,  # kept for the format; checkpoints are written at epoch ends only
+        "optimizer": step.optimizer.state_dict(),
+        "scheduler": scheduler_state(scheduler),
+        "rng": capture_rng(),
+        "best": asdict(best),
+        "metrics": last_record,
+    }
+    payload.update(step.update.state_dict())
+    return payload
+
+
+def load_training_state(step, scheduler, payload):
+    """Put a checkpoint's weights, optimizer, scheduler and weight-update plug-in states back."""
+    unwrap(step.model).load_state_dict(payload["model"], strict=True)
+    step.optimizer.load_state_dict(payload["optimizer"])
+    load_scheduler_state(scheduler, payload["scheduler"])
+    step.update.load_state_dict(payload)
+
+
+def save_epoch_files(run: RunInfo, records, payload, *, is_best, save_freq):
+    """Metrics, curves and the checkpoints of the epoch ``payload`` ends: ``best.pt`` when
+    ``is_best``, ``epoch_N.pt`` every ``save_freq`` epochs, and ``last.pt``, replaced last."""
+    write_metrics(run.run_dir, records)
+    plot_curves(records, run.run_dir / "curves.png", run.title)
+    epoch = payload["epoch"]
+    targets = [run.run_dir / BEST] if is_best else []
+    if save_freq and epoch % save_freq == 0:
+        targets.append(run.run_dir / f"epoch_{epoch}.pt")
+    atomic_save_many(payload, [*targets, run.run_dir / LAST])
+
+
+def summary_line(record, epochs):
+    """The one-line epoch summary of ``record``."""
+    train = record["train"]
+    terms = " ".join(f"{k} {v:.4f}" for k, v in train.items() if not k.startswith(("acc_", "anc_fired", "neg_valid")))
+    acc_key = "acc_adv" if "acc_adv" in train else "acc_nat"
+    parts = [f"epoch {record['epoch']}/{epochs}", f"lr {record['lr']:.4g}", terms,
+             f"train {acc_key} {100 * train.get(acc_key, float('nan')):.1f}%"]
+    for split in ("test", "val"):
+        if split in record:
+            r = record[split]
+            parts.append(f"{split} nat {100 * r['nat']:.1f}% {record['eval_attack']} {100 * r['pgd']:.1f}%")
+    best = record["best"]
+    parts.append(f"best ({best['split']}) {100 * best['score']:.1f}% @ {best['epoch']}")
+    parts.append(f"{record['seconds']:.0f}s")
+    return " | ".join(parts)

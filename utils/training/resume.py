@@ -1,0 +1,64 @@
+"""What ``--resume`` may change: the options it refuses (the run's identity and folder), the
+options it takes from the resumed run, and the schedule options whose change rebuilds the
+optimizer's schedule."""
+import argparse
+from pathlib import Path
+
+from utils.training.errors import ConfigError
+
+NOT_RESTORED = ("resume", "overwrite", "world_size")          # never taken from the resumed run
+IDENTITY = ("method", "anc", "reverse_attention", "arch", "dataset", "image_size")
+SCHEDULE = ("lr", "momentum", "weight_decay", "milestones")
+
+
+def explicit_options(parser, argv):
+    """The destinations of the options written on the command line ``argv`` (defaults ignored)."""
+    saved = {action.dest: action.default for action in parser._actions}
+    try:
+        for action in parser._actions:
+            action.default = argparse.SUPPRESS
+        return set(vars(parser.parse_args(argv)))
+    finally:
+        for action in parser._actions:
+            action.default = saved[action.dest]
+
+
+def refuse_folder_options(explicit, given, run_dir, saved):
+    """With ``--resume`` the run folder is the resumed one: ``--run-name`` / ``--out-dir`` naming
+    another folder, ``--overwrite``, and ``--smoke`` for a run that was not a smoke run are refused
+    (repeating the original launch's folder options is accepted)."""
+    run_dir = Path(run_dir).resolve()
+    elsewhere = [f"--{name.replace('_', '-')}" for name, differs in (
+        ("run_name", lambda: given.run_name != run_dir.name),
+        ("out_dir", lambda: Path(given.out_dir).resolve() != run_dir.parent)) if name in explicit and differs()]
+    if elsewhere:
+        raise ConfigError(f"{' and '.join(elsewhere)} point{'s' if len(elsewhere) == 1 else ''} away from the "
+                          f"resumed run {run_dir}: a resumed run keeps its folder; drop "
+                          f"{'it' if len(elsewhere) == 1 else 'them'}")
+    if "overwrite" in explicit:
+        raise ConfigError("--overwrite cannot be combined with --resume: resuming continues the run; drop it")
+    if "smoke" in explicit and not saved.get("smoke"):
+        raise ConfigError(f"--smoke cannot resume {run_dir}: it is not a smoke run; drop --smoke")
+
+
+def refuse_identity_changes(saved, args):
+    """The method, ANC/RA choice, architecture and data of a resumed run cannot change."""
+    for key in IDENTITY:
+        if key in saved and saved[key] != getattr(args, key):
+            raise ConfigError(f"cannot resume with {key.replace('_', ' ')} {getattr(args, key)!r}: the run was "
+                              f"trained with {saved[key]!r}; start a new run (another --run-name) to change it")
+
+
+def schedule_changed(saved, args):
+    """Whether lr, momentum, weight decay or milestones differ from the resumed run's."""
+    return any(key in saved and _plain(saved[key]) != _plain(getattr(args, key)) for key in SCHEDULE)
+
+
+def changed_options(saved, args):
+    """``["lr 0.01 -> 0.05", ...]``: the options that differ from the resumed run's."""
+    return [f"{k} {saved[k]!r} -> {v!r}" for k, v in vars(args).items()
+            if k in saved and _plain(saved[k]) != _plain(v) and k not in NOT_RESTORED]
+
+
+def _plain(value):
+    return list(value) if isinstance(value, tuple) else value
