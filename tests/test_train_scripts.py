@@ -61,6 +61,25 @@ def test_wideresnet_script_smoke(tmp_path):
     assert args["method_name"] == "trades-ancra" and args["strategy"] == "random_adv"
 
 
+def test_separate_bn_ablation_trains_saves_and_reloads_its_own_layout(tmp_path):
+    assert main("wideresnet", SMALL_WRN + ["--separate-bn", "--out-dir", str(tmp_path)]) == 0
+    run = tmp_path / "smoke_synthetic_wrn-16-1_trades-ancra_sepbn_s0"
+    payload = torch.load(run / "last.pt", weights_only=True)
+    assert payload["model_config"]["separate_bn"] is True
+    assert any(k.startswith("ra_bn.0.") for k in payload["model"])
+    model, config = load_model(str(run / "last.pt"))
+    assert config["separate_bn"] is True and model.state_dict().keys() == payload["model"].keys()
+    # the option is part of the run: a resume keeps it without repeating it
+    assert main("wideresnet", ["--resume", str(run), "--epochs", "3", "--quiet"]) == 0
+    assert load_model(str(run / "last.pt"))[1]["separate_bn"] is True
+
+
+def test_separate_bn_needs_reverse_attention(tmp_path, capsys):
+    assert main("wideresnet", SMALL_WRN + ["--separate-bn", "--no-ra", "--out-dir", str(tmp_path)]) == 2
+    assert "--separate-bn only changes RA models" in capsys.readouterr().err
+    assert not any(tmp_path.iterdir())
+
+
 @pytest.mark.slow
 def test_tiny_imagenet_script_smoke(tmp_path):
     assert main("tiny", ["--smoke", "--quiet", "--out-dir", str(tmp_path), "--method", "mart", "--no-anc"]) == 0

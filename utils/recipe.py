@@ -22,3 +22,4 @@ LR = 0.01
 MOMENTUM = 0.9
 MILESTONES = (75, 90, 100)
 LR_GAMMA = 0.1
+TINY_IMAGENET_WEIGHT_DECAY = 5e-4  # the reference Tiny-ImageNet recipe, whatever the architecture

@@ -11,7 +11,7 @@ import re
 import sys
 from dataclasses import dataclass
 
-from models import ARCH_HELP, CheckpointError, canonical_arch
+from models import CheckpointError, arch_help, arch_info, canonical_arch
 from utils import data, distributed, recipe
 from utils.checkpoint import RunDirError, load_training_checkpoint, resolve_resume
 from utils.cli import OneLineArgumentParser, add_speed_arguments, eps_fraction, eps_type
@@ -64,9 +64,9 @@ KINDS = {
 def _model_arguments(parser, kind):
     spec = KINDS[kind]
     model = parser.add_argument_group("model and method")
-    arch_help = {"wideresnet": "wrn-D-K (e.g. wrn-34-10, wrn-28-10); default wrn-<depth>-<widen>",
-                 "baselines": ARCH_HELP}.get(kind, f"{spec.default_arch} (the one this script trains)")
-    model.add_argument("--arch", default=None if kind == "wideresnet" else spec.default_arch, help=arch_help)
+    arch_text = {"wideresnet": "wrn-D-K (e.g. wrn-34-10, wrn-28-10); default wrn-<depth>-<widen>",
+                 "baselines": arch_help()}.get(kind, f"{spec.default_arch} (the one this script trains)")
+    model.add_argument("--arch", default=None if kind == "wideresnet" else spec.default_arch, help=arch_text)
     if kind == "wideresnet":
         model.add_argument("--depth", type=int, default=None,
                            help="WRN depth (6n+4: 34, 28, ...); shorthand for --arch (34 when neither is given)")
@@ -84,6 +84,10 @@ def _model_arguments(parser, kind):
         model.add_argument("--zeta", type=float, default=recipe.ZETA, help="weight of the ANC term")
         model.add_argument("--aux-weight", type=float, default=recipe.AUX_WEIGHT,
                            help="lambda: weight of the RA heads in losses and training attacks")
+        if kind in ("wideresnet", "tiny"):
+            model.add_argument("--separate-bn", action="store_true",
+                               help="ablation: each RA block gets its own BatchNorm instead of sharing the "
+                                    "network's final one (the reference shares it)")
     model.add_argument("--beta", type=float, default=None, help="TRADES/MART robust-term weight (default 6 / 5)")
     model.add_argument("--attack-loss", choices=("ce", "kl"), default=None,
                        help="loss of the training adversarial examples (default: kl for vanilla TRADES, else ce)")
@@ -98,7 +102,8 @@ def _recipe_arguments(parser):
                             "Tiny-ImageNet script used 0.1)")
     group.add_argument("--momentum", type=float, default=recipe.MOMENTUM)
     group.add_argument("--weight-decay", type=float, default=None,
-                       help="default 5e-4 for Tiny-ImageNet / PreActResNet-18, 2e-4 otherwise")
+                       help="default: the architecture's (2e-4 for ResNet-18 and WRNs, 5e-4 for "
+                            "PreActResNet-18) and 5e-4 on Tiny-ImageNet")
     group.add_argument("--milestones", type=int, nargs="*", default=list(recipe.MILESTONES),
                        help="epochs after which the lr is multiplied by 0.1")
     group.add_argument("--eps", type=eps_type, default=recipe.EPS,
@@ -234,6 +239,14 @@ def _check_ranges(args):
         raise ConfigError("--image-size must be at least 1")
 
 
+def _arch_weight_decay(arch):
+    """The architecture's default weight decay from the model registry (an unknown name is a ConfigError)."""
+    try:
+        return arch_info(arch).weight_decay
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
+
+
 def resolve_args(kind, args):
     """Fill the defaults that depend on other options and check the combination."""
     spec = KINDS[kind]
@@ -244,7 +257,10 @@ def resolve_args(kind, args):
     args.data_seed = DATA_SEED
     method = get_method(args.method)
     if args.weight_decay is None:
-        args.weight_decay = 5e-4 if (args.dataset == "tiny-imagenet" or args.arch == "preact-resnet18") else 2e-4
+        args.weight_decay = recipe.TINY_IMAGENET_WEIGHT_DECAY if args.dataset == "tiny-imagenet" else _arch_weight_decay(args.arch)
+    args.separate_bn = bool(getattr(args, "separate_bn", False))
+    if args.separate_bn and not args.reverse_attention:
+        raise ConfigError("--separate-bn only changes RA models (the BatchNorm shared by the RA blocks); drop it or --no-ra")
     if args.attack_loss is None:
         args.attack_loss = method.attack_loss(args.anc, args.reverse_attention)
     if args.awp_warmup is None:
@@ -259,7 +275,8 @@ def resolve_args(kind, args):
     args.method_name = method_config(args).name(args.reverse_attention)
     if args.run_name is None:
         prefix = "smoke_" if args.smoke else ""
-        args.run_name = f"{prefix}{args.dataset}_{args.arch}_{args.method_name}_s{args.seed}"
+        suffix = "_sepbn" if args.separate_bn else ""
+        args.run_name = f"{prefix}{args.dataset}_{args.arch}_{args.method_name}{suffix}_s{args.seed}"
     return args
 
 

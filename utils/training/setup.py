@@ -37,21 +37,29 @@ EVAL_BATCH = 256
 SYNTHETIC_BYTES_PER_VALUE = 20  # float32 temporaries of the generator plus the uint8 images
 
 
+def model_options(args):
+    """Architecture options of ``args`` that differ from the default (``separate_bn``)."""
+    return {"separate_bn": True} if getattr(args, "separate_bn", False) else {}
+
+
 def model_config(args):
     """The ``model_config`` stored in checkpoints (read back by ``models.load_model``)."""
     return {"arch": args.arch, "num_classes": data.num_classes(args.dataset),
-            "reverse_attention": args.reverse_attention, "image_size": args.image_size}
+            "reverse_attention": args.reverse_attention, "image_size": args.image_size, **model_options(args)}
 
 
 def _describe(config):
     kind = "an RA" if config.get("reverse_attention") else "a plain"
-    return f"{kind} {config.get('arch')} with {config.get('num_classes')} classes on {config.get('image_size')}px images"
+    options = " with separate RA BatchNorms" if config.get("separate_bn") else ""
+    return (f"{kind} {config.get('arch')}{options} with {config.get('num_classes')} classes on "
+            f"{config.get('image_size')}px images")
 
 
 def check_resume(payload, args):
     """Refuse to resume a checkpoint whose model, method or data differ from what ``args`` ask for."""
     saved, wanted = payload["model_config"], model_config(args)
-    if any(saved.get(k) != wanted[k] for k in ("arch", "num_classes", "reverse_attention", "image_size")):
+    keys = ("arch", "num_classes", "reverse_attention", "image_size", "separate_bn")
+    if any(saved.get(k) != wanted.get(k) for k in keys):
         raise CheckpointError(f"cannot resume {args.resume}: it holds {_describe(saved)} but this script and its "
                               f"options build {_describe(wanted)}; resume it with the script and options that "
                               f"created it")
@@ -117,7 +125,8 @@ def load_splits(args):
 def build_model(args, device):
     """The model the options describe, on ``device`` (an unknown architecture is a ConfigError)."""
     try:
-        model = create_model(args.arch, data.num_classes(args.dataset), args.reverse_attention, args.image_size)
+        model = create_model(args.arch, data.num_classes(args.dataset), args.reverse_attention, args.image_size,
+                             **model_options(args))
     except ValueError as err:
         raise ConfigError(str(err)) from None
     return model.to(device)
