@@ -308,6 +308,19 @@ def test_runner_refuses_a_run_folder_of_another_schedule(tmp_path):
     assert code == 1 and any("was started for 5 epochs, not 2" in line for line in lines)
 
 
+def test_runner_never_starts_over_an_unreadable_last_pt(tmp_path):
+    _run(_plan(tmp_path, "pgd-at,trades"), FakeChildren(epoch_cap=1))
+    plan = _plan(tmp_path, "pgd-at,trades")
+    (plan.run_dir(plan.rows[0]) / "last.pt").write_bytes(b"garbage")
+    children = FakeChildren()
+    code, lines = _run(plan, children)
+    assert code == 1 and any("cannot read" in line and "last.pt" in line for line in lines)
+    assert [c[2:4] for c in children.commands][0] == ["--resume", str(plan.run_dir(plan.rows[1]))]  # only row 2
+    rows = json.loads((tmp_path / "table1" / "table.json").read_text())["rows"]
+    assert rows[0]["status"].startswith("failed: cannot read") and rows[1]["status"] == "done"
+    assert (plan.run_dir(plan.rows[0]) / "last.pt").read_bytes() == b"garbage"
+
+
 def test_commands_of_a_row():
     plan = Plan(STUDIES["table1"], STUDIES["table1"].rows, Path("/o"), "cifar10", 15, (9, 11, 13), 100, nproc=2,
                 data_dir="/d")
@@ -360,6 +373,12 @@ def _reproduce(out, *extra, **popen):
                             start_new_session=True, **popen)
 
 
+def _replace(path, data):
+    """Give ``path`` new contents in a new file (writing in place would change its hard links too)."""
+    path.unlink()
+    path.write_bytes(data)
+
+
 @pytest.fixture(scope="module")
 def smoke_chain(tmp_path_factory):
     """Run 1 stopped by SIGINT to its process group once the first row is trained; row 1's best.pt
@@ -380,10 +399,10 @@ def smoke_chain(tmp_path_factory):
     results = plan.eval_dir(plan.rows[0]) / "results.json"
     if results.exists():
         results.unlink()
-    (first / "best.pt").write_bytes(b"not a checkpoint")
+    _replace(first / "best.pt", b"not a checkpoint")  # best.pt, last.pt are hard links of one file
     for name in ("run2", "run3", "run4"):
         if name == "run3":
-            (first / "best.pt").write_bytes(best)
+            _replace(first / "best.pt", best)
         if name == "run4":
             record["mtimes"] = {str(p): p.stat().st_mtime_ns for p in out.rglob("*") if p.suffix in (".pt", ".json")
                                 and "state" not in p.name and "table" not in p.name}

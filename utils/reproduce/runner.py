@@ -15,6 +15,7 @@ from utils.reproduce.launcher import STOP_SIGNALS, Launcher, child_environment
 from utils.reproduce.plan import ROOT
 from utils.reproduce.schedule import run_concurrently
 from utils.reproduce.state import (
+    RunStateError,
     StateFile,
     finished_results,
     git_commit,
@@ -137,7 +138,7 @@ class StudyRun:
     def left(self):
         """What is left over all selected rows, for the progress line."""
         plan = self.plan
-        train = sum(1 for r in plan.rows if (training_progress(plan.run_dir(r)) or (0,))[0] < plan.epochs)
+        train = sum(1 for r in plan.rows if _trained_epochs(plan.run_dir(r)) < plan.epochs)
         if not plan.study.evaluate:
             return f"left: {train} to train"
         evaluate = sum(1 for r in plan.rows if finished_results(plan.eval_dir(r), plan.n_examples) is None)
@@ -164,16 +165,16 @@ class StudyRun:
         plan = self.plan
         prefix = f"[row {index}/{len(plan.rows)} {row.name}]"
         phases = self.row_phases(row)
-        if all(p.done() for p in phases):
-            self.echo(f"{prefix} already done ({plan.run_dir(row)})")
-            self.state.update(row.name, status="done", error=None)
-            return
         with row_lock(plan.runs_dir(row), plan.run_dir(row).name) as lock:
             if lock is None:
                 self.echo(f"{prefix} skipped: another reproduce.py is working on {plan.run_dir(row)}")
                 return
-            self.state.update(row.name, status="running", error=None)
             try:
+                if all(p.done() for p in phases):
+                    self.echo(f"{prefix} already done ({plan.run_dir(row)})")
+                    self.state.update(row.name, status="done", error=None)
+                    return
+                self.state.update(row.name, status="running", error=None)
                 log = plan.run_dir(row).parent / f"{plan.run_dir(row).name}.reproduce.log"
                 for phase in phases:
                     if self.stop.is_set():
@@ -187,7 +188,7 @@ class StudyRun:
                 self.state.update(row.name, status=status)
                 if status == "done":
                     self.echo(f"{prefix} done")
-            except (RowFailed, OSError) as err:
+            except (RowFailed, RunStateError, OSError) as err:
                 self.failed.append(row.name)
                 self.state.update(row.name, status="failed", error=str(err))
                 self.echo(f"{prefix} failed: {err}")
@@ -216,10 +217,10 @@ class StudyRun:
     def run(self):
         """Run the plan; returns the exit code (0 done, 1 a row failed, 130 stopped)."""
         self.plan.study_dir.mkdir(parents=True, exist_ok=True)
-        if self.tool is None and self.plan.study.evaluate:
-            self.tool = commands.EvaluationTool.probe()
         self.write_table()
         with forward_stop_signals(self):
+            if self.tool is None and self.plan.study.evaluate:
+                self.tool = commands.EvaluationTool.probe()
             run_concurrently(list(enumerate(self.plan.rows, 1)), self.plan.slots, self.process_row, self.stop)
             if not self.stop.is_set():
                 run_concurrently([None], self.plan.slots[:1], lambda _item, _slot: self.draw_figures(), self.stop)
@@ -238,13 +239,17 @@ class StudyRun:
         plan = self.plan
         entry = self.state.get(row.name)
         results = finished_results(plan.eval_dir(row), plan.n_examples) if plan.study.evaluate else None
-        progress = training_progress(plan.run_dir(row))
+        trained = _trained_epochs(plan.run_dir(row))
+        try:
+            finished = (results is not None or not plan.study.evaluate) and all(p.done() for p in self.row_phases(row))
+        except RunStateError as err:
+            entry, finished = {"status": "failed", "error": str(err)}, False
         if entry.get("status") == "failed":
             status = "failed: " + (entry.get("error") or "unknown error").splitlines()[0]
-        elif (results is not None or not plan.study.evaluate) and all(p.done() for p in self.row_phases(row)):
+        elif finished:
             status = "done"
-        elif progress and progress[0] < plan.epochs:
-            status = f"pending (trained {progress[0]}/{plan.epochs} epochs)"
+        elif 0 < trained < plan.epochs:
+            status = f"pending (trained {trained}/{plan.epochs} epochs)"
         else:
             status = "pending"
         batchnorm = read_json(plan.bn_file(row)) if row.shares_final_bn else None
@@ -274,6 +279,14 @@ class StudyRun:
                 text = render_figures_markdown(table)
             atomic_write_json(study_dir / "table.json", table)
             atomic_write_text(study_dir / "table.md", text)
+
+
+def _trained_epochs(run_dir):
+    """Completed epochs of a run (0 when it has none or its last.pt cannot be read)."""
+    try:
+        return (training_progress(run_dir) or (0,))[0]
+    except RunStateError:
+        return 0
 
 
 def failure_line(code, tail):

@@ -11,6 +11,11 @@ import torch
 from utils.checkpoint import LAST, atomic_write_json
 
 _CACHE = {}
+
+
+class RunStateError(RuntimeError):
+    """A run folder's files cannot be read (a corrupt last.pt, ...)."""
+
 _CACHE_LOCK = threading.Lock()
 
 
@@ -23,8 +28,8 @@ def _load_light(path):
 
 
 def training_progress(run_dir):
-    """``(completed epochs, epochs the run was started for)`` from ``last.pt``, or None without one.
-    Cached per file version, so a large checkpoint is read once."""
+    """``(completed epochs, epochs the run was started for)`` from ``last.pt``, or None without one;
+    RunStateError when it cannot be read. Cached per file version, so a large checkpoint is read once."""
     path = Path(run_dir) / LAST
     try:
         stat = path.stat()
@@ -34,9 +39,13 @@ def training_progress(run_dir):
     with _CACHE_LOCK:
         if key in _CACHE:
             return _CACHE[key]
-    payload = _load_light(path)
-    args = payload.get("args") or {}
-    progress = (int(payload["epoch"]), int(args.get("epochs", payload["epoch"])))
+    try:
+        payload = _load_light(path)
+        args = payload.get("args") or {}
+        progress = (int(payload["epoch"]), int(args.get("epochs", payload["epoch"])))
+    except Exception as err:  # corrupt or foreign file: say which, never start over it
+        raise RunStateError(f"cannot read {path} ({type(err).__name__}: {str(err).splitlines()[0][:200]}); resume "
+                            f"the run by hand from an epoch_N.pt or move the folder away") from err
     with _CACHE_LOCK:
         _CACHE[key] = progress
     return progress
