@@ -188,7 +188,9 @@ class StudyRun:
                 self.state.update(row.name, status=status)
                 if status == "done":
                     self.echo(f"{prefix} done")
-            except (RowFailed, RunStateError, OSError) as err:
+            except Exception as err:  # noqa: BLE001  (a row's failure must not stop the other rows)
+                if not isinstance(err, (RowFailed, RunStateError, OSError)):
+                    err = f"{type(err).__name__}: {err}"
                 self.failed.append(row.name)
                 self.state.update(row.name, status="failed", error=str(err))
                 self.echo(f"{prefix} failed: {err}")
