@@ -119,7 +119,8 @@ class StudyRun:
         else:
             command = lambda: commands.histogram_command(self.plan, rows, out_dir)
         finish = lambda: atomic_write_json(marker, {"figure": figure.name, "rows": [r.name for r in rows]})
-        return Phase(figure.name, marker.exists, command, lambda: f"figure {figure.name}", finish=finish)
+        return Phase(figure.name, marker.exists, command, lambda: f"drawing the {figure.kind} of {', '.join(figure.rows)}",
+                     finish=finish)
 
     def row_phases(self, row):
         phases = [self.training_phase(row)]
