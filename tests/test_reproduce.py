@@ -220,12 +220,15 @@ def test_batch_statistics_accuracy_by_hand():
 class FakeChildren:
     """Stands in for the scripts: training writes last.pt/best.pt, evaluation results.json."""
 
-    def __init__(self, fail_eval_of=(), epoch_cap=None):
-        self.commands, self.fail_eval_of, self.epoch_cap = [], set(fail_eval_of), epoch_cap
+    def __init__(self, fail_eval_of=(), epoch_cap=None, delay=0.0):
+        self.commands, self.fail_eval_of, self.epoch_cap, self.delay = [], set(fail_eval_of), epoch_cap, delay
+        self.devices = []
 
     def run(self, command, env, log_path, prefix="", keep_fds=()):
         self.commands.append(command)
-        script = Path(command[1]).name
+        self.devices.append((prefix, env.get("CUDA_VISIBLE_DEVICES")))
+        time.sleep(self.delay)
+        script = Path(next(part for part in command if part.endswith(".py"))).name
         if script.startswith("train_"):
             run_dir = Path(command[command.index("--resume") + 1]) if "--resume" in command else \
                 Path(command[command.index("--out-dir") + 1]) / command[command.index("--run-name") + 1]
@@ -277,6 +280,21 @@ def test_runner_trains_evaluates_then_reports_everything_already_done(tmp_path):
     assert [p.stat().st_mtime_ns for p in sorted(tmp_path.rglob("*.pt"))] == mtimes
 
 
+def test_runner_gives_each_concurrent_row_its_own_gpus(tmp_path):
+    study = STUDIES["table1"]
+    plan = Plan(study, study.rows, tmp_path, "cifar10", 2, (1, 2, 3), 4, slots=("0,1", "2,3"), nproc=2)
+    children = FakeChildren(delay=0.05)
+    code, _ = _run(plan, children)
+    assert code == 0 and len(children.commands) == 12
+    by_row = {}
+    for prefix, devices in children.devices:
+        by_row.setdefault(prefix, set()).add(devices)
+    assert all(len(devices) == 1 for devices in by_row.values())  # train and evaluate on the same slot
+    assert set().union(*by_row.values()) == {"0,1", "2,3"}        # both slots worked
+    trains = [c for c in children.commands if "torch.distributed.run" in c]
+    assert len(trains) == 6 and all("--nproc_per_node=2" in c for c in trains)
+
+
 def test_runner_reports_a_failed_evaluation_and_finishes_the_other_rows(tmp_path):
     code, lines = _run(_plan(tmp_path), FakeChildren(fail_eval_of={"trades"}))
     assert code == 1 and any(line.startswith("[row 2/3 trades] failed: evaluation: error: boom") for line in lines)
@@ -296,6 +314,7 @@ def test_runner_resumes_a_stopped_run_with_only_its_folder(tmp_path):
     children = FakeChildren()
     assert _run(plan, children)[0] == 0
     train = children.commands[0]
+    assert train[1].endswith("train_baselines.py")
     assert train[2:] == ["--resume", str(plan.run_dir(plan.rows[0])), "--quiet"]
 
 
@@ -315,7 +334,8 @@ def test_runner_never_starts_over_an_unreadable_last_pt(tmp_path):
     children = FakeChildren()
     code, lines = _run(plan, children)
     assert code == 1 and any("cannot read" in line and "last.pt" in line for line in lines)
-    assert [c[2:4] for c in children.commands][0] == ["--resume", str(plan.run_dir(plan.rows[1]))]  # only row 2
+    assert children.commands[0][2:4] == ["--resume", str(plan.run_dir(plan.rows[1]))]
+    assert not any(str(plan.run_dir(plan.rows[0])) in " ".join(c) for c in children.commands)  # row 1 untouched
     rows = json.loads((tmp_path / "table1" / "table.json").read_text())["rows"]
     assert rows[0]["status"].startswith("failed: cannot read") and rows[1]["status"] == "done"
     assert (plan.run_dir(plan.rows[0]) / "last.pt").read_bytes() == b"garbage"
