@@ -46,6 +46,7 @@ def batch_statistics_accuracy(model, x, y, batch_size=200, device="cpu"):
 
 
 def parse_args(argv=None):
+    """Options of ``python -m utils.reproduce.bn``."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--ckpt", required=True, help="checkpoint of this project")
     parser.add_argument("--n-examples", type=int, default=1000, help="size of the fixed test subset (default 1000)")
@@ -76,6 +77,7 @@ def run(args):
 
 
 def main(argv=None):
+    """Entry point; an expected error prints one ``error: ...`` line and returns 2."""
     from models import CheckpointError
     from utils.cli import run_cli
     from utils.data import DatasetError

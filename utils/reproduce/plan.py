@@ -33,34 +33,43 @@ class Plan:
 
     @property
     def budget(self):
+        """Attack budget of the evaluation: small for smoke runs, else full."""
         return "small" if self.smoke else "full"
 
     @property
     def study_dir(self):
+        """OUT/STUDY: table.md, table.json, state.json."""
         return self.out_dir / self.study.name
 
     def runs_dir(self, row):
+        """Parent of the row's run folder (its home study's runs/)."""
         return self.out_dir / (row.home or self.study.name) / "runs"
 
     def run_dir(self, row):
+        """The row's training run folder."""
         return self.runs_dir(row) / run_name(row, self.dataset, self.seed, self.epochs, self.smoke)
 
     def eval_dir(self, row):
+        """The row's evaluation folder inside its run folder (size and budget in the name)."""
         return self.run_dir(row) / f"eval_reproduce_n{self.n_examples}_{self.budget}"
 
     def bn_file(self, row):
+        """The row's BatchNorm check result."""
         return self.eval_dir(row) / "batchnorm.json"
 
     @property
     def figures_dir(self):
+        """OUT/figures/<tag>: the figures of this dataset, seed and schedule."""
         tag = f"{'smoke_' if self.smoke else ''}{self.dataset}_s{self.seed}"
         if self.epochs != recipe.EPOCHS:
             tag += f"_e{self.epochs}"
         return self.out_dir / "figures" / tag
 
     def features_file(self, row):
+        """The row's class-0 feature distances (.npz of feature_distance.py)."""
         return self.figures_dir / "features" / f"{row.name}_class0.npz"
 
     def schedule_text(self):
+        """The training schedule in words."""
         milestones = " ".join(str(m) for m in self.milestones)
         return f"{self.epochs} epochs, lr x0.1 after epochs {milestones}"

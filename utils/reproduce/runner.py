@@ -70,6 +70,7 @@ class StudyRun:
     # ---------------------------------------------------------------- phases
 
     def training_phase(self, row):
+        """Train the row from scratch, or resume its run folder; done when last.pt holds every epoch."""
         plan, run_dir = self.plan, self.plan.run_dir(row)
 
         def problem():
@@ -93,6 +94,7 @@ class StudyRun:
                      describe, problem=problem)
 
     def evaluation_phase(self, row):
+        """test_white_attack.py on best.pt; done when its results.json is complete."""
         plan, eval_dir = self.plan, self.plan.eval_dir(row)
         partial = lambda: eval_dir.exists()
         return Phase("evaluation", lambda: finished_results(eval_dir, plan.n_examples) is not None,
@@ -101,17 +103,20 @@ class StudyRun:
                              f"{', resuming' if partial() and self.tool.resume else ''})")
 
     def batchnorm_phase(self, row):
+        """Clean accuracy with running vs batch BatchNorm statistics (utils/reproduce/bn.py)."""
         return Phase("BatchNorm check", lambda: read_json(self.plan.bn_file(row)) is not None,
                      lambda: commands.batchnorm_command(self.plan, row),
                      lambda: "BatchNorm check (running vs batch statistics)")
 
     def features_phase(self, row):
+        """feature_distance.py for class 0, written under a temporary name and renamed when complete."""
         final = self.plan.features_file(row)
         partial = final.with_name(final.stem + ".partial.npz")
         return Phase("features", final.exists, lambda: commands.features_command(self.plan, row, partial),
                      lambda: "feature distances (class 0)", finish=lambda: os.replace(partial, final))
 
     def figure_phase(self, figure, rows):
+        """draw_hist.py or draw_umap.py into the figure's folder; done.json marks it complete."""
         out_dir = self.plan.figures_dir / figure.name
         marker = out_dir / "done.json"
         if figure.kind == "umap":
@@ -119,10 +124,11 @@ class StudyRun:
         else:
             command = lambda: commands.histogram_command(self.plan, rows, out_dir)
         finish = lambda: atomic_write_json(marker, {"figure": figure.name, "rows": [r.name for r in rows]})
-        return Phase(figure.name, marker.exists, command, lambda: f"drawing the {figure.kind} of {', '.join(figure.rows)}",
-                     finish=finish)
+        describe = lambda: f"drawing the {figure.kind} of {', '.join(figure.rows)}"
+        return Phase(figure.name, marker.exists, command, describe, finish=finish)
 
     def row_phases(self, row):
+        """The row's phases in order: training, then evaluation (+ BatchNorm check) or features (+ UMAP)."""
         phases = [self.training_phase(row)]
         if self.plan.study.evaluate:
             phases.append(self.evaluation_phase(row))
@@ -261,6 +267,7 @@ class StudyRun:
                         commit)
 
     def settings(self):
+        """The invocation's settings as the table reports them."""
         plan = self.plan
         return {"dataset": plan.dataset, "epochs": plan.epochs, "milestones": list(plan.milestones),
                 "seed": plan.seed, "n_examples": plan.n_examples, "budget": plan.budget, "smoke": plan.smoke,

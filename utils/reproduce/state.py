@@ -92,6 +92,7 @@ class StateFile:
         self._lock = threading.Lock()
 
     def get(self, row):
+        """A copy of ``row``'s entry (empty when it has none)."""
         with self._lock:
             return dict(self.rows.get(row, {}))
 

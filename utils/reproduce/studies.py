@@ -29,6 +29,7 @@ class Row:
 
     @property
     def script(self):
+        """The training script that trains this row."""
         return SCRIPTS[self.kind]
 
     @property
@@ -58,6 +59,7 @@ class Study:
     figures: tuple = ()
 
     def row(self, name):
+        """The row called ``name``."""
         return next(r for r in self.rows if r.name == name)
 
 
