@@ -24,7 +24,7 @@ from utils.reproduce.launcher import Launcher
 from utils.reproduce.plan import Plan
 from utils.reproduce.runner import StudyRun, failure_line
 from utils.reproduce.schedule import device_slots, run_concurrently
-from utils.reproduce.state import training_progress
+from utils.reproduce.state import finished_results, training_progress
 from utils.reproduce.studies import STUDIES, run_name, scale_milestones, select_rows
 from utils.reproduce.table import RowInput, build_table, render_markdown
 from utils.training.cli import KINDS
@@ -358,6 +358,20 @@ def test_commands_of_a_row():
     smoke = commands.smoke_attacks(reference=False).split(",")
     assert {"fgsm", "pgd40", "cw40", "fgsm+p", "pgd40+p", "cw40+p"} <= set(smoke)
     assert not any(name.startswith(("autoattack", "square")) or "apgd" in name for name in smoke)
+
+
+def test_an_evaluation_is_done_only_when_its_results_json_is_complete(tmp_path):
+    path = tmp_path / "results.json"
+    assert finished_results(tmp_path) is None
+    full = _results(0.5, [("pgd40", 0.25, 0.5)])
+    path.write_text(json.dumps(full)[:-20])                       # cut off while being written
+    assert finished_results(tmp_path) is None
+    path.write_text(json.dumps({k: v for k, v in full.items() if k != "worst_case"}))
+    assert finished_results(tmp_path) is None
+    path.write_text(json.dumps(dict(full, complete=False)))       # a resumable evaluation's partial file
+    assert finished_results(tmp_path) is None
+    path.write_text(json.dumps(full))
+    assert finished_results(tmp_path) == full
 
 
 def test_failure_line():

@@ -97,7 +97,7 @@ class StudyRun:
         """test_white_attack.py on best.pt; done when its results.json is complete."""
         plan, eval_dir = self.plan, self.plan.eval_dir(row)
         partial = lambda: eval_dir.exists()
-        return Phase("evaluation", lambda: finished_results(eval_dir, plan.n_examples) is not None,
+        return Phase("evaluation", lambda: finished_results(eval_dir) is not None,
                      lambda: commands.evaluate_command(plan, row, self.tool, resume=partial()),
                      lambda: f"evaluating {plan.n_examples} test examples ({plan.budget} budget"
                              f"{', resuming' if partial() and self.tool.resume else ''})")
@@ -148,7 +148,7 @@ class StudyRun:
         train = sum(1 for r in plan.rows if _trained_epochs(plan.run_dir(r)) < plan.epochs)
         if not plan.study.evaluate:
             return f"left: {train} to train"
-        evaluate = sum(1 for r in plan.rows if finished_results(plan.eval_dir(r), plan.n_examples) is None)
+        evaluate = sum(1 for r in plan.rows if finished_results(plan.eval_dir(r)) is None)
         return f"left: {train} to train, {evaluate} to evaluate"
 
     def run_phase(self, phase, prefix, slot, log, keep_fds):
@@ -247,7 +247,7 @@ class StudyRun:
         """What the files and the state file say about ``row`` now."""
         plan = self.plan
         entry = self.state.get(row.name)
-        results = finished_results(plan.eval_dir(row), plan.n_examples) if plan.study.evaluate else None
+        results = finished_results(plan.eval_dir(row)) if plan.study.evaluate else None
         trained = _trained_epochs(plan.run_dir(row))
         try:
             finished = (results is not None or not plan.study.evaluate) and all(p.done() for p in self.row_phases(row))

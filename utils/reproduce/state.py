@@ -59,15 +59,13 @@ def read_json(path):
         return None
 
 
-def finished_results(eval_dir, n_examples):
-    """``results.json`` of a finished evaluation of ``n_examples`` examples in ``eval_dir``, else None."""
+def finished_results(eval_dir):
+    """``results.json`` of a finished evaluation in ``eval_dir`` (whose name holds the requested size and
+    budget), else None. A results.json marked ``"complete": false`` is a partial one."""
     results = read_json(Path(eval_dir) / "results.json")
     if not isinstance(results, dict) or any(k not in results for k in ("clean", "attacks", "worst_case")):
         return None
-    if results.get("complete") is False:
-        return None
-    n = (results.get("meta") or {}).get("n_examples")
-    return results if n in (None, n_examples) else None
+    return None if results.get("complete") is False else results
 
 
 def git_commit(root):
