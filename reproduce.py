@@ -1,0 +1,39 @@
+"""Reproduce a table or the figures of the paper with one resumable command: train every row
+(or resume it), evaluate it, and write OUT/STUDY/table.md and table.json.
+
+Rerunning the same command after an interruption continues where it stopped; nothing finished is
+redone. `python reproduce.py --list` shows the studies and their rows.
+"""
+import argparse
+import sys
+
+from utils.reproduce.cli import main
+from utils.reproduce.studies import STUDIES
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("study", nargs="?", choices=sorted(STUDIES), help="which table or figures")
+    parser.add_argument("--list", action="store_true", help="print the studies and their rows, then exit")
+    parser.add_argument("--out-dir", default="results", help="parent of OUT/STUDY (default results)")
+    parser.add_argument("--only", default=None, metavar="ROW,...", help="run only these rows (see --list)")
+    parser.add_argument("--smoke", action="store_true",
+                        help="synthetic data, tiny sizes, small attack budget without AutoAttack: the whole chain "
+                             "on a CPU in minutes")
+    parser.add_argument("--epochs", type=int, default=None,
+                        help="train this many epochs, lr milestones scaled from 75/90/100 of 120 (default 120; "
+                             "smoke 2)")
+    parser.add_argument("--dataset", default=None, help="default: the study's (smoke: synthetic)")
+    parser.add_argument("--data-dir", default=None, help="where datasets live (default ./data)")
+    parser.add_argument("--n-examples", type=int, default=None,
+                        help="test examples evaluated (default 1000; smoke 16)")
+    parser.add_argument("--seed", type=int, default=0, help="training and attack seed (default 0)")
+    parser.add_argument("--gpus", default=None, metavar="0,1,...",
+                        help="run independent rows concurrently, one per GPU (or per group of --nproc-per-row)")
+    parser.add_argument("--nproc-per-row", type=int, default=1,
+                        help="train each row with this many processes through torchrun (default 1)")
+    return parser.parse_args(argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main(parse_args()))

@@ -1,0 +1,82 @@
+"""reproduce.py's library side: check the options, build the plan, run the study."""
+import sys
+from pathlib import Path
+
+from utils import recipe
+from utils.reproduce.plan import SMOKE_EXAMPLES, Plan
+from utils.reproduce.schedule import device_slots
+from utils.reproduce.studies import (
+    STUDIES,
+    describe_studies,
+    scale_milestones,
+    select_rows,
+)
+
+
+def schedule(args):
+    """``(epochs, milestones)``: the paper's, the smoke runs', or ``--epochs`` with scaled milestones."""
+    if args.epochs is not None:
+        if args.epochs < 1:
+            raise ValueError("--epochs must be at least 1")
+        return args.epochs, scale_milestones(args.epochs)
+    if args.smoke:
+        from utils.training.cli import SMOKE_DEFAULTS
+        return SMOKE_DEFAULTS["epochs"], tuple(SMOKE_DEFAULTS["milestones"])
+    return recipe.EPOCHS, tuple(recipe.MILESTONES)
+
+
+def check_dataset(study, rows, dataset):
+    """Refuse a dataset that one of the rows' training scripts does not take."""
+    from utils.training.cli import KINDS
+    refused = sorted({row.script for row in rows if dataset not in KINDS[row.kind].datasets})
+    if refused:
+        raise ValueError(f"--dataset {dataset} is not accepted by {', '.join(refused)} (study {study.name})")
+
+
+def check_gpus(slots):
+    """Refuse GPU indices this machine does not have."""
+    if slots == (None,):
+        return
+    import torch
+    highest = max(int(g) for slot in slots for g in slot.split(","))
+    if highest >= torch.cuda.device_count():
+        raise ValueError(f"--gpus names GPU {highest} but this machine has {torch.cuda.device_count()} CUDA "
+                         f"device(s); leave out --gpus to run on the default device")
+
+
+def make_plan(args):
+    """The :class:`Plan` for parsed arguments; a bad option raises ValueError before anything is created."""
+    if args.study is None:
+        raise ValueError("name a study (or pass --list to see them)")
+    study = STUDIES[args.study]
+    rows = select_rows(study, args.only)
+    dataset = args.dataset or ("synthetic" if args.smoke else study.dataset)
+    check_dataset(study, rows, dataset)
+    epochs, milestones = schedule(args)
+    n_examples = args.n_examples if args.n_examples is not None else (SMOKE_EXAMPLES if args.smoke else 1000)
+    if n_examples < 1:
+        raise ValueError("--n-examples must be at least 1")
+    slots = device_slots(args.gpus, args.nproc_per_row)
+    check_gpus(slots)
+    out_dir = Path(args.out_dir).resolve()
+    if out_dir.exists() and not out_dir.is_dir():
+        raise ValueError(f"--out-dir {args.out_dir} exists and is not a folder")
+    data_dir = str(Path(args.data_dir).resolve()) if args.data_dir else None
+    return Plan(study, rows, out_dir, dataset, epochs, milestones, n_examples, args.seed, args.smoke, data_dir,
+                slots, args.nproc_per_row)
+
+
+def main(args):
+    """Run reproduce.py's parsed ``args``; returns the exit code."""
+    if args.list:
+        print(describe_studies())
+        return 0
+    try:
+        plan = make_plan(args)
+    except ValueError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    from utils.reproduce.runner import StudyRun
+    print(f"{plan.study.name}: {len(plan.rows)} rows, {plan.dataset}, {plan.schedule_text()}, "
+          f"{plan.n_examples} test examples ({plan.budget} budget), out {plan.study_dir}", flush=True)
+    return StudyRun(plan).run()

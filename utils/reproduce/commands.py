@@ -1,0 +1,130 @@
+"""The command lines reproduce.py runs: the training scripts (fresh, resumed, or under torchrun),
+test_white_attack.py, the BatchNorm check and the figure scripts. Every path is absolute, so the
+children run in the user's working directory (where ``./data`` is)."""
+import re
+import subprocess
+import sys
+from dataclasses import dataclass
+
+from utils.reproduce.plan import ROOT
+
+# Every paper-protocol attack keeps its place in the smoke list; this is the list when the
+# evaluation's catalogue cannot be read.
+FALLBACK_SMOKE_ATTACKS = "fgsm,fgsm+p,pgd40,pgd40+p,cw40,cw40+p,pgd10"
+# Smoke runs of the CIFAR-shaped models use 8x8 synthetic images (4x less work than the scripts' 16).
+SMOKE_OPTIONS = {"resnet": ("--image-size", "8"), "baselines": ("--image-size", "8"),
+                 "wideresnet": ("--image-size", "8")}
+
+
+def python_command(plan, script, training=False):
+    """``python SCRIPT`` or, for training with several processes per row, torchrun."""
+    if training and plan.nproc > 1:
+        return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={plan.nproc}",
+                str(ROOT / script)]
+    return [sys.executable, str(ROOT / script)]
+
+
+def _data_dir(plan):
+    return ["--data-dir", plan.data_dir] if plan.data_dir else []
+
+
+def train_command(plan, row, resume):
+    """Train ``row`` from scratch into its run folder, or resume it (only ``--resume RUN``: the run's
+    own arguments hold the rest)."""
+    run_dir = plan.run_dir(row)
+    command = python_command(plan, row.script, training=True)
+    if resume:
+        return command + ["--resume", str(run_dir), "--quiet"]
+    command += list(row.options) + ["--dataset", plan.dataset, "--epochs", str(plan.epochs), "--milestones",
+                                    *map(str, plan.milestones), "--seed", str(plan.seed), "--out-dir",
+                                    str(plan.runs_dir(row)), "--run-name", run_dir.name, "--quiet"]
+    if plan.smoke:
+        command += ["--smoke", *SMOKE_OPTIONS.get(row.kind, ())]
+    if run_dir.exists():  # a start that never finished an epoch: nothing to keep
+        command.append("--overwrite")
+    return command + _data_dir(plan)
+
+
+@dataclass(frozen=True)
+class EvaluationTool:
+    """What this version of test_white_attack.py offers: ``--resume`` and the ``reference`` preset."""
+
+    resume: bool
+    reference: bool
+
+    @classmethod
+    def probe(cls):
+        """Read ``test_white_attack.py --help`` (and the attack presets) once."""
+        text = subprocess.run([sys.executable, str(ROOT / "test_white_attack.py"), "--help"], check=False, capture_output=True,
+                              text=True, timeout=300, cwd=ROOT).stdout
+        try:
+            from utils.evaluation import suite
+            presets = tuple(getattr(suite, "PRESETS", ()))
+        except ImportError:
+            presets = ()
+        reference = "reference" in presets or bool(re.search(r"presets[^()]*\breference\b", text))
+        return cls(resume="--resume" in text, reference=reference)
+
+    def attacks(self, smoke):
+        """The ``--attacks`` request: everything (plus the reference protocol), or the smoke list."""
+        return smoke_attacks(self.reference) if smoke else ("all,reference" if self.reference else "all")
+
+
+def smoke_attacks(reference):
+    """Every paper-protocol (and reference-protocol) attack and the first attack of each adaptive and
+    sanity family, leaving out whatever needs the AutoAttack package (minutes on a CPU)."""
+    try:
+        from utils.evaluation.suite import (
+            BUDGETS,
+            Settings,
+            attack_catalogue,
+            select_attacks,
+        )
+        catalogue = attack_catalogue(Settings(budget=BUDGETS["small"]), 10)
+        specs, _ = select_attacks("all,reference" if reference else "all", catalogue, True)
+    except (ImportError, TypeError, ValueError, KeyError):
+        return FALLBACK_SMOKE_ATTACKS
+    kept, families = [], set()
+    for spec in specs:
+        if spec.needs_autoattack:
+            continue
+        if spec.preset in ("paper", "reference") or spec.name.startswith("ref-") or spec.family not in families:
+            kept.append(spec.name)
+            families.add(spec.family)
+    return ",".join(kept)
+
+
+def evaluate_command(plan, row, tool, resume):
+    """test_white_attack.py on the row's best.pt into its reproduce evaluation folder."""
+    command = python_command(plan, "test_white_attack.py") + [
+        "--ckpt", str(plan.run_dir(row) / "best.pt"), "--attacks", tool.attacks(plan.smoke),
+        "--n-examples", str(plan.n_examples), "--budget", plan.budget, "--out-dir", str(plan.eval_dir(row)),
+        "--seed", str(plan.seed), "--quiet"] + _data_dir(plan)
+    return command + (["--resume"] if resume and tool.resume else [])
+
+
+def batchnorm_command(plan, row):
+    """The BatchNorm check (utils/reproduce/bn.py) on the evaluated subset."""
+    return [sys.executable, "-m", "utils.reproduce.bn", "--ckpt", str(plan.run_dir(row) / "best.pt"),
+            "--n-examples", str(plan.n_examples), "--out", str(plan.bn_file(row))] + _data_dir(plan)
+
+
+def features_command(plan, row, output):
+    """feature_distance.py for class 0 (paper Fig. 1, 3) into ``output``."""
+    command = python_command(plan, "feature_distance.py") + [
+        "--ckpt", str(plan.run_dir(row) / "best.pt"), "--target-label", "0", "--output", str(output),
+        "--seed", str(plan.seed), "--quiet"] + _data_dir(plan)
+    return command + (["--n-examples", str(plan.n_examples)] if plan.smoke else [])
+
+
+def umap_command(plan, row, out_dir):
+    """draw_umap.py on ``plan.n_examples`` test images into ``out_dir``."""
+    return python_command(plan, "draw_umap.py") + [
+        "--ckpt", str(plan.run_dir(row) / "best.pt"), "--n-examples", str(plan.n_examples), "--seed",
+        str(plan.seed), "--out-dir", str(out_dir), "--quiet"] + _data_dir(plan)
+
+
+def histogram_command(plan, rows, out_dir):
+    """draw_hist.py over the rows' feature files, labelled as the paper names the methods."""
+    return python_command(plan, "draw_hist.py") + [str(plan.features_file(r)) for r in rows] + [
+        "--labels", *[r.label for r in rows], "--out-dir", str(out_dir)]

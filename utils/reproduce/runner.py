@@ -1,0 +1,352 @@
+"""Resumable orchestration of a study: for each row, the phases not yet done (train or resume,
+evaluate, BatchNorm check, features / UMAP), each a child process; then the study's figures, and
+the table after every phase. Rerunning the same command continues where the last one stopped."""
+import os
+import signal
+import threading
+from collections.abc import Callable
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+from utils.checkpoint import atomic_write_json, atomic_write_text
+from utils.reproduce import commands
+from utils.reproduce.launcher import STOP_SIGNALS, Launcher, child_environment
+from utils.reproduce.plan import ROOT
+from utils.reproduce.schedule import run_concurrently
+from utils.reproduce.state import (
+    RunStateError,
+    StateFile,
+    finished_results,
+    git_commit,
+    read_json,
+    training_progress,
+)
+from utils.reproduce.table import (
+    RowInput,
+    build_table,
+    render_figures_markdown,
+    render_markdown,
+)
+
+try:
+    import fcntl
+except ImportError:  # not POSIX: no cross-process row locks
+    fcntl = None
+
+INTERRUPTED, FAILED = 130, 1
+
+
+@dataclass
+class Phase:
+    """One step of a row: done already?, its command, a progress text, and what to do after it."""
+
+    name: str
+    done: Callable[[], bool]
+    command: Callable[[], list]
+    describe: Callable[[], str]
+    finish: Callable[[], None] | None = None
+    problem: Callable[[], str | None] = lambda: None
+
+
+class RowFailed(RuntimeError):
+    """A phase of a row failed; the message is the one-line reason shown in the table."""
+
+
+class StudyRun:
+    """One invocation of reproduce.py on a plan."""
+
+    def __init__(self, plan, launcher=None, tool=None, echo=print):
+        self.plan = plan
+        self.echo = echo
+        self.launcher = launcher or Launcher(echo)
+        self.tool = tool
+        self.stop = threading.Event()
+        self.state = StateFile(plan.study_dir / "state.json")
+        self.commit = git_commit(ROOT)
+        self._table_lock = threading.Lock()
+        self.failed = []
+
+    # ---------------------------------------------------------------- phases
+
+    def training_phase(self, row):
+        """Train the row from scratch, or resume its run folder; done when last.pt holds every epoch."""
+        plan, run_dir = self.plan, self.plan.run_dir(row)
+
+        def problem():
+            progress = training_progress(run_dir)
+            if progress and progress[1] != plan.epochs:
+                return (f"{run_dir} was started for {progress[1]} epochs, not {plan.epochs}; move it away or "
+                        f"choose another --out-dir")
+            return None
+
+        def describe():
+            progress = training_progress(run_dir)
+            return f"training (epoch {progress[0]}/{plan.epochs} done)" if progress else \
+                f"training (new run, {plan.schedule_text()})"
+
+        def done():
+            progress = training_progress(run_dir)
+            return bool(progress) and progress[0] >= plan.epochs and progress[1] == plan.epochs
+
+        return Phase("training", done,
+                     lambda: commands.train_command(plan, row, resume=training_progress(run_dir) is not None),
+                     describe, problem=problem)
+
+    def evaluation_phase(self, row):
+        """test_white_attack.py on best.pt; done when its results.json is complete."""
+        plan, eval_dir = self.plan, self.plan.eval_dir(row)
+        partial = lambda: eval_dir.exists()
+        return Phase("evaluation", lambda: finished_results(eval_dir) is not None,
+                     lambda: commands.evaluate_command(plan, row, self.tool, resume=partial()),
+                     lambda: f"evaluating {plan.n_examples} test examples ({plan.budget} budget"
+                             f"{', resuming' if partial() and self.tool.resume else ''})")
+
+    def batchnorm_phase(self, row):
+        """Clean accuracy with running vs batch BatchNorm statistics (utils/reproduce/bn.py)."""
+        return Phase("BatchNorm check", lambda: read_json(self.plan.bn_file(row)) is not None,
+                     lambda: commands.batchnorm_command(self.plan, row),
+                     lambda: "BatchNorm check (running vs batch statistics)")
+
+    def features_phase(self, row):
+        """feature_distance.py for class 0, written under a temporary name and renamed when complete."""
+        final = self.plan.features_file(row)
+        partial = final.with_name(final.stem + ".partial.npz")
+        return Phase("features", final.exists, lambda: commands.features_command(self.plan, row, partial),
+                     lambda: "feature distances (class 0)", finish=lambda: os.replace(partial, final))
+
+    def figure_phase(self, figure, rows):
+        """draw_hist.py or draw_umap.py into the figure's folder; done.json marks it complete."""
+        out_dir = self.plan.figures_dir / figure.name
+        marker = out_dir / "done.json"
+        if figure.kind == "umap":
+            command = lambda: commands.umap_command(self.plan, rows[0], out_dir)
+        else:
+            command = lambda: commands.histogram_command(self.plan, rows, out_dir)
+        finish = lambda: atomic_write_json(marker, {"figure": figure.name, "rows": [r.name for r in rows]})
+        describe = lambda: f"drawing the {figure.kind} of {', '.join(figure.rows)}"
+        return Phase(figure.name, marker.exists, command, describe, finish=finish)
+
+    def row_phases(self, row):
+        """The row's phases in order: training, then evaluation (+ BatchNorm check) or features (+ UMAP)."""
+        phases = [self.training_phase(row)]
+        if self.plan.study.evaluate:
+            phases.append(self.evaluation_phase(row))
+            if row.shares_final_bn:
+                phases.append(self.batchnorm_phase(row))
+        else:
+            phases.append(self.features_phase(row))
+            phases += [self.figure_phase(f, (row,)) for f in self.plan.study.figures
+                       if f.kind == "umap" and f.rows == (row.name,)]
+        return phases
+
+    # ---------------------------------------------------------------- running
+
+    def left(self):
+        """What is left over all selected rows, for the progress line."""
+        plan = self.plan
+        train = sum(1 for r in plan.rows if _trained_epochs(plan.run_dir(r)) < plan.epochs)
+        if not plan.study.evaluate:
+            return f"left: {train} to train"
+        evaluate = sum(1 for r in plan.rows if finished_results(plan.eval_dir(r)) is None)
+        return f"left: {train} to train, {evaluate} to evaluate"
+
+    def run_phase(self, phase, prefix, slot, log, keep_fds):
+        """Run one phase's child; raise RowFailed with the reason when it fails (not when stopped)."""
+        reason = phase.problem()
+        if reason:
+            raise RowFailed(f"{phase.name}: {reason}")
+        self.echo(f"{prefix} {phase.describe()} | {self.left()}")
+        code, tail = self.launcher.run(phase.command(), child_environment(slot, ROOT), log, prefix, keep_fds)
+        if self.stop.is_set():
+            return False
+        if code != 0 or (phase.finish is None and not phase.done()):
+            raise RowFailed(f"{phase.name}: {failure_line(code, tail)} (log: {log})")
+        if phase.finish is not None:
+            phase.finish()
+        return True
+
+    def process_row(self, indexed, slot):
+        """Every phase of one row that is not done yet, in order; failures are recorded, not raised."""
+        index, row = indexed
+        plan = self.plan
+        prefix = f"[row {index}/{len(plan.rows)} {row.name}]"
+        phases = self.row_phases(row)
+        with row_lock(plan.runs_dir(row), plan.run_dir(row).name) as lock:
+            if lock is None:
+                self.echo(f"{prefix} skipped: another reproduce.py is working on {plan.run_dir(row)}")
+                return
+            try:
+                if all(p.done() for p in phases):
+                    self.echo(f"{prefix} already done ({plan.run_dir(row)})")
+                    self.state.update(row.name, status="done", error=None)
+                    return
+                self.state.update(row.name, status="running", error=None)
+                log = plan.run_dir(row).parent / f"{plan.run_dir(row).name}.reproduce.log"
+                for phase in phases:
+                    if self.stop.is_set():
+                        break
+                    if phase.done():
+                        continue
+                    if not self.run_phase(phase, prefix, slot, log, (lock,) if lock >= 0 else ()):
+                        break
+                    self.state.update(row.name, **{f"commit_{phase.name.split()[0].lower()}": self.commit})
+                status = "interrupted" if self.stop.is_set() else "done"
+                self.state.update(row.name, status=status)
+                if status == "done":
+                    self.echo(f"{prefix} done")
+            except Exception as err:  # noqa: BLE001  (a row's failure must not stop the other rows)
+                if not isinstance(err, (RowFailed, RunStateError, OSError)):
+                    err = f"{type(err).__name__}: {err}"
+                self.failed.append(row.name)
+                self.state.update(row.name, status="failed", error=str(err))
+                self.echo(f"{prefix} failed: {err}")
+            finally:
+                self.write_table()
+
+    def draw_figures(self):
+        """The study's histogram figures, once every row they need has its features."""
+        by_name = {r.name: r for r in self.plan.rows}
+        for figure in self.plan.study.figures:
+            if figure.kind == "umap" or self.stop.is_set():
+                continue
+            rows = [by_name.get(name) for name in figure.rows]
+            if None in rows or not all(self.plan.features_file(r).exists() for r in rows):
+                continue
+            phase = self.figure_phase(figure, tuple(rows))
+            if phase.done():
+                continue
+            try:
+                self.run_phase(phase, f"[figure {figure.name}]", self.plan.slots[0],
+                               self.plan.figures_dir / f"{figure.name}.reproduce.log", ())
+            except (RowFailed, OSError) as err:
+                self.failed.append(figure.name)
+                self.echo(f"[figure {figure.name}] failed: {err}")
+
+    def run(self):
+        """Run the plan; returns the exit code (0 done, 1 a row failed, 130 stopped)."""
+        self.plan.study_dir.mkdir(parents=True, exist_ok=True)
+        self.write_table()
+        with forward_stop_signals(self):
+            if self.tool is None and self.plan.study.evaluate:
+                self.tool = commands.EvaluationTool.probe()
+            run_concurrently(list(enumerate(self.plan.rows, 1)), self.plan.slots, self.process_row, self.stop)
+            if not self.stop.is_set():
+                run_concurrently([None], self.plan.slots[:1], lambda _item, _slot: self.draw_figures(), self.stop)
+        self.write_table()
+        table = self.plan.study_dir / "table.md"
+        if self.stop.is_set():
+            self.echo(f"stopped; run the same command again to continue. Table so far: {table}")
+            return INTERRUPTED
+        self.echo(f"table: {table}" + (f" ({len(self.failed)} failed: {', '.join(self.failed)})" if self.failed else ""))
+        return FAILED if self.failed else 0
+
+    # ---------------------------------------------------------------- table
+
+    def row_input(self, row):
+        """What the files and the state file say about ``row`` now."""
+        plan = self.plan
+        entry = self.state.get(row.name)
+        results = finished_results(plan.eval_dir(row)) if plan.study.evaluate else None
+        trained = _trained_epochs(plan.run_dir(row))
+        try:
+            finished = (results is not None or not plan.study.evaluate) and all(p.done() for p in self.row_phases(row))
+        except RunStateError as err:
+            entry, finished = {"status": "failed", "error": str(err)}, False
+        if entry.get("status") == "failed":
+            status = "failed: " + (entry.get("error") or "unknown error").splitlines()[0]
+        elif finished:
+            status = "done"
+        elif 0 < trained < plan.epochs:
+            status = f"pending (trained {trained}/{plan.epochs} epochs)"
+        else:
+            status = "pending"
+        batchnorm = read_json(plan.bn_file(row)) if row.shares_final_bn else None
+        commit = entry.get("commit_evaluation") or entry.get("commit_training")
+        return RowInput(row, status, str(plan.run_dir(row)), results if status == "done" else None, batchnorm,
+                        commit)
+
+    def settings(self):
+        """The invocation's settings as the table reports them."""
+        plan = self.plan
+        return {"dataset": plan.dataset, "epochs": plan.epochs, "milestones": list(plan.milestones),
+                "seed": plan.seed, "n_examples": plan.n_examples, "budget": plan.budget, "smoke": plan.smoke,
+                "commit": self.commit}
+
+    def write_table(self):
+        """Rewrite table.json and table.md (or, for the figures study, the list of figures)."""
+        with self._table_lock:
+            items = [self.row_input(row) for row in self.plan.rows]
+            study_dir = self.plan.study_dir
+            if self.plan.study.evaluate:
+                table = build_table(self.plan.study, self.settings(), items)
+                text = render_markdown(table)
+            else:
+                figures = {f.name: self.figure_phase(f, ()).done() for f in self.plan.study.figures}
+                table = {"study": self.plan.study.name, "settings": self.settings(),
+                         "figures_dir": str(self.plan.figures_dir), "figures": figures,
+                         "rows": [{"row": i.row.name, "status": i.status, "run_dir": i.run_dir} for i in items]}
+                text = render_figures_markdown(table)
+            atomic_write_json(study_dir / "table.json", table)
+            atomic_write_text(study_dir / "table.md", text)
+
+
+def _trained_epochs(run_dir):
+    """Completed epochs of a run (0 when it has none or its last.pt cannot be read)."""
+    try:
+        return (training_progress(run_dir) or (0,))[0]
+    except RunStateError:
+        return 0
+
+
+def failure_line(code, tail):
+    """The one-line reason of a failed child: its last ``error: ...`` line, else its last line."""
+    for line in reversed(tail):
+        if line.strip().startswith("error:"):
+            return line.strip()
+    last = next((line.strip() for line in reversed(tail) if line.strip()), "")
+    return f"exit code {code}" + (f": {last}" if last else "")
+
+
+@contextmanager
+def row_lock(folder, name):
+    """An exclusive lock on ``folder/name.lock`` (yields its file descriptor), or None when another
+    process holds it. Children inherit the descriptor, so a row stays locked while they live."""
+    if fcntl is None:
+        yield -1
+        return
+    Path(folder).mkdir(parents=True, exist_ok=True)
+    fd = os.open(Path(folder) / f"{name}.lock", os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            yield None
+            return
+        yield fd
+    finally:
+        os.close(fd)
+
+
+@contextmanager
+def forward_stop_signals(study):
+    """SIGINT / SIGTERM set the study's stop flag and reach the running children once each; a
+    second signal is forwarded too (a training run then aborts without saving)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum, _frame):
+        first = not study.stop.is_set()
+        study.stop.set()
+        name = signal.Signals(signum).name
+        study.echo(f"{name}: " + ("letting the running steps save, then stopping (send it again to abort them)"
+                                  if first else "forwarded again: running steps abort without saving"))
+        study.launcher.forward(signum)
+
+    previous = {s: signal.signal(s, handler) for s in STOP_SIGNALS}
+    try:
+        yield
+    finally:
+        for s, old in previous.items():
+            signal.signal(s, old)
