@@ -64,6 +64,14 @@ def test_studies_are_the_papers_rows():
     assert paper.REPORTED["ablation/trades-ra"].figures["autoattack"] == 61.02
 
 
+def test_separate_batchnorm_row_is_the_wrn_row_plus_the_option_in_its_own_run_folder():
+    wrn = STUDIES["wrn"]
+    base, ablation = wrn.row("wrn-34-10-trades-ancra"), wrn.row("wrn-34-10-trades-ancra-sepbn")
+    assert ablation.options == base.options + ("--separate-bn",) and ablation.paper is None
+    assert run_name(ablation, "cifar10", 0, 120) == "cifar10_wrn-34-10_trades-ancra_sepbn_s0"
+    assert run_name(ablation, "cifar10", 0, 120) != run_name(base, "cifar10", 0, 120)
+
+
 def test_row_selection_and_run_names():
     table1 = STUDIES["table1"]
     assert [r.name for r in select_rows(table1, "mart,pgd-at")] == ["pgd-at", "mart"]  # study order

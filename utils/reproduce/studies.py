@@ -87,6 +87,12 @@ def _wrn(depth, widen):
                "trades-ancra", True, f"wrn/{name}")
 
 
+def _separate_bn(row):
+    """The ablation of ``row`` with one BatchNorm per RA block (not in the paper: no reported figures)."""
+    return replace(row, name=f"{row.name}-sepbn", label=f"{row.label} (separate RA BatchNorms)",
+                   options=row.options + ("--separate-bn",), method=f"{row.method}_sepbn", paper=None)
+
+
 def _tiny(method, label):
     return Row(f"{method}-ancra", label, "tiny", ("--method", method), "preact-resnet18", f"{method}-ancra", True,
                f"tiny/{method}-ancra")
@@ -110,7 +116,8 @@ STUDIES = {study.name: study for study in (
         _ancra("trades", "TRADES-RA", "ablation", extra=("--no-anc",), name="trades-ra"),
         _shared("trades-ancra", "ablation/trades-ancra"))),
     Study("cifar100", "ResNet-18 on CIFAR-100 (paper Table 1)", "cifar100", _resnet_six("cifar100")),
-    Study("wrn", "WideResNet TRADES-ANCRA on CIFAR-10 (official README)", "cifar10", (_wrn(34, 10), _wrn(28, 10))),
+    Study("wrn", "WideResNet TRADES-ANCRA on CIFAR-10 (official README; -sepbn: our BatchNorm ablation)", "cifar10",
+          (_wrn(34, 10), _wrn(28, 10), _separate_bn(_wrn(34, 10)))),
     Study("tiny-imagenet", "PreActResNet-18 on Tiny-ImageNet (official README)", "tiny-imagenet", (
         _tiny("pgd-at", "PGD-AT-ANCRA"), _tiny("trades", "TRADES-ANCRA"), _tiny("mart", "MART-ANCRA"))),
     Study("figures", "Feature figures from the table1 models (paper Fig. 1, Fig. 3, UMAP)", "cifar10",
