@@ -21,7 +21,7 @@ from utils import data as datasets
 from utils.checkpoint import atomic_write_json, atomic_write_text
 from utils.cli import run_cli
 from utils.evaluation.autoattack_adapter import AutoAttackUnavailable
-from utils.evaluation.catalogue import BUDGETS, PRESETS, EvaluationError
+from utils.evaluation.catalogue import BUDGETS, PRESETS, EvaluationError, Settings
 from utils.evaluation.options import (
     OneLineParser,
     OutputError,
@@ -34,7 +34,12 @@ from utils.evaluation.options import (
 )
 from utils.evaluation.report import eps_text
 from utils.evaluation.results import AttackResult
-from utils.evaluation.suite import ATTACK_DTYPES, default_attack_dtype, evaluate_model
+from utils.evaluation.suite import (
+    ATTACK_DTYPES,
+    choose_attacks,
+    default_attack_dtype,
+    evaluate_model,
+)
 
 PARTIAL = "results.partial.json"
 RESUME_KEYS = ("model", "weights", "indices", "seed", "eps", "budget", "aux_weight", "joint_weights", "taus",
@@ -248,6 +253,7 @@ def run(args):
     model, config, saved = load_checkpoint(args) if args.ckpt else build_factory_model(args)
     dataset, x, y, indices, data_dir = load_test_subset(args, config, saved)
     _check_classes(model, x, dataset, args.device)
+    choose_attacks(model, x, args.attacks, Settings(eps=args.eps, budget=BUDGETS[args.budget]), args.device)
     meta = _meta(args, config, dataset, indices, data_dir, started)
     finished = _finished_attacks(previous, meta["resume_key"]) if previous else {}
     create_output_dir(out_dir)

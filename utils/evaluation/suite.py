@@ -89,6 +89,16 @@ def _num_classes(model, x, device):
         model.train(was_training)
 
 
+def choose_attacks(model, x, attacks, settings, device):
+    """``(specs, skipped)`` for ``attacks`` on this model: its class count from one forward pass,
+    its number of RA heads, RA-only attacks skipped when it has none; refuses an empty choice."""
+    catalogue = attack_catalogue(settings, _num_classes(model, x, device), head_count(model))
+    specs, skipped = select_attacks(attacks, catalogue, has_reverse_attention(model))
+    if not specs:
+        raise EvaluationError(f"no attack selected by {attacks!r}; name attacks or a preset ({', '.join(PRESETS)})")
+    return specs, skipped
+
+
 def evaluate_model(model, x, y, attacks="all", eps=recipe.EPS, *, aux_weight=recipe.AUX_WEIGHT, budget="full",
                    batch_size="auto", seed=0, device=None, cascade=True, attack_dtype=None,
                    joint_weights=(0.5, 2.0, 8.0), taus=(0.1, 1.0, 10.0), progress=False, on_result=None,
@@ -108,11 +118,7 @@ def evaluate_model(model, x, y, attacks="all", eps=recipe.EPS, *, aux_weight=rec
         raise EvaluationError(f"eps must be in (0, 1] for images in [0, 1], got {eps}")
     settings = Settings(eps=eps, aux_weight=aux_weight, budget=BUDGETS[budget], joint_weights=tuple(joint_weights),
                         taus=tuple(taus))
-    catalogue = attack_catalogue(settings, _num_classes(model, x, device), head_count(model))
-    specs, skipped = select_attacks(attacks, catalogue, has_reverse_attention(model))
-    if not specs:
-        raise EvaluationError(f"no attack selected by {attacks!r}; name attacks or a preset "
-                              f"({', '.join(PRESETS)})")
+    specs, skipped = choose_attacks(model, x, attacks, settings, device)
     note = f"{batch_size} (given)"
     if batch_size == "auto":
         batch_size, note = auto_batch_size(model, x, device, len(y))
