@@ -47,6 +47,7 @@ RESUME_KEYS = ("model", "weights", "indices", "seed", "eps", "budget", "aux_weig
 
 
 def number_list(text):
+    """argparse type: comma-separated numbers."""
     try:
         return tuple(float(v) for v in text.split(",") if v.strip())
     except ValueError:
@@ -245,6 +246,7 @@ def _has_attacks(request):
 
 
 def run(args):
+    """Check every input and the output folder, load, attack (saving each attack), report."""
     started = datetime.now()
     if not _has_attacks(args.attacks):
         raise EvaluationError(f"--attacks {args.attacks!r} names no attack; give names or a preset "

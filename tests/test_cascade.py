@@ -21,6 +21,7 @@ from utils.evaluation.suite import (
     attack_catalogue,
     head_count,
     run_attacks,
+    run_checks,
     select_attacks,
 )
 
@@ -68,6 +69,10 @@ def test_cascade_equals_full_evaluation_on_the_masked_toy():
     check_survivors_only(cascade, calls)
     stages = [r for r in cascade.results if not r.standalone]
     assert sum(r.n_received for r in stages) < sum(full.result(r.name).n_received for r in stages)  # work saved
+    checks = {c["name"]: c for c in run_checks(cascade)}
+    assert checks["aux/final agreement"]["status"] == "FLAG"             # masking is still caught in a cascade
+    assert sum(v or 0 for v in checks["aux/final agreement"]["numbers"]["broken_beyond_final"].values()) > 0
+    assert checks["more steps/restarts never help"]["status"] == "pass"  # pgd10 broke nothing pgd40 left
 
 
 @pytest.mark.slow

@@ -73,6 +73,7 @@ def batch_size_type(text):
 
 
 def positive_int(text):
+    """argparse type: an integer ≥ 1."""
     try:
         value = int(text)
     except ValueError:

@@ -59,14 +59,17 @@ class AttackResult:
 
     @property
     def paper_accuracy(self):
+        """The paper's count: last-iterate accuracy over all examples (paper attacks only)."""
         return None if self.paper is None else float(self.paper.mean())
 
     @property
     def n_received(self):
+        """Clean-correct examples this attack attacked."""
         return int(self.received.sum())
 
     @property
     def n_broken(self):
+        """Examples it received and broke."""
         return int((self.received & ~self.robust).sum())
 
     def to_json(self):
@@ -86,6 +89,7 @@ class AttackResult:
 
     @classmethod
     def from_json(cls, record):
+        """The result stored by :meth:`to_json` (older files lack the newer keys: defaults)."""
         def bools(values):
             return None if values is None else np.array(values, bool)
         return cls(record["name"], record["family"], record["with_p"], record["params"], record["seed"],
@@ -134,9 +138,11 @@ class Evaluation:
         return worst
 
     def markdown(self):
+        """The markdown report (``report.md``)."""
         from utils.evaluation.report import markdown_report
         return markdown_report(self, self.checks, self.meta)
 
     def to_json(self):
+        """The JSON report (``results.json``)."""
         from utils.evaluation.report import json_report
         return json_report(self, self.checks, self.meta)
