@@ -73,6 +73,9 @@ def _attack_arguments(parser):
     attack.add_argument("--attacks", default="all",
                         help=f"comma-separated attack names and/or presets {', '.join(PRESETS)} (default all; "
                              "'reference' is not part of all)")
+    attack.add_argument("--protocol", choices=("paper", "reference"), default="paper",
+                        help="reference: also run the reference evaluation script's FGSM and C&W-20 (the 'reference' "
+                             "preset; they reproduce the reference code and never enter the worst case)")
     attack.add_argument("--eps", type=threat_eps, default=8 / 255,
                         help="L∞ budget: 8/255 (default), 0.031 or 8 (pixel units)")
     attack.add_argument("--aux-weight", type=float, default=2.0, help="λ of the 'with p' attacks (default 2.0)")
@@ -114,6 +117,8 @@ def parse_args(argv=None):
         parser.error("--weights goes with --model-factory; a checkpoint's weights come from --ckpt")
     if args.resume and not args.out_dir:
         parser.error("--resume needs the --out-dir of the run to continue")
+    if args.protocol == "reference" and "reference" not in args.attacks.split(","):
+        args.attacks = f"{args.attacks},reference" if args.attacks.strip() else "reference"
     return args
 
 

@@ -70,6 +70,18 @@ def test_upper_bound_empty_and_warning_rows_are_explained():
     assert json.loads(json.dumps(evaluation.to_json()))["attacks"][0]["upper_bound"].startswith("upper bound")
 
 
+def test_no_threat_model_attack_means_no_headline():
+    evaluation = _hand([1, 1, 0, 0], [result_like("pgd40-eps1", [0, 0, 0, 0]), result_like("ref-cw20", [1, 0, 0, 0])])
+    text = evaluation.markdown()
+    assert "No attack of the threat model ran" in text and "Headline" not in text
+    assert evaluation.to_json()["worst_case"]["over"] == []
+
+
+def test_protocol_reference_adds_the_reference_preset():
+    args = test_white_attack.parse_args(["--ckpt", "x.pt", "--attacks", "paper", "--protocol", "reference"])
+    assert args.attacks == "paper,reference"
+
+
 # ---------------------------------------------------------------- the scripts
 
 def _checkpoint(folder, ema=False, data_dir=None):
