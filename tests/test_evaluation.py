@@ -261,7 +261,7 @@ def test_script_on_our_checkpoint_writes_report_and_json(tmp_path, capsys):
     # cascade: the standalone attacks first (paper protocol, then ε = 1 outside the threat model)
     assert [a["name"] for a in report["attacks"]] == ["fgsm+p", "pgd40", "pgd40-eps1", "transfer-nora"]
     assert report["worst_case"]["over"] == ["fgsm+p", "pgd40", "transfer-nora"]
-    assert report["attacks"][3]["standalone"] is False and report["attacks"][3]["accuracy"] is None
+    assert report["cascade"]["enabled"] and report["cascade"]["order"][3]["name"] == "transfer-nora"
     assert report["meta"]["dataset"] == "synthetic" and report["meta"]["image_size"] == 16
     # the clean column is the model's own prediction on the examples named in meta.indices
     test = datasets.load_dataset("synthetic", split="test", synthetic_image_size=16)

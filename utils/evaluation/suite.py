@@ -8,6 +8,7 @@ import torch
 
 from models import has_reverse_attention
 from utils import recipe
+from utils.evaluation.autoattack_adapter import import_autoattack
 from utils.evaluation.catalogue import (
     BUDGETS,
     PRESETS,
@@ -130,5 +131,6 @@ def evaluate_model(model, x, y, attacks="all", eps=recipe.EPS, *, aux_weight=rec
                             "n_examples": evaluation.n, "eps": eps, "eps_text": eps_text(eps),
                             "aux_weight": aux_weight, "budget": budget, "seed": seed, "device": str(device),
                             "cascade": cascade, "attack_dtype": attack_dtype}, **(meta or {}))
-    evaluation.meta.update(batch_size=batch_size, batch_size_note=note)
+    package = import_autoattack().name if any(spec.needs_autoattack for spec in specs) else None
+    evaluation.meta.update(batch_size=batch_size, batch_size_note=note, autoattack_package=package)
     return evaluation
