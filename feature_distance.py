@@ -1,5 +1,5 @@
 """Cosine / L2 statistics of PP (natural vs adversarial) and NP (natural vs other-class) feature
-pairs for one class of the test set (SPEC §6, paper Fig. 1, 3); prints a table, saves an .npz."""
+pairs for one class of the test set (docs/protocol.md §6, paper Fig. 1, 3); prints a table, saves an .npz."""
 import sys
 from pathlib import Path
 

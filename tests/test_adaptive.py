@@ -1,4 +1,4 @@
-"""Adaptive attacks and sanity checks (SPEC §8): a deliberately masked toy model is caught, an
+"""Adaptive attacks and sanity checks (docs/protocol.md §8): a deliberately masked toy model is caught, an
 ordinary model is not flagged, surrogate views compute what they claim, and the AutoAttack
 adapter passes the package's own warnings through."""
 import numpy as np

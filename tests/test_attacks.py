@@ -1,4 +1,4 @@
-"""L∞ attacks (SPEC §2): projection, step direction, per-example targeting, objectives,
+"""L∞ attacks (docs/protocol.md §2): projection, step direction, per-example targeting, objectives,
 model-state hygiene, and attack strength on a small undefended model trained here."""
 import math
 

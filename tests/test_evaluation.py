@@ -1,4 +1,4 @@
-"""Evaluation bookkeeping (SPEC §2, §8): attack selection, every attack on small RA and plain
+"""Evaluation bookkeeping (docs/protocol.md §2, §8): attack selection, every attack on small RA and plain
 models, per-example worst case, reports, and the test_white_attack.py script on our checkpoints
 and on reference-format state dicts."""
 import json

@@ -1,4 +1,4 @@
-"""Feature analysis (SPEC §6): PP/NP metrics against direct computations, the .npz contract,
+"""Feature analysis (docs/protocol.md §6): PP/NP metrics against direct computations, the .npz contract,
 the histogram and UMAP figures, and the scripts' error handling, on a tiny synthetic checkpoint."""
 import argparse
 import json

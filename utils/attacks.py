@@ -1,4 +1,4 @@
-"""L∞ attacks (SPEC §2): PGD (untargeted / targeted, CE / C&W-margin / TRADES-KL / DLR), FGSM, C&W∞.
+"""L∞ attacks (docs/protocol.md §2): PGD (untargeted / targeted, CE / C&W-margin / TRADES-KL / DLR), FGSM, C&W∞.
 
 Every attack runs the model in eval mode inside :func:`attack_mode`, takes gradients with
 respect to the input only, and returns images inside the ε-ball around ``x`` and in [0, 1].
@@ -185,5 +185,5 @@ def cw_inf(model, x, y, eps=EPS, step_size=0.007, steps=40, *, aux_weight=0.0, g
 
 
 def pgd_train(model, x, y, eps=EPS, step_size=0.007, steps=10, *, aux_weight=0.0, loss="ce", generator=None):
-    """Training adversarial examples (SPEC §2): untargeted CE from x + 0.001·N(0,1)."""
+    """Training adversarial examples (docs/protocol.md §2): untargeted CE from x + 0.001·N(0,1)."""
     return pgd(model, x, y, eps, step_size, steps, loss=loss, init="normal", aux_weight=aux_weight, generator=generator)

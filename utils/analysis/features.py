@@ -1,4 +1,4 @@
-"""Feature analysis of SPEC §6 (paper Fig. 1, 3): penultimate features of natural examples,
+"""Feature analysis of docs/protocol.md §6 (paper Fig. 1, 3): penultimate features of natural examples,
 their PGD-10 adversarial examples (PP pairs) and other-class examples (NP pairs).
 
 The feature is the vector fed to the classifier, ``model(x, return_features=True)`` in eval
@@ -14,7 +14,7 @@ mode (RA models use argmax masks, as at inference). Saved ``.npz`` files (load w
 ``label``                  str: method label drawn in legends (e.g. ``TRADES-ANCRA``)
 ``target_label``           int: the class of the natural examples
 ``dataset``                str: dataset name
-``strategy``               str: negative strategy of the NP pairs (SPEC §3)
+``strategy``               str: negative strategy of the NP pairs (docs/protocol.md §3)
 ``attack``                 str: JSON of the attack settings (``ae`` and, for ``*_adv``, ``oe``)
 ``seed``                   int: seed of the attacks' noise and the negatives' sampling
 ``n_examples``             int: N
@@ -49,7 +49,7 @@ class FeatureError(ValueError):
 
 @dataclass(frozen=True)
 class AttackSettings:
-    """PGD of the training recipe (SPEC §2): CE, x + 0.001·N(0,1) start, eval mode; λ on RA heads."""
+    """PGD of the training recipe (docs/protocol.md §2): CE, x + 0.001·N(0,1) start, eval mode; λ on RA heads."""
 
     eps: float = EPS
     step_size: float = 0.007
@@ -195,7 +195,7 @@ def other_class_examples(model, strategy, x, y, pool_x, pool_y, num_classes, att
 
     The anchors and the pool form one batch, so ``choose_negatives`` sees the same kind of batch
     as in training; only the anchors' choices are kept. ``*_adv`` strategies then attack the
-    chosen examples toward the anchor's label (SPEC §2 training OE). Returns ``(x_o, pool index)``.
+    chosen examples toward the anchor's label (docs/protocol.md §2 training OE). Returns ``(x_o, pool index)``.
     """
     base = effective_strategy(strategy)
     batch_x, batch_y = torch.cat([x, pool_x]), torch.cat([y, pool_y])
@@ -227,7 +227,7 @@ def class_indices(data, target_label, n_examples=None):
 
 def feature_distances(analysis, target_label=0, *, strategy="random_adv", n_examples=None, batch_size=200,
                       attack=AttackSettings(), seed=0, device="cpu", progress=True, save_features=False):
-    """PP and NP cosine / L2 arrays for the test images of ``target_label`` (SPEC §6), as the
+    """PP and NP cosine / L2 arrays for the test images of ``target_label`` (docs/protocol.md §6), as the
     dict that :func:`save_npz` writes."""
     if strategy not in STRATEGIES:
         raise FeatureError(f"unknown negative strategy {strategy!r}; choose one of {', '.join(STRATEGIES)}")

@@ -1,4 +1,4 @@
-"""Figures of the feature analysis (SPEC §6): the paper's four overlaid histograms (Fig. 1, 3)
+"""Figures of the feature analysis (docs/protocol.md §6): the paper's four overlaid histograms (Fig. 1, 3)
 and a UMAP scatter of natural / adversarial features. Headless (Agg backend)."""
 import warnings
 from pathlib import Path
