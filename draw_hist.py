@@ -1,15 +1,15 @@
 """The paper's Fig. 1 / Fig. 3 histograms (NP cosine, NP L2, PP cosine, PP L2; 20 bins, density)
 with several methods overlaid, from .npz files written by feature_distance.py."""
-import argparse
 import sys
 
-from utils.cli import run_cli
 from utils.analysis.features import FeatureError, load_npz
 from utils.analysis.plots import histogram_figures, mixed_metadata
+from utils.cli import run_cli
+from utils.evaluation.options import OneLineParser, OutputError, check_output_dir
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__)
+    parser = OneLineParser(description=__doc__)
     parser.add_argument("files", nargs="+", help=".npz files from feature_distance.py, one per method")
     parser.add_argument("--labels", nargs="+", default=None,
                         help="legend labels, one per file (default: the method labels stored in the files)")
@@ -23,6 +23,7 @@ def run(args):
         raise FeatureError(f"got {len(args.labels)} --labels for {len(args.files)} files; give one label per file")
     if args.bins < 1:
         raise FeatureError("--bins must be at least 1")
+    check_output_dir(args.out_dir)  # before reading the files
     runs = [load_npz(path) for path in args.files]
     for message in mixed_metadata(runs, args.files):
         print(f"warning: {message}", file=sys.stderr)
@@ -33,7 +34,7 @@ def run(args):
 
 
 def main(argv=None):
-    return run_cli(run, parse_args, (FeatureError,), argv)
+    return run_cli(run, parse_args, (FeatureError, OutputError), argv)
 
 
 if __name__ == "__main__":

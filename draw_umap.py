@@ -1,22 +1,32 @@
 """UMAP of the penultimate features of natural and PGD adversarial test images, coloured by
 class (o natural, x adversarial); saves umap.png/pdf and the 2-D embedding (umap_embedding.npz)."""
-import argparse
 import json
 import sys
-from pathlib import Path
 
 import numpy as np
 
 from models import CheckpointError
+from utils.analysis.features import (
+    FeatureError,
+    add_common_arguments,
+    attack_from_args,
+    check_options,
+    load_analysis,
+    umap_inputs,
+)
+from utils.analysis.plots import umap_embedding, umap_figure
 from utils.cli import run_cli
 from utils.data import DatasetError
-from utils.analysis.features import (FeatureError, add_common_arguments, attack_from_args, check_options, load_analysis,
-                            umap_inputs)
-from utils.analysis.plots import umap_embedding, umap_figure
+from utils.evaluation.options import (
+    OneLineParser,
+    OutputError,
+    check_output_dir,
+    create_output_dir,
+)
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__)
+    parser = OneLineParser(description=__doc__)
     add_common_arguments(parser)
     parser.add_argument("--n-neighbors", type=int, default=15, help="UMAP n_neighbors (default 15)")
     parser.add_argument("--min-dist", type=float, default=0.1, help="UMAP min_dist (default 0.1)")
@@ -28,13 +38,16 @@ def run(args):
     check_options(args)
     if args.n_neighbors < 2:
         raise FeatureError("--n-neighbors must be at least 2")
-    analysis = load_analysis(args.ckpt, args.dataset, args.data_dir, args.device, args.label)
+    if 2 * args.n_examples <= args.n_neighbors + 1:
+        raise FeatureError(f"--n-examples {args.n_examples} gives {2 * args.n_examples} points, too few for UMAP with "
+                           f"--n-neighbors {args.n_neighbors}; use at least {args.n_neighbors // 2 + 2} examples")
+    out_dir = check_output_dir(args.out_dir)  # before any work
+    analysis = load_analysis(args.ckpt, args.dataset, args.data_dir, args.device, args.label, use_ema=not args.no_ema)
     attack = attack_from_args(args, analysis)
+    create_output_dir(out_dir)
     inputs = umap_inputs(analysis, args.n_examples, batch_size=args.batch_size, attack=attack, seed=args.seed,
                          device=args.device, progress=not args.quiet)
     embedding = umap_embedding(inputs["features"], args.seed, args.n_neighbors, args.min_dist)
-    out_dir = Path(args.out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
     n = len(inputs["index"])
     title = f"{analysis.label} on {analysis.dataset}: {n} test images, natural and PGD-{attack.steps}"
     paths = umap_figure(embedding, inputs["labels"], inputs["is_adv"], analysis.data.classes, title, out_dir / "umap")
@@ -49,7 +62,7 @@ def run(args):
 
 
 def main(argv=None):
-    return run_cli(run, parse_args, (FeatureError, CheckpointError, DatasetError), argv)
+    return run_cli(run, parse_args, (FeatureError, CheckpointError, DatasetError, OutputError), argv)
 
 
 if __name__ == "__main__":

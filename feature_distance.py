@@ -1,19 +1,34 @@
 """Cosine / L2 statistics of PP (natural vs adversarial) and NP (natural vs other-class) feature
-pairs for one class of the test set (SPEC §6, paper Fig. 1, 3); prints a table, saves an .npz."""
-import argparse
+pairs for one class of the test set (docs/protocol.md §6, paper Fig. 1, 3); prints a table, saves an .npz."""
 import sys
 from pathlib import Path
 
 from models import CheckpointError
+from utils.analysis.features import (
+    FeatureError,
+    add_common_arguments,
+    attack_from_args,
+    check_options,
+    feature_distances,
+    load_analysis,
+    safe_name,
+    save_npz,
+    stats_table,
+)
 from utils.cli import run_cli
 from utils.data import DatasetError
-from utils.analysis.features import (FeatureError, add_common_arguments, attack_from_args, check_options,
-                            feature_distances, load_analysis, safe_name, save_npz, stats_table)
+from utils.evaluation.options import (
+    OneLineParser,
+    OutputError,
+    check_output_dir,
+    check_output_file,
+    create_output_dir,
+)
 from utils.training.negatives import STRATEGIES
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__)
+    parser = OneLineParser(description=__doc__)
     add_common_arguments(parser)
     parser.add_argument("--target-label", type=int, default=0, help="class of the natural examples (default 0)")
     parser.add_argument("--strategy", choices=STRATEGIES, default="random_adv",
@@ -27,14 +42,18 @@ def parse_args(argv=None):
 
 def run(args):
     check_options(args)
-    analysis = load_analysis(args.ckpt, args.dataset, args.data_dir, args.device, args.label)
+    if args.output:  # outputs are checked before any work
+        check_output_file(args.output)
+    else:
+        check_output_dir(args.out_dir)
+    analysis = load_analysis(args.ckpt, args.dataset, args.data_dir, args.device, args.label, use_ema=not args.no_ema)
     attack = attack_from_args(args, analysis)
+    create_output_dir(Path(args.output).parent if args.output else args.out_dir)
     result = feature_distances(analysis, args.target_label, strategy=args.strategy, n_examples=args.n_examples,
                                batch_size=args.batch_size, attack=attack, seed=args.seed, device=args.device,
                                progress=not args.quiet, save_features=args.save_features)
     name = f"features_{safe_name(analysis.label)}_class{args.target_label}_{args.strategy}.npz"
     path = Path(args.output) if args.output else Path(args.out_dir) / name
-    path.parent.mkdir(parents=True, exist_ok=True)
     save_npz(path, result)
     print(f"{analysis.label} on {analysis.dataset}, class {args.target_label} "
           f"({result['n_examples']} images), NP strategy {args.strategy}")
@@ -44,7 +63,7 @@ def run(args):
 
 
 def main(argv=None):
-    return run_cli(run, parse_args, (FeatureError, CheckpointError, DatasetError), argv)
+    return run_cli(run, parse_args, (FeatureError, CheckpointError, DatasetError, OutputError), argv)
 
 
 if __name__ == "__main__":

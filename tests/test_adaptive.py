@@ -1,18 +1,30 @@
-"""Adaptive attacks and sanity checks (SPEC §8): a deliberately masked toy model is caught, an
+"""Adaptive attacks and sanity checks (docs/protocol.md §8): a deliberately masked toy model is caught, an
 ordinary model is not flagged, surrogate views compute what they claim, and the AutoAttack
 adapter passes the package's own warnings through."""
 import numpy as np
 import pytest
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
+from torch import nn
 
 from models import ra_policy
 from tests.toys import ToyRA
 from utils.evaluation import adaptive, sanity
-from utils.evaluation.autoattack_adapter import capture_autoattack_output, parse_accuracies, run_apgd
-from utils.evaluation.suite import (BUDGETS, AttackResult, Evaluation, Settings, attack_catalogue, evaluate,
-                              select_attacks)
+from utils.evaluation.autoattack_adapter import (
+    capture_autoattack_output,
+    parse_accuracies,
+    run_apgd,
+)
+from utils.evaluation.suite import (
+    BUDGETS,
+    AttackResult,
+    Evaluation,
+    Settings,
+    attack_catalogue,
+    head_count,
+    run_attacks,
+    select_attacks,
+)
 
 EPS = 8 / 255
 SIZE = 8
@@ -106,10 +118,11 @@ def trained_small_cnn(steps=150):
     return model.eval()
 
 
-def run(model, x, y, attacks, ra=True):
+def run(model, x, y, attacks, ra=True, cascade=False):
     settings = Settings(eps=EPS, budget=BUDGETS["small"])
-    specs, skipped = select_attacks(attacks, attack_catalogue(settings, model.fc.out_features), ra)
-    evaluation = evaluate(model, x, y, specs, batch_size=32, seed=0, progress=False, skipped=skipped)
+    specs, skipped = select_attacks(attacks, attack_catalogue(settings, model.fc.out_features, head_count(model)), ra)
+    evaluation = run_attacks(model, x, y, specs, eps=EPS, batch_size=32, seed=0, progress=False, skipped=skipped,
+                             cascade=cascade)
     return evaluation, {c["name"]: c for c in sanity.run_checks(evaluation)}
 
 
@@ -182,15 +195,15 @@ def test_recorder_marks_examples_fooled_at_any_query(toy):
     x, y = x[:4], y[:4]
     recorder = adaptive.RealModelRecorder(adaptive.HeadView(model, 0), y, real=model)
     recorder(x)
-    assert not recorder.fooled.any()
+    assert not recorder.fooled(model).any()
     brighter = x.clone().view(4, -1)
     brighter[:2, model.groups == (y[0] + 1) % 5] += 0.2   # examples 0, 1 now favour another class
     recorder(brighter.view_as(x))
     recorder(x)                                            # a later correct query does not undo it
     fooled = model(brighter.view_as(x)).argmax(1) != y
-    assert torch.equal(recorder.fooled, fooled) and fooled[0] and not fooled[2:].any()
+    assert torch.equal(recorder.fooled(model), fooled) and fooled[0] and not fooled[2:].any()
     recorder(x[:3])                                        # subsets (APGD restarts) are not recorded
-    assert torch.equal(recorder.fooled, fooled)
+    assert torch.equal(recorder.fooled(model), fooled)
 
 
 def test_candidate_classes_skip_the_label_and_follow_the_scores():
@@ -207,12 +220,24 @@ def test_candidate_classes_skip_the_label_and_follow_the_scores():
 
 # ---------------------------------------------------------------- sanity checks on hand-made results
 
+CATALOGUE = {s.name: s for s in attack_catalogue(Settings(budget=BUDGETS["small"]), 5, 2)}
+
+
+def result_like(name, robust, paper=None):
+    """A hand-made result carrying the registered attributes of the catalogue's attack ``name``."""
+    spec = CATALOGUE[name]
+    return AttackResult(name, spec.family, spec.with_p, dict(spec.params), 0, 0.0, np.array(robust, bool),
+                        None if paper is None else np.array(paper, bool), sees=spec.sees, eps=spec.eps,
+                        in_worst_case=spec.in_threat_model(EPS), reference=spec.reference,
+                        package_checks=spec.package_checks, upper_bound=spec.upper_bound)
+
+
 def hand_evaluation(clean, attacks, agreement=None):
-    """An Evaluation from {name: (family, with_p, robust list[, paper list])}."""
+    """An Evaluation from {name: (family, with_p, robust list[, paper list])}; attributes from the catalogue."""
     results = []
     for name, (family, with_p, robust, *paper) in attacks.items():
-        results.append(AttackResult(name, family, with_p, {}, 0, 0.0, np.array(robust, bool),
-                                    np.array(paper[0], bool) if paper else None))
+        results.append(result_like(name, robust, paper[0] if paper else None))
+        assert (results[-1].family, results[-1].with_p) == (family, with_p)
     n = len(clean)
     return Evaluation(np.zeros(n, int), np.array(clean, bool), agreement or {}, results)
 
@@ -305,14 +330,20 @@ def test_apgd_attacks_examples_the_surrogate_already_misclassifies(toy):
     assert (moved > EPS / 2).all() and (moved <= EPS + 1e-6).all()
 
 
-def test_capture_collects_logger_warnings_and_warnings_warn():
+def test_capture_keeps_only_the_packages_own_warnings():
     import logging
     import warnings
-    with capture_autoattack_output() as log:
+
+    import pyautoattack.checks as package_checks
+    with warnings.catch_warnings(record=True) as outside, capture_autoattack_output() as log:
+        warnings.simplefilter("always")
         logging.getLogger("auto-attack").debug("robust accuracy after APGD-CE: 50.00% (total time 1.0 s)")
         logging.getLogger("auto-attack").warning("it seems to be a randomized defense!")
-        warnings.warn("there are 3 points with zero gradient!")
+        warnings.warn_explicit("there are 3 points with zero gradient!", UserWarning, package_checks.__file__, 1)
+        warnings.warn("the model's own warning, e.g. a Swish layer's deprecation", stacklevel=1)
         print("Warning: from the original package")
+    # the model's warning is passed on to the caller, not quoted as AutoAttack's
+    assert [str(w.message) for w in outside] == ["the model's own warning, e.g. a Swish layer's deprecation"]
     assert log.warnings == ["it seems to be a randomized defense!", "Warning: from the original package",
                             "there are 3 points with zero gradient!"]
     assert parse_accuracies(log.lines) == {"APGD-CE": 0.5}

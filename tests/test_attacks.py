@@ -1,14 +1,21 @@
-"""L∞ attacks (SPEC §2): projection, step direction, per-example targeting, objectives,
+"""L∞ attacks (docs/protocol.md §2): projection, step direction, per-example targeting, objectives,
 model-state hygiene, and attack strength on a small undefended model trained here."""
 import math
 
 import pytest
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
+from torch import nn
 
-import utils.attacks as attacks
-from utils.attacks import attack_objective, cw_inf, fgsm, per_example_loss, pgd, pgd_train
+from utils import attacks
+from utils.attacks import (
+    attack_objective,
+    cw_inf,
+    fgsm,
+    per_example_loss,
+    pgd,
+    pgd_train,
+)
 
 
 def images(n=4, size=16, seed=0):
@@ -110,7 +117,7 @@ def test_targeted_mask_equals_running_halves_separately(tiny_model):
     x = images(6).double()
     y = torch.tensor([3, 1, 4, 1, 5, 9])
     mask = torch.tensor([True, False, True, False, False, True])
-    kwargs = dict(eps=0.05, step_size=0.01, steps=4, init="none")
+    kwargs = {"eps": 0.05, "step_size": 0.01, "steps": 4, "init": "none"}
     mixed = pgd(model, x, y, targeted=mask, **kwargs)
     targeted = pgd(model, x[mask], y[mask], targeted=True, **kwargs)
     untargeted = pgd(model, x[~mask], y[~mask], targeted=False, **kwargs)
@@ -150,7 +157,7 @@ def test_aux_weight_adds_the_heads_for_ra_models(tiny_model):
         without_p, out = attack_objective(model, x, y, "ce")
     assert torch.allclose(with_p, final + 2.0 * heads, atol=1e-5)
     assert torch.allclose(without_p, final, atol=1e-6) and torch.allclose(out, logits)
-    kwargs = dict(eps=0.05, step_size=0.01, steps=3, init="none")
+    kwargs = {"eps": 0.05, "step_size": 0.01, "steps": 3, "init": "none"}
     assert not torch.equal(pgd(model, x, y, **kwargs), pgd(model, x, y, aux_weight=2.0, **kwargs))
     plain = tiny_model(reverse_attention=False)
     assert torch.equal(pgd(plain, x, y, **kwargs), pgd(plain, x, y, aux_weight=2.0, **kwargs))
@@ -298,7 +305,7 @@ def test_pgd_breaks_undefended_model_fgsm_less(trained):
 @pytest.mark.slow
 def test_success_and_restarts_never_raise_accuracy(trained):
     net, x, y = trained
-    kwargs = dict(eps=6 / 255, step_size=0.03, steps=6, init="uniform")  # large steps: iterates bounce
+    kwargs = {"eps": 6 / 255, "step_size": 0.03, "steps": 6, "init": "uniform"}  # large steps: iterates bounce
     last = pgd(net, x, y, generator=gen(), **kwargs)
     success = pgd(net, x, y, keep="success", generator=gen(), **kwargs)
     restarts = pgd(net, x, y, restarts=3, generator=gen(), **kwargs)

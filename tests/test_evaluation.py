@@ -1,4 +1,4 @@
-"""Evaluation bookkeeping (SPEC §2, §8): attack selection, every attack on small RA and plain
+"""Evaluation bookkeeping (docs/protocol.md §2, §8): attack selection, every attack on small RA and plain
 models, per-example worst case, reports, and the test_white_attack.py script on our checkpoints
 and on reference-format state dicts."""
 import json
@@ -6,17 +6,30 @@ import json
 import numpy as np
 import pytest
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
+from torch import nn
 
 import test_white_attack
 from models import create_model
 from tests.toys import ToyRA
 from utils import data as datasets
-from utils.evaluation.suite import (BUDGETS, AttackResult, Evaluation, EvaluationError, Settings, attack_catalogue,
-                              attack_seed, eps_text, evaluate, json_report, markdown_report, merge_runs,
-                              select_attacks)
 from utils.evaluation.sanity import run_checks
+from utils.evaluation.suite import (
+    BUDGETS,
+    AttackResult,
+    Evaluation,
+    EvaluationError,
+    Settings,
+    attack_catalogue,
+    attack_seed,
+    eps_text,
+    head_count,
+    json_report,
+    markdown_report,
+    merge_runs,
+    run_attacks,
+    select_attacks,
+)
 
 NUM_CLASSES = 5
 
@@ -61,14 +74,15 @@ def trained_tiny(reverse_attention, steps=200):
     return model.eval()
 
 
-def run_all(reverse_attention):
+def run_all(reverse_attention, cascade=False):
     model = trained_tiny(reverse_attention)
     x, y = prototype_data(24, seed=5)
     # ε = 16/255 so AutoAttack's Square has few survivors and the run stays short on a CPU.
     settings = Settings(eps=16 / 255, budget=BUDGETS["small"])
-    catalogue = attack_catalogue(settings, NUM_CLASSES)
+    catalogue = [s for s in attack_catalogue(settings, NUM_CLASSES, head_count(model)) if not s.reference]
     specs, skipped = select_attacks("all", catalogue, reverse_attention)
-    evaluation = evaluate(model, x, y, specs, batch_size=16, seed=0, progress=False, skipped=skipped)
+    evaluation = run_attacks(model, x, y, specs, eps=settings.eps, batch_size=16, seed=0, progress=False,
+                             skipped=skipped, cascade=cascade)
     return evaluation, catalogue
 
 
@@ -85,7 +99,7 @@ def plain_all():
 # ---------------------------------------------------------------- selecting attacks
 
 def catalogue():
-    return attack_catalogue(Settings(budget=BUDGETS["small"]), 10)
+    return attack_catalogue(Settings(budget=BUDGETS["small"]), 10, num_heads=2)
 
 
 def test_paper_preset_is_the_papers_protocol_with_and_without_p():
@@ -119,7 +133,7 @@ def test_adaptive_preset_covers_every_family():
 def test_names_and_presets_combine_and_unknown_names_are_refused():
     specs, _ = select_attacks("pgd40, square,pgd40,sanity", catalogue(), True)
     assert [s.name for s in specs] == ["pgd40", "square", "pgd10", "pgd100", "pgd40-restarts", "pgd40-eps1"]
-    with pytest.raises(EvaluationError, match="unknown attack 'pgd41'.*paper, adaptive, sanity, all.*cw40"):
+    with pytest.raises(EvaluationError, match="unknown attack .pgd41.*paper, adaptive, sanity, reference, all.*cw40"):
         select_attacks("pgd40,pgd41", catalogue(), True)
 
 
@@ -156,7 +170,7 @@ def test_reports_hold_every_number_and_runs_merge():
     checks = run_checks(evaluation)
     text = markdown_report(evaluation, checks, meta)
     assert "| pgd40 | paper | no | 50.00 % | 2/4 | 75.00 % | 1.5 |" in text
-    assert "| **worst case (all attacks)** | — | — | **25.00 %** | 1/4 |" in text
+    assert "| **worst case (threat model)** | — | — | **25.00 %** | 1/4 |" in text
     assert "Headline: worst-case robust accuracy 25.00 % (1/4) over 2 attacks" in text
     report = json.loads(json.dumps(json_report(evaluation, checks, meta)))
     assert report["attacks"][0]["correct"] == [1, 1, 0, 0] and report["attacks"][0]["paper_correct"] == [1, 1, 0, 1]
@@ -172,19 +186,19 @@ def test_reports_hold_every_number_and_runs_merge():
 # ---------------------------------------------------------------- every attack on small models
 
 def check_invariants(evaluation, applicable):
-    assert [r.name for r in evaluation.results] == applicable
+    assert [r.name for r in evaluation.results] == [s.name for s in applicable]
     worst = evaluation.worst_case()
-    for r in evaluation.results:
+    for r, spec in zip(evaluation.results, applicable):
         assert 0.0 <= r.accuracy <= 1.0 and r.seconds >= 0
         assert not (r.robust & ~evaluation.clean).any(), r.name        # robust needs clean-correct
-        assert worst.mean() <= r.accuracy and not (worst & ~r.robust).any()
-        assert (r.paper is not None) == (r.family == "paper" and not r.name.startswith("autoattack"))
+        assert worst.mean() <= r.accuracy and (not (worst & ~r.robust).any() or not r.in_worst_case)
+        assert (r.paper is not None) == spec.all_examples
 
 
 @pytest.mark.slow
 def test_every_attack_runs_on_an_ra_model(ra_all):
     evaluation, catalogue = ra_all
-    check_invariants(evaluation, [s.name for s in catalogue])
+    check_invariants(evaluation, catalogue)
     assert evaluation.clean_accuracy >= 0.8 and set(evaluation.agreement) == {1, 2}
     aa = evaluation.result("autoattack")
     # AutoAttack's own final figure, logged per batch, equals our per-example count.
@@ -196,7 +210,7 @@ def test_every_attack_runs_on_an_ra_model(ra_all):
 @pytest.mark.slow
 def test_every_attack_runs_on_a_plain_model(plain_all):
     evaluation, catalogue = plain_all
-    applicable = [s.name for s in catalogue if not s.needs_ra]
+    applicable = [s for s in catalogue if not s.needs_ra]
     check_invariants(evaluation, applicable)
     assert evaluation.agreement == {} and len(evaluation.skipped) == len(catalogue) - len(applicable)
 
@@ -204,9 +218,9 @@ def test_every_attack_runs_on_a_plain_model(plain_all):
 def test_same_seed_same_result_and_model_left_as_found():
     model = trained_tiny(True, steps=20).train()
     x, y = prototype_data(16, seed=5)
-    specs, _ = select_attacks("pgd40,st-pgd-ce-t1", attack_catalogue(Settings(budget=BUDGETS["small"]), 5), True)
-    first = evaluate(model, x, y, specs, batch_size=8, seed=3, progress=False)
-    second = evaluate(model, x, y, specs, batch_size=8, seed=3, progress=False)
+    specs, _ = select_attacks("pgd40,st-pgd-ce-t1", attack_catalogue(Settings(budget=BUDGETS["small"]), 5, 2), True)
+    first = run_attacks(model, x, y, specs, eps=8 / 255, batch_size=8, seed=3, progress=False, cascade=False)
+    second = run_attacks(model, x, y, specs, eps=8 / 255, batch_size=5, seed=3, progress=False, cascade=False)
     assert model.training and all(p.requires_grad for p in model.parameters())
     for a, b in zip(first.results, second.results):
         assert a.seed == b.seed and np.array_equal(a.robust, b.robust) and np.array_equal(a.paper, b.paper)
@@ -244,7 +258,10 @@ def test_script_on_our_checkpoint_writes_report_and_json(tmp_path, capsys):
     out_dir = next((tmp_path / "run").glob("eval_*"))
     report = json.loads((out_dir / "results.json").read_text())
     assert (out_dir / "report.md").read_text() in out
-    assert [a["name"] for a in report["attacks"]] == ["fgsm+p", "pgd40", "transfer-nora", "pgd40-eps1"]
+    # cascade: the standalone attacks first (paper protocol, then ε = 1 outside the threat model)
+    assert [a["name"] for a in report["attacks"]] == ["fgsm+p", "pgd40", "pgd40-eps1", "transfer-nora"]
+    assert report["worst_case"]["over"] == ["fgsm+p", "pgd40", "transfer-nora"]
+    assert report["cascade"]["enabled"] and report["cascade"]["order"][3]["name"] == "transfer-nora"
     assert report["meta"]["dataset"] == "synthetic" and report["meta"]["image_size"] == 16
     # the clean column is the model's own prediction on the examples named in meta.indices
     test = datasets.load_dataset("synthetic", split="test", synthetic_image_size=16)
@@ -264,7 +281,7 @@ def test_script_loads_a_reference_format_state_dict(tmp_path, capsys):
     code, out, _ = run_script(["--ckpt", str(path), "--dataset", "synthetic", "--reverse-attention", "off",
                                "--n-examples", "6", "--attacks", "paper", "--budget", "small", "--quiet",
                                "--out-dir", str(tmp_path / "eval")], capsys)
-    assert code == 0 and "model wrn-16-1 (plain)" in out
+    assert code == 0 and "model wrn-16-1 (plain, evaluated as plain; raw weights)" in out
     report = json.loads((tmp_path / "eval" / "results.json").read_text())
     assert report["skipped"] == ["fgsm+p", "pgd40+p", "cw40+p", "autoattack+p"]
     assert report["meta"]["autoattack_package"] in ("pyautoattack", "autoattack")

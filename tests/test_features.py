@@ -1,4 +1,4 @@
-"""Feature analysis (SPEC §6): PP/NP metrics against direct computations, the .npz contract,
+"""Feature analysis (docs/protocol.md §6): PP/NP metrics against direct computations, the .npz contract,
 the histogram and UMAP figures, and the scripts' error handling, on a tiny synthetic checkpoint."""
 import argparse
 import json
@@ -7,16 +7,29 @@ import matplotlib.image as mpimg
 import numpy as np
 import pytest
 import torch
+from conftest import build_model
 
 import draw_hist
 import draw_umap
 import feature_distance
-from conftest import build_model
 from utils import data as datasets
+from utils.analysis.features import (
+    FEATURE_KEYS,
+    METRIC_KEYS,
+    FeatureError,
+    load_npz,
+    method_label,
+    pair_metrics,
+    save_npz,
+    summarize,
+)
+from utils.analysis.plots import (
+    PANELS,
+    combined_histogram,
+    mixed_metadata,
+    panel_histogram,
+)
 from utils.cli import eps_type
-from utils.analysis.features import (FEATURE_KEYS, META_KEYS, METRIC_KEYS, FeatureError, load_npz, method_label,
-                            pair_metrics, save_npz, summarize)
-from utils.analysis.plots import PANELS, combined_histogram, mixed_metadata, panel_histogram
 
 IMAGE_SIZE = 16
 FAST = ["--steps", "2", "--quiet", "--device", "cpu"]

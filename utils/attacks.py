@@ -1,4 +1,4 @@
-"""L∞ attacks (SPEC §2): PGD (untargeted / targeted, CE / C&W-margin / TRADES-KL / DLR), FGSM, C&W∞.
+"""L∞ attacks (docs/protocol.md §2): PGD (untargeted / targeted, CE / C&W-margin / TRADES-KL / DLR), FGSM, C&W∞.
 
 Every attack runs the model in eval mode inside :func:`attack_mode`, takes gradients with
 respect to the input only, and returns images inside the ε-ball around ``x`` and in [0, 1].
@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 EPS = 8 / 255
 INITS = ("none", "normal", "uniform")
-LOSSES = ("ce", "cw", "kl", "dlr", "margin")
+LOSSES = ("ce", "cw", "cw-batchsum", "kl", "dlr", "margin")
 
 
 @contextmanager
@@ -37,7 +37,10 @@ def _other_max(logits, y):
 def per_example_loss(name, logits, y, clean_probs=None):
     """Loss each example's attack ascends (untargeted) or descends (targeted, y = target).
 
-    ``ce``: cross-entropy; ``cw``: −relu(z_y − max_{j≠y} z_j) (reference C&W form);
+    ``ce``: cross-entropy; ``cw``: −relu(z_y − max_{j≠y} z_j) per example (the paper protocol's
+    C&W∞); ``cw-batchsum``: −relu(Σ_batch (z_y − max_{j≠y} z_j)), the reference evaluation
+    script's form, spread evenly over the rows so that ``.sum()`` gives it (its gradient vanishes
+    for every example once the summed margin is negative; reproduction only, docs/protocol.md §2);
     ``margin``: max_{j≠y} z_j − z_y (un-clipped margin); ``kl``: KL(clean ‖ adv) as in TRADES;
     ``dlr``: −(z_y − max_{j≠y} z_j)/(z_π1 − z_π3) (Croce & Hein).
     """
@@ -45,6 +48,9 @@ def per_example_loss(name, logits, y, clean_probs=None):
         return F.cross_entropy(logits.float(), y, reduction="none")
     if name == "cw":
         return -F.relu(logits.gather(1, y[:, None])[:, 0] - _other_max(logits, y))
+    if name == "cw-batchsum":
+        total = F.relu((logits.gather(1, y[:, None])[:, 0] - _other_max(logits, y)).sum())
+        return (-total / logits.shape[0]).expand(logits.shape[0])
     if name == "margin":
         return _other_max(logits, y) - logits.gather(1, y[:, None])[:, 0]
     if name == "kl":
@@ -84,14 +90,19 @@ def _clean_probs(model, x, aux_weight):
         return [F.softmax(model(x).float(), 1)]
 
 
-def random_start(x, eps, init, generator=None):
-    """PGD's starting point: ``x`` itself, x + 0.001·N(0,1) or x + U(−ε, ε), clipped to [0, 1]."""
+def random_start(x, eps, init, generator=None, uniform=None):
+    """PGD's starting point: ``x`` itself, x + 0.001·N(0,1) or x + U(−ε, ε), clipped to [0, 1].
+
+    ``uniform`` (a U[0, 1) draw shaped like ``x``) replaces the ``uniform`` start's own draw, so
+    a caller can fix each example's noise whatever batch it lands in."""
     if init == "none":
         return x.clone()
     if init == "normal":
         noise = 0.001 * torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
     elif init == "uniform":
-        noise = (torch.rand(x.shape, generator=generator, device=x.device, dtype=x.dtype) * 2 - 1) * eps
+        if uniform is None:
+            uniform = torch.rand(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+        noise = (uniform.to(x.dtype) * 2 - 1) * eps
     else:
         raise ValueError(f"unknown PGD init {init!r}; choose one of {', '.join(INITS)}")
     return (x + noise).clamp(0, 1)
@@ -156,22 +167,23 @@ def pgd(model, x, y, eps=EPS, step_size=0.007, steps=10, *, loss="ce", targeted=
                 if keep == "success":
                     x_adv = torch.where(_rows(found), found_x, x_adv)
             best = torch.where(_rows(~done), x_adv, best)
-            done = done | found
-            if restarts > 1 and bool(done.all()):
-                break
+            done = done | found  # every restart runs: no host sync to test whether all are done
     return best.detach()
 
 
 def fgsm(model, x, y, eps=EPS, *, init="none", aux_weight=0.0, generator=None):
-    """One signed-gradient step of size ε on CE (SPEC §2: no random start)."""
+    """One signed-gradient step of size ε on CE (paper protocol: no random start; the reference
+    evaluation script's FGSM starts from ``init="uniform"``)."""
     return pgd(model, x, y, eps, eps, 1, loss="ce", init=init, aux_weight=aux_weight, generator=generator)
 
 
 def cw_inf(model, x, y, eps=EPS, step_size=0.007, steps=40, *, aux_weight=0.0, generator=None):
-    """C&W∞: PGD on −relu(z_y − max_{j≠y} z_j) from a uniform start (SPEC §2)."""
+    """C&W∞: PGD on the per-example −relu(z_y − max_{j≠y} z_j) from a uniform start (the paper
+    protocol's C&W, docs/protocol.md §2; the reference script's batch-summed form is loss
+    ``cw-batchsum``)."""
     return pgd(model, x, y, eps, step_size, steps, loss="cw", init="uniform", aux_weight=aux_weight, generator=generator)
 
 
 def pgd_train(model, x, y, eps=EPS, step_size=0.007, steps=10, *, aux_weight=0.0, loss="ce", generator=None):
-    """Training adversarial examples (SPEC §2): untargeted CE from x + 0.001·N(0,1)."""
+    """Training adversarial examples (docs/protocol.md §2): untargeted CE from x + 0.001·N(0,1)."""
     return pgd(model, x, y, eps, step_size, steps, loss=loss, init="normal", aux_weight=aux_weight, generator=generator)

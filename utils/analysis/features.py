@@ -1,4 +1,4 @@
-"""Feature analysis of SPEC §6 (paper Fig. 1, 3): penultimate features of natural examples,
+"""Feature analysis of docs/protocol.md §6 (paper Fig. 1, 3): penultimate features of natural examples,
 their PGD-10 adversarial examples (PP pairs) and other-class examples (NP pairs).
 
 The feature is the vector fed to the classifier, ``model(x, return_features=True)`` in eval
@@ -14,14 +14,13 @@ mode (RA models use argmax masks, as at inference). Saved ``.npz`` files (load w
 ``label``                  str: method label drawn in legends (e.g. ``TRADES-ANCRA``)
 ``target_label``           int: the class of the natural examples
 ``dataset``                str: dataset name
-``strategy``               str: negative strategy of the NP pairs (SPEC §3)
+``strategy``               str: negative strategy of the NP pairs (docs/protocol.md §3)
 ``attack``                 str: JSON of the attack settings (``ae`` and, for ``*_adv``, ``oe``)
 ``seed``                   int: seed of the attacks' noise and the negatives' sampling
 ``n_examples``             int: N
 ``feat_nat|adv|neg``       float32 (N, R), only with ``save_features``: the features themselves
 ========================== ======================================================================
 """
-import argparse
 import json
 import sys
 from dataclasses import asdict, dataclass
@@ -33,7 +32,7 @@ from tqdm import tqdm
 from models import has_reverse_attention, load_model, read_checkpoint
 from utils import data as datasets
 from utils.attacks import EPS, pgd
-from utils.cli import eps_type
+from utils.evaluation.options import device_type, positive_int, threat_eps
 from utils.training.methods import get_method, method_names, split_method_suffix
 from utils.training.methods import method_label as registry_label
 from utils.training.negatives import STRATEGIES, choose_negatives, effective_strategy
@@ -51,7 +50,7 @@ class FeatureError(ValueError):
 
 @dataclass(frozen=True)
 class AttackSettings:
-    """PGD of the training recipe (SPEC §2): CE, x + 0.001·N(0,1) start, eval mode; λ on RA heads."""
+    """PGD of the training recipe (docs/protocol.md §2): CE, x + 0.001·N(0,1) start, eval mode; λ on RA heads."""
 
     eps: float = EPS
     step_size: float = 0.007
@@ -112,13 +111,14 @@ def method_label(args, reverse_attention=None):
     return registry_label(name, anc, ra)
 
 
-def load_analysis(checkpoint, dataset=None, data_dir=None, device="cpu", label=None):
-    """Load a checkpoint and the test split of its dataset, refusing a model/dataset mismatch.
+def load_analysis(checkpoint, dataset=None, data_dir=None, device="cpu", label=None, use_ema=True):
+    """Load a checkpoint (its EMA weights when it has them, unless ``use_ema`` is False) and the
+    test split of its dataset, refusing a model/dataset mismatch.
 
     Synthetic data are regenerated as training made them: the checkpoint's image size and
-    ``data_seed`` (default 0)."""
+    ``data_seed`` (default 0); the data folder defaults to the one the checkpoint trained on."""
     payload = read_checkpoint(checkpoint)
-    model, config = load_model(payload, device=device)
+    model, config = load_model(payload, device=device, use_ema=use_ema)
     args = (payload.get("args") or {}) if isinstance(payload, dict) else {}
     dataset = dataset or args.get("dataset")
     if not dataset:
@@ -132,7 +132,7 @@ def load_analysis(checkpoint, dataset=None, data_dir=None, device="cpu", label=N
         side = datasets.image_size(dataset)
         raise FeatureError(f"checkpoint {checkpoint} expects {size}×{size} images but {dataset} has {side}×{side}; "
                            f"pass the --dataset it was trained on")
-    data = datasets.load_dataset(dataset, data_dir, "test", synthetic_image_size=size,
+    data = datasets.load_dataset(dataset, data_dir or args.get("data_dir"), "test", synthetic_image_size=size,
                                  seed=int(args.get("data_seed") or 0))
     model.eval()
     label = label or method_label(args, config.get("reverse_attention"))
@@ -186,7 +186,7 @@ def other_class_examples(model, strategy, x, y, pool_x, pool_y, num_classes, att
 
     The anchors and the pool form one batch, so ``choose_negatives`` sees the same kind of batch
     as in training; only the anchors' choices are kept. ``*_adv`` strategies then attack the
-    chosen examples toward the anchor's label (SPEC §2 training OE). Returns ``(x_o, pool index)``.
+    chosen examples toward the anchor's label (docs/protocol.md §2 training OE). Returns ``(x_o, pool index)``.
     """
     base = effective_strategy(strategy)
     batch_x, batch_y = torch.cat([x, pool_x]), torch.cat([y, pool_y])
@@ -218,7 +218,7 @@ def class_indices(data, target_label, n_examples=None):
 
 def feature_distances(analysis, target_label=0, *, strategy="random_adv", n_examples=None, batch_size=200,
                       attack=AttackSettings(), seed=0, device="cpu", progress=True, save_features=False):
-    """PP and NP cosine / L2 arrays for the test images of ``target_label`` (SPEC §6), as the
+    """PP and NP cosine / L2 arrays for the test images of ``target_label`` (docs/protocol.md §6), as the
     dict that :func:`save_npz` writes."""
     if strategy not in STRATEGIES:
         raise FeatureError(f"unknown negative strategy {strategy!r}; choose one of {', '.join(STRATEGIES)}")
@@ -230,7 +230,7 @@ def feature_distances(analysis, target_label=0, *, strategy="random_adv", n_exam
         raise FeatureError("the test set holds a single class; NP pairs need other-class images")
     sampler = torch.Generator().manual_seed(seed)
     generator = torch.Generator(device=device).manual_seed(seed)
-    images = lambda idx: data.x[idx].to(device).float().div_(255)  # noqa: E731
+    images = lambda idx: data.x[idx].to(device).float().div_(255)
     feats = {key: [] for key in FEATURE_KEYS}
     negative_index = []
     with progress_bar(len(anchors), f"features class {target_label}", progress) as bar:
@@ -336,10 +336,11 @@ def add_common_arguments(parser):
     parser.add_argument("--ckpt", required=True, help="checkpoint (.pt) in this project's format or a state dict")
     parser.add_argument("--dataset", choices=sorted(datasets.DATASETS),
                         help="test set to analyse (default: the one recorded in the checkpoint)")
-    parser.add_argument("--data-dir", default=None, help="dataset folder (default ./data)")
-    parser.add_argument("--n-examples", type=int, default=None, help="analyse at most this many test images")
-    parser.add_argument("--batch-size", type=int, default=200)
-    parser.add_argument("--eps", type=eps_type, default=EPS, help="L∞ budget: 8/255 (default), 0.031 or 8 (pixel units)")
+    parser.add_argument("--data-dir", default=None, help="dataset folder (default: the checkpoint's, else ./data)")
+    parser.add_argument("--n-examples", type=positive_int, default=None, help="analyse at most this many test images")
+    parser.add_argument("--batch-size", type=positive_int, default=200)
+    parser.add_argument("--eps", type=threat_eps, default=EPS,
+                        help="L∞ budget: 8/255 (default), 0.031 or 8 (pixel units)")
     parser.add_argument("--steps", type=int, default=10, help="PGD steps (default 10)")
     parser.add_argument("--step-size", type=float, default=0.007, help="PGD step size (default 0.007)")
     parser.add_argument("--aux-weight", type=float, default=None,
@@ -348,7 +349,8 @@ def add_common_arguments(parser):
     parser.add_argument("--seed", type=int, default=0, help="seed of the attack noise and sampling")
     parser.add_argument("--label", default=None, help="method label (default: from the checkpoint's args)")
     parser.add_argument("--out-dir", default="figures", help="output folder (created if missing)")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--device", type=device_type, default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--no-ema", action="store_true", help="analyse the raw weights even if the checkpoint has EMA")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
 
 

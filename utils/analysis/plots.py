@@ -1,4 +1,4 @@
-"""Figures of the feature analysis (SPEC §6): the paper's four overlaid histograms (Fig. 1, 3)
+"""Figures of the feature analysis (docs/protocol.md §6): the paper's four overlaid histograms (Fig. 1, 3)
 and a UMAP scatter of natural / adversarial features. Headless (Agg backend)."""
 import warnings
 from pathlib import Path
@@ -6,9 +6,9 @@ from pathlib import Path
 import matplotlib
 
 matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-from matplotlib.lines import Line2D  # noqa: E402
+import matplotlib.pyplot as plt
+import numpy as np
+from matplotlib.lines import Line2D
 
 # (array key, panel title, x-axis label, file stem), in the paper's panel order
 PANELS = (

@@ -7,6 +7,7 @@ re-implements an attack: the figures come from the package's code.
 import contextlib
 import io
 import logging
+import os
 import re
 import warnings
 from dataclasses import dataclass, field
@@ -75,9 +76,30 @@ class _ListHandler(logging.Handler):
             self.log.add_warning(message)
 
 
+def _package_folders():
+    """Folders of the installed AutoAttack package(s): a warning counts as the package's own only
+    when raised from a file inside one of them."""
+    folders = []
+    for name in ("pyautoattack", "autoattack"):
+        try:
+            module = __import__(name)
+        except ImportError:
+            continue
+        if getattr(module, "__file__", None):
+            folders.append(os.path.dirname(os.path.abspath(module.__file__)) + os.sep)
+    return tuple(folders)
+
+
+def raised_by_package(item, folders=None):
+    """True when the caught warning ``item`` was raised by the AutoAttack package's own code."""
+    folders = _package_folders() if folders is None else folders
+    return os.path.abspath(item.filename).startswith(folders) if folders else False
+
+
 @contextlib.contextmanager
 def capture_autoattack_output():
-    """Collect the package's logger records, ``warnings.warn`` calls and printed lines."""
+    """Collect the package's logger records, its own ``warnings.warn`` calls (warnings raised
+    elsewhere, e.g. by the model's layers, are passed on untouched) and printed lines."""
     log = CapturedLog()
     logger = logging.getLogger("auto-attack")
     handler = _ListHandler(log)
@@ -98,8 +120,12 @@ def capture_autoattack_output():
         log.lines.append(line)
         if line.lower().startswith("warning"):
             log.add_warning(line)
+    folders = _package_folders()
     for item in caught:
-        log.add_warning(str(item.message))
+        if raised_by_package(item, folders):
+            log.add_warning(str(item.message))
+        else:
+            warnings.warn_explicit(item.message, item.category, item.filename, item.lineno)
 
 
 @contextlib.contextmanager
@@ -132,6 +158,7 @@ def run_autoattack(model, x, y, eps, *, num_classes, seed=0, version="standard")
     number of target classes, the per-attack accuracies it logged, its warnings and its log.
     """
     package = import_autoattack()
+    x = x.contiguous()  # a channels-last batch crashes APGD-T's reshapes
     targets = min(9, num_classes - 1)
     with _own_rng(x.device), capture_autoattack_output() as log:
         if package.name == "pyautoattack":
@@ -161,6 +188,7 @@ def run_apgd(model, x, y, eps, *, loss="ce", n_iter=100, restarts=1, seed=0):
     which for a surrogate head need not be the real model's errors). Returns
     ``(highest-loss points, warnings)``."""
     package = import_autoattack()
+    x = x.contiguous()
     with _own_rng(x.device), capture_autoattack_output() as log:
         torch.manual_seed(seed)  # best_loss mode does not seed itself
         attack = package.APGDAttack(model, n_iter=n_iter, norm="Linf", n_restarts=restarts, eps=eps, seed=seed,
@@ -174,6 +202,7 @@ def run_square(model, x, y, eps, *, n_queries=10000, seed=0):
     p_init = 0.8 and the square-size schedule spread over ``n_queries``; returns
     ``(adversarial examples, warnings)``."""
     package = import_autoattack()
+    x = x.contiguous()
     with _own_rng(x.device), capture_autoattack_output() as log:
         attack = package.SquareAttack(model, norm="Linf", n_queries=n_queries, eps=eps, p_init=0.8, n_restarts=1,
                                       seed=seed, loss="margin", resc_schedule=True, device=x.device)

@@ -1,0 +1,109 @@
+"""The cascade: the same per-example worst case as running every attack on every example, each
+stage attacked only the survivors of the earlier ones, and the order runs the standalone
+(paper / reference) attacks first, then cheap to expensive."""
+import dataclasses
+
+import numpy as np
+import pytest
+
+from tests.test_adaptive import GatedToy, toy_data
+from tests.test_evaluation import prototype_data, trained_tiny
+from utils.evaluation.catalogue import (
+    COST_APGD,
+    COST_BLACK_BOX,
+    COST_FINAL_PGD,
+    COST_SURROGATE_PGD,
+)
+from utils.evaluation.runner import cascade_plan
+from utils.evaluation.suite import (
+    BUDGETS,
+    Settings,
+    attack_catalogue,
+    head_count,
+    run_attacks,
+    run_checks,
+    select_attacks,
+)
+
+EPS = 8 / 255
+ADAPTIVE_PGD = ("fgsm,pgd40,pgd40+p,pgd10,pgd100,aux1-pgd-ce,aux2-pgd-ce,joint-pgd-ce-w2,st-pgd-ce-t1,"
+                "enum-top2,transfer-nora,transfer-labelmask,ref-fgsm")
+
+
+def spied(specs, calls):
+    """The specs with ``run`` wrapped to record which examples (set positions) each batch held."""
+    def wrap(spec):
+        def run(model, x, y, ctx):
+            calls.setdefault(spec.name, []).extend(ctx.index.tolist())
+            return spec.run(model, x, y, ctx)
+        return dataclasses.replace(spec, run=run)
+    return [wrap(spec) for spec in specs]
+
+
+def both(model, x, y, attacks, eps=EPS, batch_size=16):
+    catalogue = attack_catalogue(Settings(eps=eps, budget=BUDGETS["small"]), model.fc.out_features, head_count(model))
+    specs, _ = select_attacks(attacks, catalogue, True)
+    calls = {}
+    cascade = run_attacks(model, x, y, spied(specs, calls), eps=eps, batch_size=batch_size, progress=False)
+    full = run_attacks(model, x, y, specs, eps=eps, batch_size=batch_size, progress=False, cascade=False)
+    return cascade, full, calls
+
+
+def check_survivors_only(evaluation, calls):
+    """Each cascade stage received exactly the clean-correct examples no earlier attack broke."""
+    alive = evaluation.clean.copy()
+    for result in evaluation.results:
+        if not result.standalone:
+            assert sorted(calls.get(result.name, [])) == np.flatnonzero(alive).tolist(), result.name
+            assert np.array_equal(result.received, alive)
+        if result.in_worst_case:
+            alive &= result.robust
+
+
+def test_cascade_equals_full_evaluation_on_the_masked_toy():
+    model = GatedToy().eval()
+    x, y = toy_data(model, 24)
+    cascade, full, calls = both(model, x, y, ADAPTIVE_PGD)
+    assert np.array_equal(cascade.worst_case(), full.worst_case())
+    assert full.worst_case().sum() < full.result("pgd40").robust.sum()  # several attacks matter here
+    check_survivors_only(cascade, calls)
+    stages = [r for r in cascade.results if not r.standalone]
+    assert sum(r.n_received for r in stages) < sum(full.result(r.name).n_received for r in stages)  # work saved
+    checks = {c["name"]: c for c in run_checks(cascade)}
+    assert checks["aux/final agreement"]["status"] == "FLAG"             # masking is still caught in a cascade
+    assert sum(v or 0 for v in checks["aux/final agreement"]["numbers"]["broken_beyond_final"].values()) > 0
+    assert checks["more steps/restarts never help"]["status"] == "pass"  # pgd10 broke nothing pgd40 left
+
+
+@pytest.mark.slow
+def test_cascade_equals_full_evaluation_on_a_small_trained_ra_model():
+    model = trained_tiny(True)
+    x, y = prototype_data(32, seed=5)
+    cascade, full, calls = both(model, x, y, "all", eps=16 / 255)
+    assert np.array_equal(cascade.worst_case(), full.worst_case())
+    check_survivors_only(cascade, calls)
+    broke = {r.name for r in full.results if r.in_worst_case and (full.clean & ~r.robust).any()}
+    assert len(broke) >= 3  # several attacks each break examples
+
+
+def test_order_standalone_first_then_cheap_to_expensive():
+    catalogue = attack_catalogue(Settings(budget=BUDGETS["small"]), 10, 2)
+    plan = cascade_plan(catalogue, cascade=True)
+    standalone = [spec for spec, alone in plan if alone]
+    assert {s.family for s in standalone} == {"paper", "reference", "sanity"}
+    assert all(s.family != "sanity" or s.eps == 1.0 for s in standalone)      # only ε = 1, outside the threat model
+    costs = [spec.cost for spec, alone in plan if not alone]
+    assert costs == sorted(costs) and costs[0] == COST_FINAL_PGD and costs[-1] == COST_BLACK_BOX
+    assert {COST_SURROGATE_PGD, COST_APGD} <= set(costs)
+    assert plan[-1][0].name == "square"
+    assert [s.name for s, _ in cascade_plan(catalogue, cascade=False)] == [s.name for s in catalogue]
+
+
+def test_random_starts_do_not_depend_on_the_batch():
+    model = trained_tiny(True, steps=30)
+    x, y = prototype_data(12, seed=5)
+    catalogue = attack_catalogue(Settings(budget=BUDGETS["small"]), 5, 2)
+    specs, _ = select_attacks("pgd10,st-pgd-ce-t1", catalogue, True)
+    results = [run_attacks(model, x, y, specs, eps=EPS, batch_size=b, progress=False, cascade=False) for b in (12, 5)]
+    for a, b in zip(*(r.results for r in results)):
+        assert np.array_equal(a.robust, b.robust)

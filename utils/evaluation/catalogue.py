@@ -1,0 +1,246 @@
+"""The attack catalogue (docs/protocol.md §2, §8): every attack registered with what it is — its
+family, presets, whether it needs RA heads, what it sees, its ε, its cost rank in the cascade —
+so that the runner, the sanity checks and the report select attacks by these attributes.
+
+Every attack runs as ``spec.run(model, x, y, ctx) -> Outcome`` on one batch.
+"""
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from functools import partial
+
+from utils import recipe
+from utils.attacks import attack_mode
+from utils.evaluation import adaptive
+from utils.evaluation.adaptive import EnsembleView, pgd_judged_on_model, still_correct
+from utils.evaluation.autoattack_adapter import run_autoattack
+from utils.evaluation.results import Outcome
+
+PRESETS = ("paper", "adaptive", "sanity", "reference", "all")  # "all" = every preset but "reference"
+SEES = ("final", "heads", "black-box", "transfer")
+REFERENCE_LABEL = "reproduces the reference code, not a robustness figure"
+AA_PLUS_P_BOUND = ("upper bound: AutoAttack only attacks the points the logit ensemble classifies correctly; "
+                   "the others are judged at their clean input")
+# Cascade cost ranks, cheap to expensive.
+COST_FINAL_PGD, COST_SURROGATE_PGD, COST_APGD, COST_BLACK_BOX = 1, 2, 3, 4
+
+
+class EvaluationError(ValueError):
+    """Evaluation asked for something impossible (unknown attack, missing dataset name, ...)."""
+
+
+@dataclass(frozen=True)
+class Budget:
+    """Strength of the adaptive and sanity attacks (the paper's attacks and AutoAttack are fixed)."""
+
+    name: str
+    steps: int           # PGD steps of every adaptive PGD
+    apgd_iters: int      # APGD iterations
+    square_queries: int  # Square queries (AutoAttack standard uses 5000)
+    restarts: int        # restarts of the sanity PGD-40
+    top_k: int           # candidate classes tried by mask enumeration
+
+
+BUDGETS = {
+    "full": Budget("full", steps=100, apgd_iters=100, square_queries=10000, restarts=5, top_k=3),
+    "small": Budget("small", steps=10, apgd_iters=20, square_queries=500, restarts=2, top_k=2),
+}
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Threat model and attack parameters shared by the whole catalogue."""
+
+    eps: float = recipe.EPS
+    aux_weight: float = recipe.AUX_WEIGHT
+    budget: Budget = BUDGETS["full"]
+    joint_weights: tuple = (0.5, 2.0, 8.0)
+    taus: tuple = (0.1, 1.0, 10.0)
+
+
+@dataclass(frozen=True)
+class AttackSpec:
+    """A registered attack.
+
+    ``sees``: what its gradient (or queries) see — ``final`` logits, the RA ``heads``, ``black-box``
+    queries, or a ``transfer`` surrogate. ``standalone``: always run on the full set (the paper
+    protocol and the reference reproduction, whose own figures are reported, and attacks outside
+    the threat model). ``all_examples``: attack every example, clean-correct or not, to keep the
+    paper's last-iterate figure. ``cost``: rank in the cascade. ``reference``: reproduces the
+    reference script and never enters the worst case."""
+
+    name: str
+    family: str
+    presets: tuple
+    run: Callable
+    params: dict
+    sees: str
+    eps: float
+    with_p: bool = False
+    needs_ra: bool = False
+    needs_autoattack: bool = False
+    all_examples: bool = False
+    standalone: bool = False
+    cost: int = COST_FINAL_PGD
+    reference: bool = False
+    package_checks: bool = False
+    upper_bound: str | None = None
+    notes: tuple = field(default_factory=tuple)
+
+    @property
+    def preset(self):
+        return self.presets[0]
+
+    @property
+    def bf16_ok(self):
+        """Our own PGDs may run under bf16 autocast (judged in fp32); the package's attacks never."""
+        return not self.needs_autoattack
+
+    def in_threat_model(self, eps):
+        """Counts in the worst case at the run's ``eps``."""
+        return not self.reference and abs(self.eps - eps) <= 1e-9
+
+
+# ---------------------------------------------------------------- the attacks' batch functions
+
+def paper_pgd(model, x, y, ctx, **params):
+    """PGD judged on the model at every iterate, keeping the last iterate for the paper's figure."""
+    correct, last = pgd_judged_on_model(model, model, x, y, ctx, **params)
+    return Outcome(correct, last)
+
+
+def autoattack(model, x, y, ctx, *, eps, aux_weight, num_classes):
+    """AutoAttack standard on the final logits, or with p on the logit ensemble judged on the model
+    (AutoAttack then skips examples the ensemble misclassifies: an upper bound for those)."""
+    target = EnsembleView(model, aux_weight) if aux_weight else model
+    with attack_mode(model):
+        x_adv, y_adv, info = run_autoattack(target, x, y, eps, num_classes=num_classes, seed=ctx.seed)
+    correct = (y_adv == y) if not aux_weight else still_correct(model, x_adv, y)
+    counts = {k: round(v * x.shape[0]) for k, v in info["accuracies"].items()}
+    if "clean" in counts:
+        counts["skipped"] = x.shape[0] - counts["clean"]
+    return Outcome(correct, warnings=info["warnings"], counts=counts)
+
+
+# ---------------------------------------------------------------- registering
+
+def _paper_specs(settings, num_classes):
+    eps, lam = settings.eps, settings.aux_weight
+    step = recipe.STEP_SIZE
+    specs = []
+    for name, kw in (("fgsm", {"steps": 1, "step_size": eps, "loss": "ce", "init": "none"}),
+                     ("pgd40", {"steps": 40, "step_size": step, "loss": "ce", "init": "uniform"}),
+                     ("cw40", {"steps": 40, "step_size": step, "loss": "cw", "init": "uniform"})):
+        for with_p in (False, True):
+            params = dict(kw, eps=eps, aux_weight=lam if with_p else 0.0)
+            specs.append(AttackSpec(name + ("+p" if with_p else ""), "paper", ("paper",), partial(paper_pgd, **params),
+                                    params, "heads" if with_p else "final", eps, with_p=with_p, needs_ra=with_p,
+                                    all_examples=True, standalone=True))
+    for with_p in (False, True):
+        weight = lam if with_p else 0.0
+        params = {"eps": eps, "version": "standard", "aux_weight": weight}
+        specs.append(AttackSpec("autoattack+p" if with_p else "autoattack", "paper", ("paper",),
+                                partial(autoattack, eps=eps, aux_weight=weight, num_classes=num_classes), params,
+                                "heads" if with_p else "final", eps, with_p=with_p, needs_ra=with_p,
+                                needs_autoattack=True, standalone=True, package_checks=True,
+                                upper_bound=AA_PLUS_P_BOUND if with_p else None))
+    return specs
+
+
+def _adaptive(name, family, fn, sees, eps, cost, *, with_p=False, needs_ra=True, needs_autoattack=False, **kw):
+    params = dict(kw, eps=eps)
+    return AttackSpec(name, family, ("adaptive",), partial(fn, **params), params, sees, eps, with_p=with_p,
+                      needs_ra=needs_ra, needs_autoattack=needs_autoattack, cost=cost)
+
+
+def _adaptive_specs(settings, num_heads):
+    eps, lam, b = settings.eps, settings.aux_weight, settings.budget
+    pgd_kw = {"steps": b.steps, "step_size": eps / 4}
+    apgd = partial(_adaptive, needs_autoattack=True, n_iter=b.apgd_iters)
+    specs = []
+    for k in range(num_heads):
+        specs.append(_adaptive(f"aux{k + 1}-pgd-ce", "aux-head", adaptive.head_pgd, "heads", eps, COST_SURROGATE_PGD,
+                               head=k, **pgd_kw))
+        specs += [apgd(f"aux{k + 1}-apgd-{loss}", "aux-head", adaptive.head_apgd, "heads", eps, COST_APGD, head=k,
+                       loss=loss) for loss in ("ce", "dlr")]
+    for w in settings.joint_weights:
+        specs += [_adaptive(f"joint-pgd-{loss}-w{w:g}", "joint", adaptive.joint_pgd, "heads", eps, COST_SURROGATE_PGD,
+                            with_p=True, weight=w, loss=loss, **pgd_kw) for loss in ("ce", "margin")]
+        specs.append(apgd(f"joint-apgd-dlr-w{w:g}", "joint", adaptive.ensemble_apgd, "heads", eps, COST_APGD,
+                          with_p=True, weight=w, loss="dlr"))
+    for tau in settings.taus:
+        specs.append(_adaptive(f"st-pgd-ce-t{tau:g}", "straight-through", adaptive.straight_through_pgd, "heads", eps,
+                               COST_SURROGATE_PGD, tau=tau, **pgd_kw))
+        specs.append(apgd(f"st-apgd-dlr-t{tau:g}", "straight-through", adaptive.straight_through_apgd, "heads", eps,
+                          COST_APGD, tau=tau, loss="dlr"))
+    specs.append(_adaptive(f"enum-top{b.top_k}", "enumeration", adaptive.mask_enumeration, "heads", eps,
+                           COST_SURROGATE_PGD, with_p=True, top_k=b.top_k, aux_weight=lam, **pgd_kw))
+    specs.append(_adaptive("transfer-labelmask", "transfer", adaptive.transfer_label_mask, "transfer", eps,
+                           COST_SURROGATE_PGD, **pgd_kw))
+    specs.append(_adaptive("transfer-nora", "transfer", adaptive.transfer_without_ra, "transfer", eps,
+                           COST_SURROGATE_PGD, **pgd_kw))
+    specs.append(_adaptive("square", "black-box", adaptive.square, "black-box", eps, COST_BLACK_BOX, needs_ra=False,
+                           needs_autoattack=True, n_queries=b.square_queries))
+    return specs
+
+
+def _sanity_specs(settings):
+    step = recipe.STEP_SIZE
+    specs = []
+    for name, kw in (("pgd10", {"steps": 10, "step_size": step}), ("pgd100", {"steps": 100, "step_size": step}),
+                     ("pgd40-restarts", {"steps": 40, "step_size": step, "restarts": settings.budget.restarts}),
+                     ("pgd40-eps1", {"steps": 40, "step_size": 0.05, "eps": 1.0})):
+        params = dict(kw, eps=kw.get("eps", settings.eps), aux_weight=0.0, loss="ce", init="uniform")
+        off_threat = params["eps"] != settings.eps
+        specs.append(AttackSpec(name, "sanity", ("sanity",), partial(paper_pgd, **params), params, "final",
+                                params["eps"], standalone=off_threat))
+    return specs
+
+
+def _reference_specs(settings):
+    """The reference evaluation script's FGSM (uniform start, one step of ε) and C&W-20 (margin
+    summed over the batch before the ReLU): reproduction only, never in the worst case."""
+    eps = settings.eps
+    specs = []
+    for name, kw in (("ref-fgsm", {"steps": 1, "step_size": eps, "loss": "ce", "init": "uniform"}),
+                     ("ref-cw20", {"steps": 20, "step_size": recipe.STEP_SIZE, "loss": "cw-batchsum", "init": "uniform"})):
+        params = dict(kw, eps=eps, aux_weight=0.0)
+        specs.append(AttackSpec(name, "reference", ("reference",), partial(paper_pgd, **params), params, "final", eps,
+                                all_examples=True, standalone=True, reference=True, notes=(REFERENCE_LABEL,)))
+    return specs
+
+
+def attack_catalogue(settings, num_classes, num_heads=0):
+    """Every attack this evaluation knows, in report order; ``num_heads`` comes from the model
+    (:func:`head_count`)."""
+    return (_paper_specs(settings, num_classes) + _adaptive_specs(settings, num_heads) + _sanity_specs(settings)
+            + _reference_specs(settings))
+
+
+def attack_names(catalogue):
+    return ["natural"] + [spec.name for spec in catalogue]
+
+
+def select_attacks(request, catalogue, reverse_attention):
+    """Attacks named in ``request`` (comma-separated names and presets) that apply to the model.
+
+    Returns ``(specs, skipped)``; ``skipped`` lists attacks that need reverse attention when the
+    model is plain. Unknown names raise :class:`EvaluationError` listing the valid ones.
+    """
+    by_name = {spec.name: spec for spec in catalogue}
+    wanted = set()
+    for token in (t.strip() for t in request.split(",")):
+        if not token or token == "natural":
+            continue
+        if token in PRESETS:
+            wanted |= {s.name for s in catalogue
+                       if token in s.presets or (token == "all" and "reference" not in s.presets)}
+        elif token in by_name:
+            wanted.add(token)
+        else:
+            raise EvaluationError(
+                f"unknown attack {token!r}; use presets {', '.join(PRESETS)} or names: "
+                f"{', '.join(attack_names(catalogue))}"
+            )
+    chosen = [s for s in catalogue if s.name in wanted]
+    skipped = [s.name for s in chosen if s.needs_ra and not reverse_attention]
+    return [s for s in chosen if s.name not in skipped], skipped

@@ -1,0 +1,121 @@
+"""Command-line pieces of the evaluation and figure scripts: a parser whose errors are one line
+(``error: ...``, exit 2, no usage block), argument types that refuse nonsense with a hint, and
+output checks done before any long work starts."""
+import argparse
+import os
+import re
+import sys
+from pathlib import Path
+
+import torch
+
+from utils.cli import eps_fraction, fraction
+
+_NEGATIVE_VALUE = re.compile(r"^-\d*\.?\d+(/\d*\.?\d+)?$")
+
+
+class OutputError(ValueError):
+    """An output path cannot be written; the message says which and what to do."""
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """ArgumentParser that reports a bad option as one ``error: ...`` line and exits 2, and
+    accepts a negative number as an option's value (``--eps -8/255`` is then refused by the type)."""
+
+    def error(self, message):
+        print(f"error: {message}", file=sys.stderr)
+        sys.exit(2)
+
+    def parse_args(self, args=None, namespace=None):
+        args = list(sys.argv[1:] if args is None else args)
+        joined = []
+        for token in args:
+            if joined and joined[-1].startswith("--") and "=" not in joined[-1] and _NEGATIVE_VALUE.match(token):
+                joined[-1] = f"{joined[-1]}={token}"
+            else:
+                joined.append(token)
+        return super().parse_args(joined, namespace)
+
+
+def threat_eps(text):
+    """ε in [0, 1] (``8/255``, ``0.031``) or pixel units 1..255 (``8`` → 8/255); > 0."""
+    value = fraction(text)
+    if not 0 < value <= 255:
+        raise argparse.ArgumentTypeError(f"ε must be > 0 and at most 255 pixel units (e.g. 8/255, 0.031 or 8), "
+                                         f"got {text!r}")
+    return eps_fraction(value)
+
+
+def device_type(text):
+    """A torch device string that exists here (``cpu``, ``cuda``, ``cuda:1``, ``mps``)."""
+    try:
+        device = torch.device(text)
+    except (RuntimeError, ValueError):
+        raise argparse.ArgumentTypeError(f"unknown device {text!r}; use cpu or cuda (or cuda:N)") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise argparse.ArgumentTypeError(f"{text!r} asked for but no CUDA device is available; use --device cpu")
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        raise argparse.ArgumentTypeError(f"{text!r}: only {torch.cuda.device_count()} CUDA device(s) here")
+    return str(device)
+
+
+def batch_size_type(text):
+    """``auto`` or a positive integer."""
+    if text == "auto":
+        return text
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"batch size must be 'auto' or a positive integer, got {text!r}")
+    return value
+
+
+def positive_int(text):
+    """argparse type: an integer ≥ 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
+
+
+def check_output_dir(path):
+    """Refuse, before any work, an output folder that is a file or cannot be created or written.
+    Creates nothing."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise OutputError(f"output folder {path} is a file; pass another --out-dir")
+    probe = path
+    while not probe.exists():
+        probe = probe.parent
+    if not probe.is_dir():
+        raise OutputError(f"cannot create output folder {path}: {probe} is a file; pass another --out-dir")
+    if not os.access(probe, os.W_OK | os.X_OK):
+        raise OutputError(f"output folder {probe} is not writable; pass another --out-dir")
+    return path
+
+
+def create_output_dir(path):
+    """Create the checked folder and prove it writable with a probe file (removed again)."""
+    path = check_output_dir(path)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        probe = path / f".write_test_{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as err:
+        raise OutputError(f"cannot write to output folder {path} ({err.strerror}); pass another --out-dir") from None
+    return path
+
+
+def check_output_file(path):
+    """Refuse an output file whose folder cannot be written, or that is a folder. Creates nothing."""
+    path = Path(path)
+    if path.is_dir():
+        raise OutputError(f"output {path} is a folder; give a file name")
+    check_output_dir(path.parent)
+    return path

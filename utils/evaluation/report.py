@@ -1,0 +1,184 @@
+"""The markdown and JSON reports of an :class:`~utils.evaluation.results.Evaluation`, and merging
+the per-example worst cases of several runs of the same examples."""
+import math
+
+import numpy as np
+
+from utils.evaluation.catalogue import REFERENCE_LABEL, EvaluationError
+
+ADAPTIVE_WARNINGS_NOTE = ("warnings of the adaptive APGD/Square runs come from surrogate views (one head, an ensemble, "
+                          "straight-through masks) whose losses may legitimately be flat; they are listed for the "
+                          "record and do not turn a check into a FLAG")
+
+
+def _pct(value):
+    return "—" if value is None else f"{100 * value:.2f} %"
+
+
+def eps_text(eps):
+    """ε as ``k/255`` when it is one (below 1)."""
+    k = eps * 255
+    if eps >= 1:
+        return f"{eps:g}"
+    return f"{round(k)}/255" if math.isclose(k, round(k), abs_tol=1e-6) else f"{eps:g}"
+
+
+def excluded_from_worst_case(evaluation):
+    """``{name: reason}`` for the attacks that ran but are not part of the threat model."""
+    reasons = {}
+    for r in evaluation.results:
+        if r.reference:
+            reasons[r.name] = REFERENCE_LABEL
+        elif not r.in_worst_case:
+            reasons[r.name] = f"sanity check at ε = {eps_text(r.eps)}, outside the threat model"
+    return reasons
+
+
+def _model_line(meta, n):
+    kind = "RA" if meta.get("reverse_attention") else "plain"
+    return (f"model {meta.get('arch')} ({kind}, evaluated as {kind}; {meta.get('weights', 'raw')} weights), dataset "
+            f"{meta.get('dataset')} test, n = {n} (subset seed {meta.get('subset_seed')}), ε = {meta.get('eps_text')}, "
+            f"λ = {meta.get('aux_weight')}, budget {meta.get('budget')}, seed {meta.get('seed')}, device "
+            f"{meta.get('device')}, attacks in {meta.get('attack_dtype', 'fp32')} (judged in fp32), batch size "
+            f"{meta.get('batch_size')}")
+
+
+def _headline(evaluation):
+    n, covered = evaluation.n, evaluation.worst_case_results()
+    worst = evaluation.worst_case()
+    if not covered:
+        return [(f"**No attack of the threat model ran: there is no robust-accuracy figure.** Clean accuracy "
+                f"{_pct(evaluation.clean_accuracy)}.")]
+    return [(f"**Headline: worst-case robust accuracy {_pct(worst.mean() if n else 0.0)} ({int(worst.sum())}/{n}) "
+            f"over {len(covered)} attacks.** Clean accuracy {_pct(evaluation.clean_accuracy)}."), "",
+            f"The worst case covers: {', '.join(r.name for r in covered)}."]
+
+
+def _row(r, n, mark):
+    if r.standalone:
+        figure, count = _pct(r.accuracy), f"{int(r.robust.sum())}/{n}"
+    else:
+        figure, count = "— (cascade)", f"broke {r.n_broken} of {r.n_received} received"
+    return (f"| {r.name}{mark} | {r.family} | {'yes' if r.with_p else 'no'} | {figure} | {count} | "
+            f"{_pct(r.paper_accuracy)} | {r.seconds:.1f} |")
+
+
+def _table(evaluation):
+    n = evaluation.n
+    lines = ["| attack | family | with p | accuracy | robust count | paper (last iterate) | seconds |",
+             "|---|---|---|---|---|---|---|",
+             (f"| natural | paper | no | {_pct(evaluation.clean_accuracy)} | {int(evaluation.clean.sum())}/{n} | "
+             f"{_pct(evaluation.clean_accuracy)} | {evaluation.clean_seconds:.1f} |")]
+    for r in evaluation.results:
+        mark = " †" if r.reference else " ‡" if r.upper_bound else "" if r.in_worst_case else " *"
+        lines.append(_row(r, n, mark))
+    worst = evaluation.worst_case()
+    total = evaluation.clean_seconds + sum(r.seconds for r in evaluation.results)
+    lines.append(f"| **worst case (threat model)** | — | — | **{_pct(worst.mean() if n else 0.0)}** | "
+                 f"{int(worst.sum())}/{n} | — | {total:.1f} |")
+    return lines
+
+
+def _notes(evaluation):
+    lines = []
+    for name, reason in excluded_from_worst_case(evaluation).items():
+        mark = "†" if evaluation.result(name).reference else "*"
+        lines.append(f"- {mark} {name}: not in the worst case ({reason}).")
+    for r in evaluation.results:
+        if r.upper_bound:
+            skipped = r.counts.get("skipped")
+            extra = f" ({skipped} of {r.n_received} skipped)" if skipped is not None else ""
+            lines.append(f"- ‡ {r.name}: {r.upper_bound}{extra}.")
+        if r.n_received == 0:
+            lines.append(f"- {r.name} attacked no clean-correct example (none was left); its row measures nothing.")
+        elif r.counts.get("skipped") == r.n_received:
+            lines.append(f"- {r.name}: AutoAttack attacked nothing (its target misclassified every point); "
+                         "the row is the clean accuracy of those points, not a robustness figure.")
+        lines += [f"- {r.name}: {note}." for note in r.notes if not r.reference]
+    return lines
+
+
+def _cascade_section(evaluation):
+    if not evaluation.cascade:
+        return ["", "Every attack ran on every clean-correct example (--no-cascade): each row is a standalone figure."]
+    lines = ["", "## Cascade", "",
+             ("Standalone attacks ran first on the full set; the others ran in this order, each only on the "
+             "examples every earlier attack of the threat model failed to break (the per-example worst case is "
+             "the same as running everything on everything):"), ""]
+    for r in evaluation.results:
+        kind = "standalone" if r.standalone else "cascade"
+        lines.append(f"{r.order + 1}. {r.name} ({kind}): received {r.n_received}, broke {r.n_broken}")
+    return lines
+
+
+def _warnings_section(evaluation, checks):
+    aa = [(r, w) for r in evaluation.results for w in r.warnings]
+    if not aa:
+        return []
+    lines = ["", "## Warnings from the AutoAttack package", ""]
+    lines += [f"- {r.name}: {w}" for r, w in aa]
+    package_check = next((c for c in checks if c["name"] == "AutoAttack's own checks"), None)
+    if any(not r.package_checks for r, _ in aa):
+        lines += ["", f"Why a check can still read pass: {ADAPTIVE_WARNINGS_NOTE}."]
+    if package_check is not None and package_check["status"] == "FLAG":
+        lines += ["", "Warnings of the AutoAttack runs themselves are a FLAG above."]
+    return lines
+
+
+def markdown_report(evaluation, checks, meta):
+    """The run as markdown: headline, what the worst case covers, attack table, cascade stages,
+    sanity checks, AutoAttack's warnings (explained)."""
+    lines = [f"# Robustness evaluation: {meta.get('checkpoint', '')}", "", _model_line(meta, evaluation.n), ""]
+    lines += _headline(evaluation) + [""] + _table(evaluation)
+    notes = _notes(evaluation)
+    if notes:
+        lines += [""] + notes
+    if evaluation.skipped:
+        lines += ["", f"Not applicable to a model without RA heads (skipped): {', '.join(evaluation.skipped)}."]
+    lines += _cascade_section(evaluation)
+    lines += ["", "## Sanity checks", ""]
+    lines += [f"- **{check['status']}** {check['name']}: {check['message']}" for check in checks]
+    lines += _warnings_section(evaluation, checks)
+    if meta.get("status") == "partial":
+        lines += ["", "**Partial: the run stopped before every attack finished; rerun with --resume.**"]
+    return "\n".join(lines) + "\n"
+
+
+def json_report(evaluation, checks, meta):
+    """Every number of the run, with per-example 0/1 arrays so runs can be merged."""
+    worst = evaluation.worst_case()
+    return {
+        "meta": meta,
+        "status": meta.get("status", "complete"),
+        "labels": [int(v) for v in evaluation.labels],
+        "clean": {"accuracy": evaluation.clean_accuracy, "robust_count": int(evaluation.clean.sum()),
+                  "seconds": evaluation.clean_seconds, "correct": [int(v) for v in evaluation.clean]},
+        "aux_agreement": {str(k): v for k, v in evaluation.agreement.items()},
+        "attacks": [r.to_json() for r in evaluation.results],
+        "skipped": evaluation.skipped,
+        "worst_case": {"accuracy": float(worst.mean()) if evaluation.n else 0.0, "robust_count": int(worst.sum()),
+                       "correct": [int(v) for v in worst], "over": [r.name for r in evaluation.worst_case_results()],
+                       "excluded": excluded_from_worst_case(evaluation)},
+        "cascade": {"enabled": evaluation.cascade,
+                    "order": [{"name": r.name, "standalone": r.standalone, "received": r.n_received,
+                               "broken": r.n_broken} for r in evaluation.results]},
+        "sanity": checks,
+    }
+
+
+def merge_runs(runs):
+    """Per-example worst case over several ``results.json`` dicts of the same examples (attacks
+    marked ``in_worst_case: false`` — other ε, reference reproductions — are left out)."""
+    if not runs:
+        raise EvaluationError("no runs to merge")
+    indices = runs[0]["meta"].get("indices")
+    if any(run["meta"].get("indices") != indices for run in runs):
+        raise EvaluationError("runs evaluated different examples; merge only runs with the same subset and seed")
+    worst = np.array(runs[0]["clean"]["correct"], bool)
+    for run in runs:
+        worst &= np.array(run["clean"]["correct"], bool)
+        for attack in run["attacks"]:
+            if attack.get("in_worst_case", attack["name"] != "pgd40-eps1"):
+                worst &= np.array(attack["correct"], bool)
+    return {"accuracy": float(worst.mean()) if worst.size else 0.0, "robust_count": int(worst.sum()),
+            "correct": [int(v) for v in worst]}

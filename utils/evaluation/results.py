@@ -1,0 +1,148 @@
+"""Per-example records of an evaluation: one attack's outcome on a batch, one attack over the set,
+and the whole run with its worst case over the attacks of the threat model."""
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+
+@dataclass
+class Outcome:
+    """One batch's result: still correct at every query, at the last iterate (paper attacks),
+    the AutoAttack package's warnings and counts it logged."""
+
+    correct: torch.Tensor
+    last: torch.Tensor | None = None
+    warnings: list = field(default_factory=list)
+    counts: dict = field(default_factory=dict)
+
+
+@dataclass
+class AttackResult:
+    """Per-example outcome of one attack over the evaluation set.
+
+    ``robust[i]``: example i is clean-correct and the attack did not break it. A cascade row
+    (``standalone`` False) attacked only the examples in ``received``; it is True elsewhere, so
+    the per-example AND over rows is the worst case, but its mean is not a standalone figure."""
+
+    name: str
+    family: str
+    with_p: bool
+    params: dict
+    seed: int
+    seconds: float
+    robust: np.ndarray
+    paper: np.ndarray | None = None
+    warnings: list = field(default_factory=list)
+    counts: dict = field(default_factory=dict)
+    sees: str = "final"
+    eps: float | None = None
+    in_worst_case: bool = True
+    standalone: bool = True
+    received: np.ndarray | None = None
+    order: int = 0
+    notes: list = field(default_factory=list)
+    upper_bound: str | None = None
+    reference: bool = False
+    package_checks: bool = False
+
+    def __post_init__(self):
+        if self.received is None:
+            self.received = np.ones_like(self.robust, dtype=bool)
+
+    @property
+    def accuracy(self):
+        """Standalone robust accuracy; None for a cascade row (it saw survivors only)."""
+        if not self.standalone:
+            return None
+        return float(self.robust.mean()) if self.robust.size else 0.0
+
+    @property
+    def paper_accuracy(self):
+        """The paper's count: last-iterate accuracy over all examples (paper attacks only)."""
+        return None if self.paper is None else float(self.paper.mean())
+
+    @property
+    def n_received(self):
+        """Clean-correct examples this attack attacked."""
+        return int(self.received.sum())
+
+    @property
+    def n_broken(self):
+        """Examples it received and broke."""
+        return int((self.received & ~self.robust).sum())
+
+    def to_json(self):
+        """JSON-ready record; :meth:`from_json` restores it (``--resume``)."""
+        def ints(array):
+            return None if array is None else [int(v) for v in array]
+        return {
+            "name": self.name, "family": self.family, "with_p": self.with_p, "accuracy": self.accuracy,
+            "robust_count": int(self.robust.sum()), "paper_last_iterate": self.paper_accuracy, "params": self.params,
+            "seed": self.seed, "seconds": self.seconds, "correct": ints(self.robust), "paper_correct": ints(self.paper),
+            "autoattack_warnings": self.warnings, "autoattack_counts": self.counts, "sees": self.sees,
+            "eps": self.eps, "in_worst_case": self.in_worst_case, "standalone": self.standalone,
+            "received": ints(self.received), "received_count": self.n_received, "broken_count": self.n_broken,
+            "order": self.order, "notes": self.notes, "upper_bound": self.upper_bound, "reference": self.reference,
+            "package_checks": self.package_checks,
+        }
+
+    @classmethod
+    def from_json(cls, record):
+        """The result stored by :meth:`to_json` (older files lack the newer keys: defaults)."""
+        def bools(values):
+            return None if values is None else np.array(values, bool)
+        return cls(record["name"], record["family"], record["with_p"], record["params"], record["seed"],
+                   record["seconds"], bools(record["correct"]), bools(record.get("paper_correct")),
+                   list(record.get("autoattack_warnings", [])), dict(record.get("autoattack_counts", {})),
+                   record.get("sees", "final"), record.get("eps"), record.get("in_worst_case", True),
+                   record.get("standalone", True), bools(record.get("received")), record.get("order", 0),
+                   list(record.get("notes", [])), record.get("upper_bound"), record.get("reference", False),
+                   record.get("package_checks", False))
+
+
+@dataclass
+class Evaluation:
+    """Everything one run measured, per example; ``checks`` and ``meta`` are filled by the caller."""
+
+    labels: np.ndarray
+    clean: np.ndarray
+    agreement: dict            # head index → fraction of examples where argmax aux_k = final prediction
+    results: list
+    skipped: list = field(default_factory=list)
+    clean_seconds: float = 0.0
+    cascade: bool = False
+    checks: list = field(default_factory=list)
+    meta: dict = field(default_factory=dict)
+
+    @property
+    def n(self):
+        return int(self.labels.size)
+
+    @property
+    def clean_accuracy(self):
+        return float(self.clean.mean()) if self.n else 0.0
+
+    def result(self, name):
+        return next((r for r in self.results if r.name == name), None)
+
+    def worst_case_results(self):
+        """The attacks of the threat model: same ε as the run, not a reproduction of reference code."""
+        return [r for r in self.results if r.in_worst_case]
+
+    def worst_case(self):
+        """Per example: correct clean and under every attack of the threat model."""
+        worst = self.clean.copy()
+        for result in self.worst_case_results():
+            worst &= result.robust
+        return worst
+
+    def markdown(self):
+        """The markdown report (``report.md``)."""
+        from utils.evaluation.report import markdown_report
+        return markdown_report(self, self.checks, self.meta)
+
+    def to_json(self):
+        """The JSON report (``results.json``)."""
+        from utils.evaluation.report import json_report
+        return json_report(self, self.checks, self.meta)
