@@ -5,11 +5,12 @@ import sys
 from utils.analysis.features import FeatureError, load_npz
 from utils.analysis.plots import histogram_figures, mixed_metadata
 from utils.cli import run_cli
-from utils.evaluation.options import OneLineParser, OutputError, check_output_dir
+from utils.cli import OneLineArgumentParser
+from utils.evaluation.options import OutputError, check_output_dir
 
 
 def parse_args(argv=None):
-    parser = OneLineParser(description=__doc__)
+    parser = OneLineArgumentParser(description=__doc__)
     parser.add_argument("files", nargs="+", help=".npz files from feature_distance.py, one per method")
     parser.add_argument("--labels", nargs="+", default=None,
                         help="legend labels, one per file (default: the method labels stored in the files)")

@@ -11,14 +11,14 @@ from utils.analysis.features import (
     add_common_arguments,
     attack_from_args,
     check_options,
-    load_analysis,
+    analysis_from_args,
     umap_inputs,
 )
 from utils.analysis.plots import umap_embedding, umap_figure
 from utils.cli import run_cli
 from utils.data import DatasetError
+from utils.cli import OneLineArgumentParser
 from utils.evaluation.options import (
-    OneLineParser,
     OutputError,
     check_output_dir,
     create_output_dir,
@@ -26,7 +26,7 @@ from utils.evaluation.options import (
 
 
 def parse_args(argv=None):
-    parser = OneLineParser(description=__doc__)
+    parser = OneLineArgumentParser(description=__doc__)
     add_common_arguments(parser)
     parser.add_argument("--n-neighbors", type=int, default=15, help="UMAP n_neighbors (default 15)")
     parser.add_argument("--min-dist", type=float, default=0.1, help="UMAP min_dist (default 0.1)")
@@ -42,7 +42,7 @@ def run(args):
         raise FeatureError(f"--n-examples {args.n_examples} gives {2 * args.n_examples} points, too few for UMAP with "
                            f"--n-neighbors {args.n_neighbors}; use at least {args.n_neighbors // 2 + 2} examples")
     out_dir = check_output_dir(args.out_dir)  # before any work
-    analysis = load_analysis(args.ckpt, args.dataset, args.data_dir, args.device, args.label, use_ema=not args.no_ema)
+    analysis = analysis_from_args(args)
     attack = attack_from_args(args, analysis)
     create_output_dir(out_dir)
     inputs = umap_inputs(analysis, args.n_examples, batch_size=args.batch_size, attack=attack, seed=args.seed,

@@ -10,15 +10,15 @@ from utils.analysis.features import (
     attack_from_args,
     check_options,
     feature_distances,
-    load_analysis,
+    analysis_from_args,
     safe_name,
     save_npz,
     stats_table,
 )
 from utils.cli import run_cli
 from utils.data import DatasetError
+from utils.cli import OneLineArgumentParser
 from utils.evaluation.options import (
-    OneLineParser,
     OutputError,
     check_output_dir,
     check_output_file,
@@ -28,7 +28,7 @@ from utils.training.negatives import STRATEGIES
 
 
 def parse_args(argv=None):
-    parser = OneLineParser(description=__doc__)
+    parser = OneLineArgumentParser(description=__doc__)
     add_common_arguments(parser)
     parser.add_argument("--target-label", type=int, default=0, help="class of the natural examples (default 0)")
     parser.add_argument("--strategy", choices=STRATEGIES, default="random_adv",
@@ -46,7 +46,7 @@ def run(args):
         check_output_file(args.output)
     else:
         check_output_dir(args.out_dir)
-    analysis = load_analysis(args.ckpt, args.dataset, args.data_dir, args.device, args.label, use_ema=not args.no_ema)
+    analysis = analysis_from_args(args)
     attack = attack_from_args(args, analysis)
     create_output_dir(Path(args.output).parent if args.output else args.out_dir)
     result = feature_distances(analysis, args.target_label, strategy=args.strategy, n_examples=args.n_examples,

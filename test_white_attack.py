@@ -16,14 +16,15 @@ from pathlib import Path
 
 import torch
 
-from models import CheckpointError, has_reverse_attention, load_model, read_checkpoint
+from models import (NORMALIZATION_HELP, CheckpointError, arch_help, has_reverse_attention, load_model,
+                    parse_normalization, read_checkpoint)
 from utils import data as datasets
 from utils.checkpoint import atomic_write_json, atomic_write_text
 from utils.cli import run_cli
 from utils.evaluation.autoattack_adapter import AutoAttackUnavailable
 from utils.evaluation.catalogue import BUDGETS, PRESETS, EvaluationError, Settings
+from utils.cli import OneLineArgumentParser
 from utils.evaluation.options import (
-    OneLineParser,
     OutputError,
     batch_size_type,
     check_output_dir,
@@ -61,10 +62,13 @@ def _model_arguments(parser):
                         help="build any model: FUNCTION() in FILE.py returns an nn.Module mapping [0,1] images to logits")
     model = parser.add_argument_group("model (default: from the checkpoint)")
     model.add_argument("--weights", default=None, help="with --model-factory: a state dict loaded into the module")
-    model.add_argument("--arch", default=None, help="resnet18, preact-resnet18, wrn-D-K")
+    model.add_argument("--arch", default=None, help=arch_help())
     model.add_argument("--num-classes", type=int, default=None)
     model.add_argument("--reverse-attention", choices=("on", "off"), default=None,
-                       help="RA or plain (reference state dicts do not record it; default on)")
+                       help="RA or plain: required for a state dict without a saved config (RA adds no parameters, "
+                            "so it cannot be read from the weights)")
+    model.add_argument("--normalize", type=parse_normalization, default=None, metavar="PRESET|MEAN/STD",
+                       help=NORMALIZATION_HELP)
     model.add_argument("--no-ema", action="store_true", help="evaluate the raw weights even if the checkpoint has EMA")
 
 
@@ -95,7 +99,7 @@ def _attack_arguments(parser):
 
 
 def parse_args(argv=None):
-    parser = OneLineParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = OneLineArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     _model_arguments(parser)
     data = parser.add_argument_group("data")
     data.add_argument("--dataset", choices=sorted(datasets.DATASETS), default=None,
@@ -126,7 +130,8 @@ def load_checkpoint(args):
     """Model, its config and the checkpoint's saved training args."""
     payload = read_checkpoint(args.ckpt)
     ra = None if args.reverse_attention is None else args.reverse_attention == "on"
-    model, config = load_model(payload, args.arch, args.num_classes, ra, device=args.device, use_ema=not args.no_ema)
+    model, config = load_model(payload, args.arch, args.num_classes, ra, device=args.device, use_ema=not args.no_ema,
+                               normalization=args.normalize)
     saved = (payload.get("args") or {}) if isinstance(payload, dict) else {}
     return model, config, saved
 

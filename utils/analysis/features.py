@@ -29,7 +29,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from models import has_reverse_attention, load_model, read_checkpoint
+from models import NORMALIZATION_HELP, has_reverse_attention, load_model, parse_normalization, read_checkpoint
 from utils import data as datasets
 from utils.attacks import EPS, pgd
 from utils.evaluation.options import device_type, positive_int, threat_eps
@@ -111,14 +111,17 @@ def method_label(args, reverse_attention=None):
     return registry_label(name, anc, ra)
 
 
-def load_analysis(checkpoint, dataset=None, data_dir=None, device="cpu", label=None, use_ema=True):
+def load_analysis(checkpoint, dataset=None, data_dir=None, device="cpu", label=None, use_ema=True,
+                  reverse_attention=None, normalization=None):
     """Load a checkpoint (its EMA weights when it has them, unless ``use_ema`` is False) and the
-    test split of its dataset, refusing a model/dataset mismatch.
+    test split of its dataset, refusing a model/dataset mismatch. ``reverse_attention`` and
+    ``normalization`` complete a foreign state dict (see ``models.load_model``).
 
     Synthetic data are regenerated as training made them: the checkpoint's image size and
     ``data_seed`` (default 0); the data folder defaults to the one the checkpoint trained on."""
     payload = read_checkpoint(checkpoint)
-    model, config = load_model(payload, device=device, use_ema=use_ema)
+    model, config = load_model(payload, reverse_attention=reverse_attention, device=device, use_ema=use_ema,
+                               normalization=normalization)
     args = (payload.get("args") or {}) if isinstance(payload, dict) else {}
     dataset = dataset or args.get("dataset")
     if not dataset:
@@ -351,6 +354,10 @@ def add_common_arguments(parser):
     parser.add_argument("--out-dir", default="figures", help="output folder (created if missing)")
     parser.add_argument("--device", type=device_type, default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--no-ema", action="store_true", help="analyse the raw weights even if the checkpoint has EMA")
+    parser.add_argument("--reverse-attention", choices=("on", "off"), default=None,
+                        help="RA or plain: required for a state dict without a saved config")
+    parser.add_argument("--normalize", type=parse_normalization, default=None, metavar="PRESET|MEAN/STD",
+                        help=NORMALIZATION_HELP)
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
@@ -364,6 +371,13 @@ def check_options(args):
         raise FeatureError("--n-examples must be at least 1")
     if args.batch_size < 1:
         raise FeatureError("--batch-size must be at least 1")
+
+
+def analysis_from_args(args):
+    """:func:`load_analysis` with the common options of the feature scripts."""
+    ra = None if args.reverse_attention is None else args.reverse_attention == "on"
+    return load_analysis(args.ckpt, args.dataset, args.data_dir, args.device, args.label, use_ema=not args.no_ema,
+                         reverse_attention=ra, normalization=args.normalize)
 
 
 def attack_from_args(args, analysis):

@@ -1,9 +1,8 @@
-"""Command-line pieces of the evaluation and figure scripts: a parser whose errors are one line
-(``error: ...``, exit 2, no usage block), argument types that refuse nonsense with a hint, and
-output checks done before any long work starts."""
+"""Command-line pieces of the evaluation and figure scripts: argument types that refuse nonsense
+with a hint, and output checks done before any long work starts (the one-line parser is
+``utils.cli.OneLineArgumentParser``)."""
 import argparse
 import os
-import re
 import sys
 from pathlib import Path
 
@@ -11,30 +10,9 @@ import torch
 
 from utils.cli import eps_fraction, fraction
 
-_NEGATIVE_VALUE = re.compile(r"^-\d*\.?\d+(/\d*\.?\d+)?$")
-
 
 class OutputError(ValueError):
     """An output path cannot be written; the message says which and what to do."""
-
-
-class OneLineParser(argparse.ArgumentParser):
-    """ArgumentParser that reports a bad option as one ``error: ...`` line and exits 2, and
-    accepts a negative number as an option's value (``--eps -8/255`` is then refused by the type)."""
-
-    def error(self, message):
-        print(f"error: {message}", file=sys.stderr)
-        sys.exit(2)
-
-    def parse_args(self, args=None, namespace=None):
-        args = list(sys.argv[1:] if args is None else args)
-        joined = []
-        for token in args:
-            if joined and joined[-1].startswith("--") and "=" not in joined[-1] and _NEGATIVE_VALUE.match(token):
-                joined[-1] = f"{joined[-1]}={token}"
-            else:
-                joined.append(token)
-        return super().parse_args(joined, namespace)
 
 
 def threat_eps(text):
