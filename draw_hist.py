@@ -4,8 +4,7 @@ import sys
 
 from utils.analysis.features import FeatureError, load_npz
 from utils.analysis.plots import histogram_figures, mixed_metadata
-from utils.cli import run_cli
-from utils.cli import OneLineArgumentParser
+from utils.cli import OneLineArgumentParser, run_cli
 from utils.evaluation.options import OutputError, check_output_dir
 
 

@@ -9,15 +9,14 @@ from models import CheckpointError
 from utils.analysis.features import (
     FeatureError,
     add_common_arguments,
+    analysis_from_args,
     attack_from_args,
     check_options,
-    analysis_from_args,
     umap_inputs,
 )
 from utils.analysis.plots import umap_embedding, umap_figure
-from utils.cli import run_cli
+from utils.cli import OneLineArgumentParser, run_cli
 from utils.data import DatasetError
-from utils.cli import OneLineArgumentParser
 from utils.evaluation.options import (
     OutputError,
     check_output_dir,

@@ -7,17 +7,16 @@ from models import CheckpointError
 from utils.analysis.features import (
     FeatureError,
     add_common_arguments,
+    analysis_from_args,
     attack_from_args,
     check_options,
     feature_distances,
-    analysis_from_args,
     safe_name,
     save_npz,
     stats_table,
 )
-from utils.cli import run_cli
+from utils.cli import OneLineArgumentParser, run_cli
 from utils.data import DatasetError
-from utils.cli import OneLineArgumentParser
 from utils.evaluation.options import (
     OutputError,
     check_output_dir,

@@ -16,14 +16,20 @@ from pathlib import Path
 
 import torch
 
-from models import (NORMALIZATION_HELP, CheckpointError, arch_help, has_reverse_attention, load_model,
-                    parse_normalization, read_checkpoint)
+from models import (
+    NORMALIZATION_HELP,
+    CheckpointError,
+    arch_help,
+    has_reverse_attention,
+    load_model,
+    parse_normalization,
+    read_checkpoint,
+)
 from utils import data as datasets
 from utils.checkpoint import atomic_write_json, atomic_write_text
-from utils.cli import run_cli
+from utils.cli import OneLineArgumentParser, run_cli
 from utils.evaluation.autoattack_adapter import AutoAttackUnavailable
 from utils.evaluation.catalogue import BUDGETS, PRESETS, EvaluationError, Settings
-from utils.cli import OneLineArgumentParser
 from utils.evaluation.options import (
     OutputError,
     batch_size_type,

@@ -225,7 +225,8 @@ def build_parser():
                         help=f"{' / '.join(method_names())}, with -anc, -ra or -ancra")
     parser.add_argument("--batch-size", nargs="+", type=int, default=[32])
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
-    parser.add_argument("--steps", type=int, default=5, help="timed rounds (one step, one model-pass replay) per configuration; medians are reported")
+    parser.add_argument("--steps", type=int, default=5,
+                        help="timed rounds (one step, one model-pass replay) per configuration; medians are reported")
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps first (compilation, allocator)")
     parser.add_argument("--attack-steps", type=int, default=10, help="PGD steps of each training attack")
     parser.add_argument("--num-classes", type=int, default=10)

@@ -9,8 +9,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from utils import data as D
-from utils.data import (BatchLoader, DatasetError, TensorPair, crop_flip, fixed_subset,
-                        load_dataset, split_holdout)
+from utils.data import BatchLoader, DatasetError, TensorPair, crop_flip, fixed_subset, load_dataset, split_holdout
 
 CIFAR10_NAMES = ["airplane", "automobile", "bird", "cat", "deer",
                  "dog", "frog", "horse", "ship", "truck"]

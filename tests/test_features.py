@@ -7,11 +7,11 @@ import matplotlib.image as mpimg
 import numpy as np
 import pytest
 import torch
-from conftest import build_model
 
 import draw_hist
 import draw_umap
 import feature_distance
+from conftest import build_model
 from utils import data as datasets
 from utils.analysis.features import (
     FEATURE_KEYS,

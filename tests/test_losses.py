@@ -1,4 +1,4 @@
-"""Training losses (SPEC §4) against values computed by hand with plain ``math`` on 3 examples, 3 classes."""
+"""Training losses (docs/protocol.md §4) against values computed by hand with plain ``math`` on 3 examples, 3 classes."""
 import math
 
 import pytest

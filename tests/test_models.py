@@ -1,4 +1,4 @@
-"""Backbones and reverse attention (SPEC §1): forwards recomputed by hand from the submodules,
+"""Backbones and reverse attention (docs/protocol.md §1): forwards recomputed by hand from the submodules,
 mask layout, mask policies, parameter names and counts."""
 import pytest
 import torch

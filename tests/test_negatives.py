@@ -1,4 +1,4 @@
-"""Negatives (SPEC §3): the vectorised rules against a slow per-anchor loop, the random rule's
+"""Negatives (docs/protocol.md §3): the vectorised rules against a slow per-anchor loop, the random rule's
 distribution, degenerate batches, warm-up and the targeted ``*_adv`` attack."""
 from collections import Counter
 
@@ -24,12 +24,15 @@ def slow_choice(strategy, y, logits):
     no candidate is left (then `random` is used)."""
     labels, preds = y.tolist(), logits.argmax(1).tolist()
     chosen = []
-    for i, (label, pred) in enumerate(zip(labels, preds)):
+    rules = {"soft": lambda other, label, pred: other == pred,
+             "hard": lambda other, label, pred: other == label,
+             "easy": lambda other, label, pred: other not in (label, pred)}
+    for label, pred in zip(labels, preds):
         candidates = []
         for j, (other_label, other_pred) in enumerate(zip(labels, preds)):
             if other_label == label:
                 continue
-            if strategy == "soft" and other_pred == pred or strategy == "hard" and other_pred == label or strategy == "easy" and other_pred not in (label, pred):
+            if rules[strategy](other_pred, label, pred):
                 candidates.append(j)
         chosen.append(max(candidates, key=lambda j: logits[j, label].item()) if candidates else None)
     return chosen

@@ -22,9 +22,10 @@ from __future__ import annotations
 
 import math
 import pickle
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, NamedTuple
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -127,7 +128,7 @@ def image_size(name: str) -> int:
 
 
 def default_augment(name: str) -> bool:
-    """Whether the reference recipe augments this dataset: crop+flip for CIFAR only (SPEC §5)."""
+    """Whether the reference recipe augments this dataset: crop+flip for CIFAR only (docs/protocol.md §5)."""
     _check_name(name)
     return name in _CIFAR
 
@@ -417,7 +418,7 @@ def crop_flip(x: torch.Tensor, top: torch.Tensor, left: torch.Tensor, flip: torc
 
 
 def crop_flip_params(batch: int, generator: torch.Generator, padding: int = CROP_PADDING) -> torch.Tensor:
-    """3×batch int64 rows (top, left, flip) of the SPEC §5 augmentation, drawn on the CPU."""
+    """3×batch int64 rows (top, left, flip) of the docs/protocol.md §5 augmentation, drawn on the CPU."""
     top = torch.randint(0, 2 * padding + 1, (batch,), generator=generator)
     left = torch.randint(0, 2 * padding + 1, (batch,), generator=generator)
     flip = torch.rand(batch, generator=generator) < 0.5
@@ -426,7 +427,7 @@ def crop_flip_params(batch: int, generator: torch.Generator, padding: int = CROP
 
 def random_crop_flip(x: torch.Tensor, generator: torch.Generator,
                      padding: int = CROP_PADDING) -> torch.Tensor:
-    """SPEC §5 augmentation: random crop with zero padding plus random horizontal flip."""
+    """docs/protocol.md §5 augmentation: random crop with zero padding plus random horizontal flip."""
     top, left, flip = crop_flip_params(x.shape[0], generator, padding)
     return crop_flip(x, top, left, flip.bool(), padding)
 

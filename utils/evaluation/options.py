@@ -3,7 +3,6 @@ with a hint, and output checks done before any long work starts (the one-line pa
 ``utils.cli.OneLineArgumentParser``)."""
 import argparse
 import os
-import sys
 from pathlib import Path
 
 import torch

@@ -257,7 +257,8 @@ def resolve_args(kind, args):
     args.data_seed = DATA_SEED
     method = get_method(args.method)
     if args.weight_decay is None:
-        args.weight_decay = recipe.TINY_IMAGENET_WEIGHT_DECAY if args.dataset == "tiny-imagenet" else _arch_weight_decay(args.arch)
+        tiny = args.dataset == "tiny-imagenet"
+        args.weight_decay = recipe.TINY_IMAGENET_WEIGHT_DECAY if tiny else _arch_weight_decay(args.arch)
     args.separate_bn = bool(getattr(args, "separate_bn", False))
     if args.separate_bn and not args.reverse_attention:
         raise ConfigError("--separate-bn only changes RA models (the BatchNorm shared by the RA blocks); drop it or --no-ra")
