@@ -50,7 +50,12 @@ from utils.evaluation.suite import (
 
 PARTIAL = "results.partial.json"
 RESUME_KEYS = ("model", "weights", "indices", "seed", "eps", "budget", "aux_weight", "joint_weights", "taus",
-               "cascade", "attack_dtype", "attacks_requested")
+               "cascade", "full_set", "attack_dtype", "attacks_requested")
+
+
+def name_list(text):
+    """argparse type: comma-separated attack names."""
+    return tuple(name.strip() for name in text.split(",") if name.strip())
 
 
 def number_list(text):
@@ -99,6 +104,10 @@ def _attack_arguments(parser):
     attack.add_argument("--cascade", action=argparse.BooleanOptionalAction, default=True,
                         help="run each non-paper attack only on the examples earlier attacks failed to break "
                              "(default; the worst case is the same); --no-cascade runs every attack on every example")
+    attack.add_argument("--full-set", type=name_list, default=(), metavar="NAME,...",
+                        help="with the cascade: these attacks still run on every example so their own figure is "
+                             "reported (e.g. autoattack,autoattack+p for the paper's AA column); the paper's "
+                             "FGSM/PGD-40/C&W always do")
     attack.add_argument("--attack-dtype", choices=ATTACK_DTYPES, default=None,
                         help="bf16 autocast for our own attacks, every judgment in fp32 (default bf16 on CUDA, "
                              "fp32 on CPU); AutoAttack always runs in fp32")
@@ -251,7 +260,8 @@ def _meta(args, config, dataset, indices, data_dir, started):
             "budget_params": dataclasses.asdict(BUDGETS[args.budget]), "joint_weights": list(args.joint_weights),
             "taus": list(args.taus), "seed": args.seed, "attacks_requested": args.attacks, "device": str(args.device),
             "torch": torch.__version__, "started": started.isoformat(timespec="seconds"), "arguments": vars(args),
-            "cascade": args.cascade, "attack_dtype": args.attack_dtype or default_attack_dtype(args.device)}
+            "cascade": args.cascade, "full_set": list(args.full_set),
+            "attack_dtype": args.attack_dtype or default_attack_dtype(args.device)}
     meta["resume_key"] = {"model": source + (f" + {args.weights}" if args.weights else ""),
                           **{k: meta[k] for k in RESUME_KEYS if k not in ("model",)}}
     return meta
@@ -271,7 +281,8 @@ def run(args):
     model, config, saved = load_checkpoint(args) if args.ckpt else build_factory_model(args)
     dataset, x, y, indices, data_dir = load_test_subset(args, config, saved)
     _check_classes(model, x, dataset, args.device)
-    choose_attacks(model, x, args.attacks, Settings(eps=args.eps, budget=BUDGETS[args.budget]), args.device)
+    choose_attacks(model, x, args.attacks, Settings(eps=args.eps, budget=BUDGETS[args.budget]), args.device,
+                   args.full_set)
     meta = _meta(args, config, dataset, indices, data_dir, started)
     finished = _finished_attacks(previous, meta["resume_key"]) if previous else {}
     create_output_dir(out_dir)
@@ -289,7 +300,7 @@ def run(args):
                                 batch_size=args.batch_size, seed=args.seed, device=args.device, cascade=args.cascade,
                                 attack_dtype=meta["attack_dtype"], joint_weights=args.joint_weights, taus=args.taus,
                                 progress=not args.quiet and sys.stderr.isatty(), on_result=save_progress,
-                                finished=finished, meta=meta)
+                                finished=finished, meta=meta, full_set=args.full_set)
     evaluation.meta["seconds"] = (datetime.now() - started).total_seconds()
     report = evaluation.markdown()
     atomic_write_text(out_dir / "report.md", report)

@@ -10,6 +10,7 @@ from tests.test_adaptive import GatedToy, toy_data
 from tests.test_evaluation import prototype_data, trained_tiny
 from utils.evaluation.catalogue import (
     COST_APGD,
+    COST_AUTOATTACK,
     COST_BLACK_BOX,
     COST_FINAL_PGD,
     COST_SURROGATE_PGD,
@@ -94,9 +95,19 @@ def test_order_standalone_first_then_cheap_to_expensive():
     assert all(s.family != "sanity" or s.eps == 1.0 for s in standalone)      # only ε = 1, outside the threat model
     costs = [spec.cost for spec, alone in plan if not alone]
     assert costs == sorted(costs) and costs[0] == COST_FINAL_PGD and costs[-1] == COST_BLACK_BOX
-    assert {COST_SURROGATE_PGD, COST_APGD} <= set(costs)
+    assert {COST_SURROGATE_PGD, COST_APGD, COST_AUTOATTACK} <= set(costs)
     assert plan[-1][0].name == "square"
+    later = [spec.name for spec, alone in plan if not alone]
+    assert later.index("autoattack") > later.index("aux1-apgd-ce")  # AutoAttack only on what APGD left
     assert [s.name for s, _ in cascade_plan(catalogue, cascade=False)] == [s.name for s in catalogue]
+
+
+def test_full_set_keeps_named_attacks_on_every_example_within_the_cascade():
+    catalogue = attack_catalogue(Settings(budget=BUDGETS["small"]), 10, 2)
+    plan = dict((spec.name, alone) for spec, alone in cascade_plan(catalogue, True, ("autoattack", "square")))
+    assert plan["autoattack"] and plan["square"] and not plan["autoattack+p"]
+    ordered = [spec.name for spec, _ in cascade_plan(catalogue, True, ("autoattack",))]
+    assert ordered.index("autoattack") < ordered.index("pgd10")  # run with the standalone attacks, first
 
 
 def test_random_starts_do_not_depend_on_the_batch():

@@ -121,9 +121,10 @@ def ckpt(tmp_path_factory):
 BAD_EVAL = [["--device", "foo"], ["--attacks", ""], ["--attacks", "natural"], ["--eps", "300"], ["--eps", "-8/255"],
             ["--eps", "0"], ["--n-examples", "0"], ["--batch-size", "0"], ["--out-dir", "FILE"],
             ["--out-dir", "FILE/sub"], ["--resume"], ["--weights", "w.pt"], ["--model-factory", "x.py:build"],
-            ["--attacks", "pgd41"], ["--resume", "--out-dir", "EMPTY"]]
+            ["--attacks", "pgd41"], ["--resume", "--out-dir", "EMPTY"], ["--full-set", "autoatack"]]
 BAD_FEATURES = [["--device", "foo"], ["--eps", "300"], ["--eps", "-8/255"], ["--n-examples", "0"],
-                ["--out-dir", "FILE"], ["--batch-size", "x"]]
+                ["--out-dir", "FILE"], ["--batch-size", "x"], ["--normalize", "cifar11"],
+                ["--reverse-attention", "maybe"]]
 
 
 @pytest.mark.parametrize("script, argv", [(test_white_attack, a) for a in BAD_EVAL]

@@ -292,3 +292,19 @@ def test_script_refuses_unknown_attacks_with_one_sentence(tmp_path, capsys):
     torch.save(wrn_state().state_dict(), path)
     code, _, err = run_script(["--ckpt", str(path), "--dataset", "synthetic", "--attacks", "pgd400"], capsys)
     assert code == 2 and err.startswith("error: unknown attack 'pgd400'") and "Traceback" not in err
+
+
+def test_script_asks_ra_or_plain_and_applies_a_normalisation_to_a_foreign_state_dict(tmp_path, capsys):
+    """A state dict without a saved config is never evaluated on a guess; --normalize wraps the
+    network so it still takes [0, 1] images, and results.json records both choices."""
+    path = tmp_path / "foreign.pth"
+    torch.save(wrn_state(reverse_attention=False).state_dict(), path)
+    base = ["--ckpt", str(path), "--dataset", "synthetic", "--n-examples", "4", "--attacks", "fgsm", "--quiet"]
+    code, _, err = run_script(base + ["--out-dir", str(tmp_path / "refused")], capsys)
+    assert code == 2 and "--reverse-attention on" in err and err.count("\n") == 1
+    assert not (tmp_path / "refused").exists()
+    code, _, _ = run_script(base + ["--reverse-attention", "off", "--normalize", "cifar10",
+                                    "--out-dir", str(tmp_path / "eval")], capsys)
+    meta = json.loads((tmp_path / "eval" / "results.json").read_text())["meta"]
+    assert code == 0 and meta["reverse_attention"] is False
+    assert meta["normalization"]["mean"] == pytest.approx([0.4914, 0.4822, 0.4465])

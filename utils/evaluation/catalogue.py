@@ -21,7 +21,7 @@ REFERENCE_LABEL = "reproduces the reference code, not a robustness figure"
 AA_PLUS_P_BOUND = ("upper bound: AutoAttack only attacks the points the logit ensemble classifies correctly; "
                    "the others are judged at their clean input")
 # Cascade cost ranks, cheap to expensive.
-COST_FINAL_PGD, COST_SURROGATE_PGD, COST_APGD, COST_BLACK_BOX = 1, 2, 3, 4
+COST_FINAL_PGD, COST_SURROGATE_PGD, COST_APGD, COST_AUTOATTACK, COST_BLACK_BOX = 1, 2, 3, 4, 5
 
 
 class EvaluationError(ValueError):
@@ -141,7 +141,7 @@ def _paper_specs(settings, num_classes):
         specs.append(AttackSpec("autoattack+p" if with_p else "autoattack", "paper", ("paper",),
                                 partial(autoattack, eps=eps, aux_weight=weight, num_classes=num_classes), params,
                                 "heads" if with_p else "final", eps, with_p=with_p, needs_ra=with_p,
-                                needs_autoattack=True, standalone=True, package_checks=True,
+                                needs_autoattack=True, cost=COST_AUTOATTACK, package_checks=True,
                                 upper_bound=AA_PLUS_P_BOUND if with_p else None))
     return specs
 

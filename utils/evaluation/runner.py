@@ -92,13 +92,15 @@ def run_attack(model, spec, x, y, clean, received, *, batch_size, seed, device, 
                         spec.upper_bound, spec.reference, spec.package_checks)
 
 
-def cascade_plan(specs, cascade):
+def cascade_plan(specs, cascade, full_set=()):
     """``[(spec, standalone)]`` in run order: without the cascade, every attack standalone in
-    catalogue order; with it, the standalone attacks first, then the rest from cheap to expensive."""
+    catalogue order; with it, the standalone attacks (and those named in ``full_set``) first, then
+    the rest from cheap to expensive, AutoAttack and Square last."""
     if not cascade:
         return [(spec, True) for spec in specs]
-    first = [(spec, True) for spec in specs if spec.standalone]
-    rest = sorted((spec for spec in specs if not spec.standalone), key=lambda s: s.cost)
+    alone = [spec.standalone or spec.name in full_set for spec in specs]
+    first = [(spec, True) for spec, single in zip(specs, alone) if single]
+    rest = sorted((spec for spec, single in zip(specs, alone) if not single), key=lambda s: s.cost)
     return first + [(spec, False) for spec in rest]
 
 
@@ -112,9 +114,10 @@ def survivors(clean, results):
 
 
 def run_attacks(model, x, y, specs, *, eps, batch_size=200, seed=0, device="cpu", cascade=True, attack_dtype="fp32",
-                progress=True, skipped=(), on_result=None, finished=None):
-    """Clean pass, then every attack in ``specs`` (as a cascade unless ``cascade`` is False);
-    returns an :class:`Evaluation`. ``eps`` is the threat model's radius.
+                progress=True, skipped=(), on_result=None, finished=None, full_set=()):
+    """Clean pass, then every attack in ``specs`` (as a cascade unless ``cascade`` is False; the
+    attacks named in ``full_set`` then still run on every example, so their own figure is
+    reported); returns an :class:`Evaluation`. ``eps`` is the threat model's radius.
 
     ``x`` (N×C×H×W floats in [0, 1]) and ``y`` stay where they are; batches move to ``device``.
     ``on_result(result)`` is called after each attack (to save progress); ``finished`` maps names
@@ -132,7 +135,7 @@ def run_attacks(model, x, y, specs, *, eps, batch_size=200, seed=0, device="cpu"
         clean, agreement = clean_pass(model, x, y, batch_size, device)
         clean_seconds = time.perf_counter() - start
         results = []
-        for order, (spec, standalone) in enumerate(cascade_plan(specs, cascade)):
+        for order, (spec, standalone) in enumerate(cascade_plan(specs, cascade, full_set)):
             if spec.name in finished:
                 results.append(finished[spec.name])
                 continue

@@ -90,10 +90,14 @@ def _num_classes(model, x, device):
         model.train(was_training)
 
 
-def choose_attacks(model, x, attacks, settings, device):
+def choose_attacks(model, x, attacks, settings, device, full_set=()):
     """``(specs, skipped)`` for ``attacks`` on this model: its class count from one forward pass,
-    its number of RA heads, RA-only attacks skipped when it has none; refuses an empty choice."""
+    its number of RA heads, RA-only attacks skipped when it has none; refuses an empty choice and
+    a ``full_set`` name the catalogue does not know."""
     catalogue = attack_catalogue(settings, _num_classes(model, x, device), head_count(model))
+    unknown = [name for name in full_set if name not in {spec.name for spec in catalogue}]
+    if unknown:
+        raise EvaluationError(f"--full-set names unknown attack {unknown[0]!r}; use attack names such as autoattack")
     specs, skipped = select_attacks(attacks, catalogue, has_reverse_attention(model))
     if not specs:
         raise EvaluationError(f"no attack selected by {attacks!r}; name attacks or a preset ({', '.join(PRESETS)})")
@@ -103,13 +107,14 @@ def choose_attacks(model, x, attacks, settings, device):
 def evaluate_model(model, x, y, attacks="all", eps=recipe.EPS, *, aux_weight=recipe.AUX_WEIGHT, budget="full",
                    batch_size="auto", seed=0, device=None, cascade=True, attack_dtype=None,
                    joint_weights=(0.5, 2.0, 8.0), taus=(0.1, 1.0, 10.0), progress=False, on_result=None,
-                   finished=None, meta=None):
+                   finished=None, meta=None, full_set=()):
     """Evaluate any ``nn.Module`` mapping [0, 1] images (N×C×H×W) to logits (the RobustBench
     convention) under ``attacks`` (names and presets, as ``test_white_attack.py --attacks``).
 
     Attacks that need reverse-attention heads are skipped for models without them. Returns an
     :class:`Evaluation` whose ``checks`` hold the sanity checks and whose ``markdown()`` /
-    ``to_json()`` give the report. ``batch_size="auto"`` sizes batches to the device.
+    ``to_json()`` give the report. ``batch_size="auto"`` sizes batches to the device. With the
+    cascade, attacks named in ``full_set`` (e.g. ``("autoattack",)``) still run on every example.
     """
     device = torch.device(device) if device is not None else model_device(model)
     attack_dtype = attack_dtype or default_attack_dtype(device)
@@ -119,18 +124,19 @@ def evaluate_model(model, x, y, attacks="all", eps=recipe.EPS, *, aux_weight=rec
         raise EvaluationError(f"eps must be in (0, 1] for images in [0, 1], got {eps}")
     settings = Settings(eps=eps, aux_weight=aux_weight, budget=BUDGETS[budget], joint_weights=tuple(joint_weights),
                         taus=tuple(taus))
-    specs, skipped = choose_attacks(model, x, attacks, settings, device)
+    specs, skipped = choose_attacks(model, x, attacks, settings, device, full_set)
     note = f"{batch_size} (given)"
     if batch_size == "auto":
         batch_size, note = auto_batch_size(model, x, device, len(y))
     evaluation = run_attacks(model, x, y, specs, eps=eps, batch_size=batch_size, seed=seed, device=device,
                              cascade=cascade, attack_dtype=attack_dtype, progress=progress, skipped=skipped,
-                             on_result=on_result, finished=finished)
+                             on_result=on_result, finished=finished, full_set=tuple(full_set))
     evaluation.checks = run_checks(evaluation)
     evaluation.meta = dict({"arch": type(model).__name__, "reverse_attention": has_reverse_attention(model),
                             "n_examples": evaluation.n, "eps": eps, "eps_text": eps_text(eps),
                             "aux_weight": aux_weight, "budget": budget, "seed": seed, "device": str(device),
-                            "cascade": cascade, "attack_dtype": attack_dtype}, **(meta or {}))
+                            "cascade": cascade, "full_set": list(full_set), "attack_dtype": attack_dtype},
+                           **(meta or {}))
     package = import_autoattack().name if any(spec.needs_autoattack for spec in specs) else None
     evaluation.meta.update(batch_size=batch_size, batch_size_note=note, autoattack_package=package)
     return evaluation

@@ -100,6 +100,8 @@ def evaluate_command(plan, row, tool, resume):
         "--ckpt", str(plan.run_dir(row) / "best.pt"), "--attacks", tool.attacks(plan.smoke),
         "--n-examples", str(plan.n_examples), "--budget", plan.budget, "--out-dir", str(plan.eval_dir(row)),
         "--seed", str(plan.seed), "--quiet"] + _data_dir(plan)
+    if not plan.smoke:  # the table's AA columns: AutoAttack on every example, not only on cascade survivors
+        command += ["--full-set", "autoattack,autoattack+p"]
     return command + (["--resume"] if resume and tool.resume else [])
 
 
