@@ -161,3 +161,30 @@ def test_autoattack_takes_channels_last_input():
         y = model(x).argmax(1)
     x_adv, _, info = run_autoattack(model, x, y, 1e-4, num_classes=10)
     assert x_adv.shape == x.shape and (x_adv - x).abs().max() <= 1e-4 + 1e-6 and "final" in info["accuracies"]
+
+
+def test_an_attack_registered_from_outside_joins_presets_cascade_and_sanity_checks():
+    """A new attack is one AttackSpec from a registered factory: no library file is edited, and
+    because it sees the final logits the sanity checks and the worst case include it."""
+    from utils.evaluation.catalogue import COST_FINAL_PGD, AttackSpec, register_attacks, unregister_attacks
+    from utils.evaluation.results import Outcome
+
+    def flip_all(model, x, y, ctx):  # "breaks" every example it receives: easy to see in the worst case
+        return Outcome(torch.zeros_like(y, dtype=torch.bool))
+
+    def factory(settings, num_classes, num_heads):
+        return [AttackSpec("toy-flip", "toy", ("adaptive",), flip_all, {"eps": settings.eps}, "final", settings.eps,
+                           cost=COST_FINAL_PGD)]
+
+    register_attacks(factory)
+    try:
+        model = build_plain()
+        x, y = datasets.make_synthetic("test", 16, 16, seed=1).float(), datasets.make_synthetic("test", 16, 16, seed=1).y
+        catalogue = attack_catalogue(Settings(budget=BUDGETS["small"]), 10, 0)
+        assert "toy-flip" in [s.name for s in select_attacks("adaptive", catalogue, False)[0]]
+        evaluation = evaluate_model(model, x, y, "fgsm,toy-flip", EPS, budget="small", batch_size=8, device="cpu")
+        assert "toy-flip" in [r.name for r in evaluation.worst_case_results()]
+        assert evaluation.worst_case().sum() == 0  # the toy attack broke every survivor
+    finally:
+        unregister_attacks(factory)
+    assert "toy-flip" not in [s.name for s in attack_catalogue(Settings(), 10, 0)]

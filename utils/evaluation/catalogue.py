@@ -209,11 +209,28 @@ def _reference_specs(settings):
     return specs
 
 
+_REGISTERED = []
+
+
+def register_attacks(factory):
+    """Add attacks without editing this file: ``factory(settings, num_classes, num_heads)`` returns
+    a list of :class:`AttackSpec` (usable as a decorator). Their ``presets``, ``sees`` and ``cost``
+    place them in ``--attacks`` presets, the sanity checks and the cascade like the built-in ones."""
+    _REGISTERED.append(factory)
+    return factory
+
+
+def unregister_attacks(factory):
+    """Remove a factory added by :func:`register_attacks` (tests, plug-ins)."""
+    _REGISTERED.remove(factory)
+
+
 def attack_catalogue(settings, num_classes, num_heads=0):
     """Every attack this evaluation knows, in report order; ``num_heads`` comes from the model
     (:func:`head_count`)."""
+    registered = [spec for factory in _REGISTERED for spec in factory(settings, num_classes, num_heads)]
     return (_paper_specs(settings, num_classes) + _adaptive_specs(settings, num_heads) + _sanity_specs(settings)
-            + _reference_specs(settings))
+            + _reference_specs(settings) + registered)
 
 
 def attack_names(catalogue):
