@@ -38,6 +38,7 @@ def _torchrun(*args, cwd):
     return result
 
 
+@pytest.mark.slow
 def test_parameters_agree_on_both_ranks_after_every_step(tmp_path):
     _torchrun(WORKER, "sync", tmp_path / "sync.pt", cwd=tmp_path)
     result = torch.load(tmp_path / "sync.pt", weights_only=True)
@@ -45,6 +46,7 @@ def test_parameters_agree_on_both_ranks_after_every_step(tmp_path):
     assert result["differences"] == [0.0, 0.0, 0.0]
 
 
+@pytest.mark.slow
 def test_two_ranks_of_16_give_the_update_of_one_process_of_32(tmp_path):
     """Construction: the same seeded RA WRN-16-1 and the same 32 synthetic examples; rank r
     trains on examples 16r..16r+15, the single process on all 32. TRADES-RA without ANC (the

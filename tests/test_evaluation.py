@@ -277,6 +277,8 @@ def test_script_loads_a_reference_format_state_dict(tmp_path, capsys):
     path = tmp_path / "ref.pth"
     torch.save({"module." + k: v for k, v in model.state_dict().items()}, path)  # DataParallel-saved, no args
     code, _, err = run_script(["--ckpt", str(path), "--attacks", "pgd40"], capsys)
+    assert code == 2 and "--reverse-attention on" in err  # RA or plain cannot be read from the weights
+    code, _, err = run_script(["--ckpt", str(path), "--attacks", "pgd40", "--reverse-attention", "off"], capsys)
     assert code == 2 and "pass --dataset" in err
     code, out, _ = run_script(["--ckpt", str(path), "--dataset", "synthetic", "--reverse-attention", "off",
                                "--n-examples", "6", "--attacks", "paper", "--budget", "small", "--quiet",
@@ -290,7 +292,8 @@ def test_script_loads_a_reference_format_state_dict(tmp_path, capsys):
 def test_script_refuses_unknown_attacks_with_one_sentence(tmp_path, capsys):
     path = tmp_path / "ref.pth"
     torch.save(wrn_state().state_dict(), path)
-    code, _, err = run_script(["--ckpt", str(path), "--dataset", "synthetic", "--attacks", "pgd400"], capsys)
+    code, _, err = run_script(["--ckpt", str(path), "--dataset", "synthetic", "--reverse-attention", "on",
+                               "--attacks", "pgd400"], capsys)
     assert code == 2 and err.startswith("error: unknown attack 'pgd400'") and "Traceback" not in err
 
 

@@ -41,12 +41,9 @@ def batch_size_type(text):
     if text == "auto":
         return text
     try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"batch size must be 'auto' or a positive integer, got {text!r}")
-    return value
+        return positive_int(text)
+    except argparse.ArgumentTypeError:
+        raise argparse.ArgumentTypeError(f"batch size must be 'auto' or a positive integer, got {text!r}") from None
 
 
 def positive_int(text):
