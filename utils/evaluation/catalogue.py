@@ -4,6 +4,8 @@ so that the runner, the sanity checks and the report select attacks by these att
 
 Every attack runs as ``spec.run(model, x, y, ctx) -> Outcome`` on one batch.
 """
+from __future__ import annotations
+
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import partial

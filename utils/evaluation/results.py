@@ -1,5 +1,7 @@
 """Per-example records of an evaluation: one attack's outcome on a batch, one attack over the set,
 and the whole run with its worst case over the attacks of the threat model."""
+from __future__ import annotations
+
 from dataclasses import dataclass, field
 
 import numpy as np

@@ -4,6 +4,8 @@ OUT/STUDY/runs/<run-name>/ is an ordinary run folder of the training scripts (re
 with ``--resume``); its evaluation goes to ``eval_reproduce_n<N>_<budget>/`` inside it; the
 study's table.md, table.json and state.json sit in OUT/STUDY/, figures in OUT/figures/<tag>/.
 """
+from __future__ import annotations
+
 from dataclasses import dataclass
 from pathlib import Path
 

@@ -1,6 +1,8 @@
 """Resumable orchestration of a study: for each row, the phases not yet done (train or resume,
 evaluate, BatchNorm check, features / UMAP), each a child process; then the study's figures, and
 the table after every phase. Rerunning the same command continues where the last one stopped."""
+from __future__ import annotations
+
 import os
 import signal
 import threading

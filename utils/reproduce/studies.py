@@ -4,6 +4,8 @@ script, which options, which reported figures) plus, for ``figures``, the plots 
 A row may live in another study's run folder (``home``): the ablation's TRADES and
 TRADES-ANCRA and the figures' four models are the runs of ``table1``, trained once.
 """
+from __future__ import annotations
+
 import math
 from dataclasses import dataclass, replace
 

@@ -1,6 +1,8 @@
 """table.json and table.md of a study: per row the paper's figures beside ours (our strict count and
 the paper's last-iterate count), the reference code's FGSM/C&W, the worst case, the sanity FLAGs,
 the BatchNorm check and where every number came from. A row not done shows its status, never a number."""
+from __future__ import annotations
+
 from dataclasses import dataclass
 
 from utils import recipe

@@ -1,5 +1,7 @@
 """What a training run computes and how: the method's settings, the speed options, the
 per-epoch check and the device. Frozen dataclasses that validate themselves."""
+from __future__ import annotations
+
 from dataclasses import dataclass
 
 import torch

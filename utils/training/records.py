@@ -1,5 +1,7 @@
 """What a run records: its identity (:class:`RunInfo`), the best-checkpoint selection, the
 checkpoint payload and the one-line epoch summary."""
+from __future__ import annotations
+
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
