@@ -13,7 +13,7 @@ def monitor_accuracy(model, loader, config: EvalConfig = RECIPE_CHECK, speed: Sp
     The PGD start noise comes from a generator seeded with ``config.seed``, so every epoch is
     attacked with the same noise and the global RNG (and with it resume) is untouched. ``speed``
     gives the training run's autocast and memory format (the final evaluation,
-    ``test_white_attack.py``, is fp32). ``reduce`` sums the counts of a sharded loader over
+    ``test_white_attack.py``, judges every example in fp32). ``reduce`` sums the counts of a sharded loader over
     ranks. Returns ``{"nat", "pgd", "size"}`` with accuracies in [0, 1].
     """
     was_training = model.training
