@@ -5,7 +5,6 @@ from .loading import (
     CheckpointError,
     checkpoint_model_config,
     load_model,
-    model_config,
     read_checkpoint,
 )
 from .normalization import NORMALIZATION_HELP, NormalizationError, Normalized, parse_normalization
@@ -46,7 +45,6 @@ __all__ = [
     "create_model",
     "has_reverse_attention",
     "load_model",
-    "model_config",
     "parse_normalization",
     "ra_policy",
     "read_checkpoint",

@@ -97,7 +97,6 @@ def checkpoint_model_config(payload):
             "image_size": layout.image_size}
 
 
-model_config = checkpoint_model_config  # former name, kept importable for one release
 
 
 def _resolve(arch):

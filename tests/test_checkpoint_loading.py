@@ -6,7 +6,7 @@ import pickle
 import pytest
 import torch
 
-from models import CheckpointError, checkpoint_model_config, create_model, load_model, model_config, read_checkpoint
+from models import CheckpointError, checkpoint_model_config, create_model, load_model, read_checkpoint
 
 OWN = {"weights": "raw", "source": "checkpoint config", "adaptations": [], "normalization": None}
 
@@ -70,7 +70,6 @@ def test_bare_state_dict_loads_only_when_told_ra_or_plain(tiny_model, tmp_path, 
     plain, config = load_model(str(path), reverse_attention=False)  # the same weights as a plain network
     assert config["reverse_attention"] is False and not torch.equal(outputs(plain, x), outputs(model, x))
     assert checkpoint_model_config(model.state_dict())["reverse_attention"] is None  # not recorded in a bare dict
-    assert model_config is checkpoint_model_config  # the former name still works
     if arch == "preact-resnet18":  # the alias names the same architecture
         assert load_model(str(path), arch="PreActResNet18", reverse_attention=True)[1]["arch"] == "preact-resnet18"
 
@@ -91,7 +90,7 @@ def test_saved_config_is_read_before_names_are_inferred(tiny_model):
 
 def test_wrn_34_10_is_recognised_from_its_names():
     state = create_model("wrn-34-10", 10, reverse_attention=False).state_dict()
-    assert model_config(state)["arch"] == "wrn-34-10"
+    assert checkpoint_model_config(state)["arch"] == "wrn-34-10"
 
 
 def test_mismatch_is_one_clear_sentence(tmp_path):
