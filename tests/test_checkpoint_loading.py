@@ -118,7 +118,8 @@ def test_unreadable_files_raise_checkpoint_error(tmp_path):
     raw = tmp_path / "raw.pkl"
     with open(raw, "wb") as f:
         pickle.dump({"model": {}}, f, protocol=2)
-    with pytest.raises(CheckpointError, match="cannot read checkpoint"):
+    # a bare pickle is refused either way; torch 2.4 reports it as a pickle, newer torch as unreadable
+    with pytest.raises(CheckpointError, match="cannot read checkpoint|holds pickled Python code or objects"):
         read_checkpoint(str(raw))
     unsafe = tmp_path / "unsafe.pt"  # an arbitrary Python object inside: refused by weights_only loading
     torch.save({"model": {"fc.weight": torch.zeros(2, 2)}, "args": argparse.Namespace(lr=0.1)}, unsafe)
