@@ -24,7 +24,7 @@ def loss_terms(records):
 
 
 def plot_curves(records, path, title=None):
-    """Draw the two panels for the epoch ``records`` (see :mod:`utils.training.engine`) into ``path`` atomically."""
+    """Draw the two panels for the epoch ``records`` (see :mod:`utils.training.records`) into ``path`` atomically."""
     epochs = [r["epoch"] for r in records]
     fig, (acc_ax, loss_ax) = plt.subplots(1, 2, figsize=(11, 4))
     for split, style in (("test", "-"), ("val", "--")):

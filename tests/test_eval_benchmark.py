@@ -1,0 +1,101 @@
+"""benchmarks/eval_cascade.py: both modes run, give the same worst case, the cascade attacks
+fewer examples, a finished benchmark is read back instead of rerun, and bad input touches nothing."""
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from benchmarks import eval_cascade
+from models import create_model
+
+ATTACKS = "fgsm,pgd10,st-pgd-ce-t1,transfer-nora"
+
+
+def _checkpoint(folder):
+    torch.manual_seed(0)
+    model = create_model("wrn-16-1", 10, True)
+    model.train()
+    with torch.no_grad():
+        model(torch.rand(8, 3, 16, 16))
+    model.eval()
+    folder.mkdir(parents=True, exist_ok=True)
+    torch.save({"model": model.state_dict(), "epoch": 1,
+                "model_config": {"arch": "wrn-16-1", "num_classes": 10, "reverse_attention": True, "image_size": 16},
+                "args": {"dataset": "synthetic", "method": "trades"}}, folder / "best.pt")
+    return folder / "best.pt"
+
+
+@pytest.fixture(scope="module")
+def benchmark(tmp_path_factory):
+    root = tmp_path_factory.mktemp("bench")
+    ckpt, out = _checkpoint(root / "run"), root / "out"
+    argv = ["--ckpt", str(ckpt), "--out-dir", str(out), "--attacks", ATTACKS, "--n-examples", "64", "--json",
+            "--", "--eps", "64/255"]
+    return argv, out
+
+
+def _run(argv, capsys):
+    code = eval_cascade.main(argv)
+    return code, capsys.readouterr()
+
+
+def test_both_modes_agree_and_the_cascade_attacks_only_survivors(benchmark, capsys):
+    argv, out = benchmark
+    code, printed = _run(argv, capsys)
+    assert code == 0, printed.err
+    report = json.loads(printed.out)
+    assert report["worst_case_differs_on"] == 0
+    cascade, full = (next(m for m in report["modes"] if m["mode"] == name) for name in ("cascade", "no-cascade"))
+    assert cascade["worst_case"] == full["worst_case"] and cascade["clean_correct"] == full["clean_correct"]
+    # every stage after the full-set ones receives exactly the examples nothing before it broke
+    saved = json.loads((out / "cascade" / "results.json").read_text())
+    alive = np.array(saved["clean"]["correct"], bool)
+    for attack in saved["attacks"]:
+        if not attack["standalone"]:
+            assert np.array_equal(np.array(attack["received"], bool), alive), attack["name"]
+        alive &= np.array(attack["correct"], bool)
+    assert full["clean_correct"] > 0
+    assert full["examples_attacked"] == full["clean_correct"] * full["attacks"]
+    assert cascade["examples_attacked"] < full["examples_attacked"]  # fgsm at 64/255 breaks some
+    assert all((out / mode / "results.json").exists() for mode in ("cascade", "no-cascade"))
+
+
+def test_a_finished_benchmark_is_read_back_not_rerun(benchmark, capsys):
+    argv, out = benchmark
+    timing = out / "cascade" / eval_cascade.TIMING
+    if not timing.exists():
+        _run(argv, capsys)
+    before = {p: p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file()}
+    split = argv.index("--")
+    code, printed = _run(argv[:split] + ["--modes", "cascade"] + argv[split:], capsys)
+    assert code == 0
+    assert [m["mode"] for m in json.loads(printed.out)["modes"]] == ["cascade"]
+    assert {p: p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file()} == before
+
+
+def test_a_finished_benchmark_with_other_settings_is_refused(benchmark, capsys):
+    argv, out = benchmark
+    if not (out / "cascade" / eval_cascade.TIMING).exists():
+        _run(argv, capsys)
+    with pytest.raises(SystemExit) as stop:
+        eval_cascade.main(argv[:-1] + ["32/255"])
+    assert stop.value.code == 2 and "other settings" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--ckpt", "MISSING.pt"], "not found"),
+    (["--modes", "cascade,fast"], "--modes takes"),
+    (["--out-dir", "FILE"], "is a file"),
+])
+def test_bad_input_is_one_line_and_touches_nothing(argv, message, tmp_path, capsys):
+    ckpt = _checkpoint(tmp_path / "run")
+    (tmp_path / "FILE").write_text("x")
+    full = {"--ckpt": str(ckpt), "--out-dir": str(tmp_path / "out")}
+    full.update({k: str(tmp_path / v) if k != "--modes" else v for k, v in zip(argv[::2], argv[1::2])})
+    before = sorted(p.name for p in tmp_path.rglob("*"))
+    with pytest.raises(SystemExit) as stop:
+        eval_cascade.main([item for pair in full.items() for item in pair])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert stop.value.code == 2 and len(err) == 1 and message in err[0]
+    assert sorted(p.name for p in tmp_path.rglob("*")) == before
