@@ -4,30 +4,15 @@ import json
 
 import numpy as np
 import pytest
-import torch
 
 from benchmarks import eval_cascade
-from models import create_model
+from tests.test_eval_trust import _checkpoint
 
 ATTACKS = "fgsm,pgd10,st-pgd-ce-t1,transfer-nora"
 
 
-def _checkpoint(folder):
-    torch.manual_seed(0)
-    model = create_model("wrn-16-1", 10, True)
-    model.train()
-    with torch.no_grad():
-        model(torch.rand(8, 3, 16, 16))
-    model.eval()
-    folder.mkdir(parents=True, exist_ok=True)
-    torch.save({"model": model.state_dict(), "epoch": 1,
-                "model_config": {"arch": "wrn-16-1", "num_classes": 10, "reverse_attention": True, "image_size": 16},
-                "args": {"dataset": "synthetic", "method": "trades"}}, folder / "best.pt")
-    return folder / "best.pt"
-
-
 @pytest.fixture(scope="module")
-def benchmark(tmp_path_factory):
+def bench_run(tmp_path_factory):
     root = tmp_path_factory.mktemp("bench")
     ckpt, out = _checkpoint(root / "run"), root / "out"
     argv = ["--ckpt", str(ckpt), "--out-dir", str(out), "--attacks", ATTACKS, "--n-examples", "64", "--json",
@@ -40,8 +25,8 @@ def _run(argv, capsys):
     return code, capsys.readouterr()
 
 
-def test_both_modes_agree_and_the_cascade_attacks_only_survivors(benchmark, capsys):
-    argv, out = benchmark
+def test_both_modes_agree_and_the_cascade_attacks_only_survivors(bench_run, capsys):
+    argv, out = bench_run
     code, printed = _run(argv, capsys)
     assert code == 0, printed.err
     report = json.loads(printed.out)
@@ -61,8 +46,8 @@ def test_both_modes_agree_and_the_cascade_attacks_only_survivors(benchmark, caps
     assert all((out / mode / "results.json").exists() for mode in ("cascade", "no-cascade"))
 
 
-def test_a_finished_benchmark_is_read_back_not_rerun(benchmark, capsys):
-    argv, out = benchmark
+def test_a_finished_benchmark_is_read_back_not_rerun(bench_run, capsys):
+    argv, out = bench_run
     timing = out / "cascade" / eval_cascade.TIMING
     if not timing.exists():
         _run(argv, capsys)
@@ -74,8 +59,8 @@ def test_a_finished_benchmark_is_read_back_not_rerun(benchmark, capsys):
     assert {p: p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file()} == before
 
 
-def test_a_finished_benchmark_with_other_settings_is_refused(benchmark, capsys):
-    argv, out = benchmark
+def test_a_finished_benchmark_with_other_settings_is_refused(bench_run, capsys):
+    argv, out = bench_run
     if not (out / "cascade" / eval_cascade.TIMING).exists():
         _run(argv, capsys)
     with pytest.raises(SystemExit) as stop:
