@@ -5,6 +5,9 @@ Each mode runs as its own ``test_white_attack.py`` process writing to ``OUT_DIR/
 ``OUT_DIR/no-cascade``; a mode whose folder already holds a finished run is read back, an
 interrupted one is resumed (``--resume``), so the benchmark can be stopped and restarted.
 ``--parallel`` runs both modes at once with one thread each, so that they see the same load.
+"wall" is the time of the process that finished a mode (an earlier, interrupted try is not in
+it); "attack time" sums the clean pass and the per-attack seconds of ``results.json``, which a
+resume keeps, so it covers every try.
 
     python benchmarks/eval_cascade.py --ckpt RUN/best.pt --n-examples 200 --budget small --out-dir /tmp/cascade
     python benchmarks/eval_cascade.py --ckpt RUN/best.pt --out-dir /tmp/cascade --parallel -- --device cuda
@@ -96,16 +99,14 @@ def start_mode(args, mode):
 
 
 def wait_mode(args, started):
-    """Wait for one mode's process; record its wall time (added to earlier, interrupted tries)."""
+    """Wait for one mode's process and record its wall time."""
     process, log, start, out_dir = started
     code = process.wait()
     log.close()
     if code != 0:
         raise RunFailed(f"{out_dir.name} run failed (exit {code}); see {out_dir.parent / (out_dir.name + '.log')}")
-    timing_file = out_dir / TIMING
-    earlier = json.loads(timing_file.read_text())["wall_seconds"] if timing_file.exists() else 0.0
-    atomic_write_json(timing_file, {"wall_seconds": earlier + time.perf_counter() - start, "settings": settings(args),
-                                    "measured": machine(args)})
+    atomic_write_json(out_dir / TIMING, {"wall_seconds": time.perf_counter() - start, "settings": settings(args),
+                                         "measured": machine(args)})
 
 
 def machine(args):
@@ -167,14 +168,28 @@ def print_tables(rows, differ):
               f"| {stage['seconds']:.1f} | {'' if other is None else format(other['seconds'], '.1f')} |")
 
 
+def run_modes(args):
+    """Run every unfinished mode (all at once with --parallel); if one fails or the benchmark is
+    stopped, the others are stopped too (their finished attacks are kept for the next try)."""
+    started = {}
+    try:
+        for mode in args.modes:
+            started[mode] = start_mode(args, mode)
+            if not args.parallel and started[mode] is not None:
+                wait_mode(args, started[mode])
+        for mode in args.modes if args.parallel else ():
+            if started[mode] is not None:
+                wait_mode(args, started[mode])
+    finally:
+        for item in started.values():
+            if item is not None and item[0].poll() is None:
+                item[0].terminate()
+                item[0].wait()
+
+
 def run(args):
     Path(args.out_dir).mkdir(parents=True, exist_ok=True)
-    started = {mode: start_mode(args, mode) for mode in (args.modes if args.parallel else [])}
-    for mode in args.modes:
-        if not args.parallel:
-            started[mode] = start_mode(args, mode)
-        if started[mode] is not None:
-            wait_mode(args, started[mode])
+    run_modes(args)
     runs = {mode: read_mode(Path(args.out_dir) / mode) for mode in args.modes}
     rows = [summary(mode, *runs[mode]) for mode in args.modes]
     differ = same_worst_case(runs) if len(runs) > 1 else None

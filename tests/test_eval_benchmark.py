@@ -84,3 +84,13 @@ def test_bad_input_is_one_line_and_touches_nothing(argv, message, tmp_path, caps
     err = capsys.readouterr().err.strip().splitlines()
     assert stop.value.code == 2 and len(err) == 1 and message in err[0]
     assert sorted(p.name for p in tmp_path.rglob("*")) == before
+
+
+def test_a_failing_mode_is_one_error_line_and_records_no_timing(tmp_path, capsys):
+    ckpt = _checkpoint(tmp_path / "run")
+    code = eval_cascade.main(["--ckpt", str(ckpt), "--out-dir", str(tmp_path / "out"), "--attacks", "fgsm",
+                              "--n-examples", "8", "--parallel", "--", "--eps", "0"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 1 and len(err) == 1 and "run failed (exit 2)" in err[0]
+    assert not list((tmp_path / "out").rglob(eval_cascade.TIMING))
+    assert "--eps" in (tmp_path / "out" / "cascade.log").read_text()  # the child's own error line is in its log
