@@ -2,6 +2,7 @@
 type, the speed flags and the ``main`` wrapper that turns the library's expected errors into
 ``error: ...`` and exit code 2."""
 import argparse
+import math
 import re
 import sys
 from fractions import Fraction
@@ -42,6 +43,17 @@ def fraction(text):
         return float(Fraction(text))
     except (ValueError, ZeroDivisionError):
         raise argparse.ArgumentTypeError(f"expected a number such as 8/255 or 0.031, got {text!r}") from None
+
+
+def finite_float(text):
+    """argparse type: a real number; nan and ±inf are refused (they would silently disable a term)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"expected a finite number, got {text!r}")
+    return value
 
 
 def eps_fraction(value):

@@ -14,7 +14,12 @@ from pathlib import Path
 import torch
 from torch.nn.modules.batchnorm import _BatchNorm
 
+from models import CheckpointError
 from utils.checkpoint import atomic_write_json
+from utils.cli import run_cli
+from utils.data import DatasetError
+from utils.evaluation.command import load_checkpoint, load_test_subset
+from utils.evaluation.suite import EvaluationError
 
 
 @torch.no_grad()
@@ -61,14 +66,10 @@ def parse_args(argv=None):
 
 def run(args):
     """Measure on the same fixed test subset that test_white_attack.py evaluates; write ``args.out``."""
-    from test_white_attack import (  # the evaluation's own subset
-        load_checkpoint,
-        load_test_subset,
-    )
-
-    model, config, saved = load_checkpoint(argparse.Namespace(ckpt=args.ckpt, reverse_attention=None,
-                                                              arch=None, num_classes=None, device=args.device))
-    dataset, x, y, indices = load_test_subset(args, config, saved)
+    model, config, saved = load_checkpoint(args.ckpt, device=args.device)
+    subset = load_test_subset(config, saved, n_examples=args.n_examples, dataset=args.dataset,
+                              data_dir=args.data_dir, subset_seed=args.subset_seed, source=args.ckpt)
+    dataset, x, y, indices = subset.dataset, subset.x, subset.y, subset.indices
     result = batch_statistics_accuracy(model, x, y, args.batch_size, args.device)
     atomic_write_json(Path(args.out), {**result, "n_examples": len(indices), "batch_size": args.batch_size,
                                        "dataset": dataset, "checkpoint": str(args.ckpt), "indices": indices})
@@ -78,10 +79,6 @@ def run(args):
 
 def main(argv=None):
     """Entry point; an expected error prints one ``error: ...`` line and returns 2."""
-    from models import CheckpointError
-    from utils.cli import run_cli
-    from utils.data import DatasetError
-    from utils.evaluation.suite import EvaluationError
     return run_cli(run, parse_args, (CheckpointError, DatasetError, EvaluationError, ValueError), argv)
 
 

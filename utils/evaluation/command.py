@@ -1,0 +1,355 @@
+"""Robust accuracy of a checkpoint, or of any model built by a Python function: the paper's
+white-box protocol (docs/protocol.md §2) and an adaptive evaluation that sees through reverse
+attention (§8), with sanity checks for gradient masking, run as a cascade by default.
+
+This module is the library behind ``test_white_attack.py``: :func:`parse_args` and :func:`main`
+are its command line, and :func:`load_checkpoint`, :func:`build_factory_model` and
+:func:`load_test_subset` are the typed pieces other commands (``reproduce.py``, the feature
+scripts) use to see exactly the model and the fixed test subset the evaluation sees.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import importlib.util
+import json
+import sys
+from datetime import datetime
+from pathlib import Path
+
+import torch
+
+from models import (
+    NORMALIZATION_HELP,
+    CheckpointError,
+    arch_help,
+    has_reverse_attention,
+    load_model,
+    parse_normalization,
+    read_checkpoint,
+)
+from utils import data as datasets
+from utils.checkpoint import atomic_write_json, atomic_write_text
+from utils.cli import OneLineArgumentParser, run_cli
+from utils.evaluation.autoattack_adapter import AutoAttackUnavailable
+from utils.evaluation.catalogue import BUDGETS, PRESETS, EvaluationError, Settings
+from utils.evaluation.options import (
+    OutputError,
+    batch_size_type,
+    check_output_dir,
+    create_output_dir,
+    device_type,
+    positive_int,
+    threat_eps,
+)
+from utils.evaluation.report import eps_text
+from utils.evaluation.results import AttackResult
+from utils.evaluation.suite import (
+    ATTACK_DTYPES,
+    choose_attacks,
+    default_attack_dtype,
+    evaluate_model,
+)
+
+DESCRIPTION = """Robust accuracy of a checkpoint, or of any model built by a Python function: the paper's
+white-box protocol (docs/protocol.md §2) and an adaptive evaluation that sees through reverse
+attention (§8), with sanity checks for gradient masking, run as a cascade by default.
+
+Writes report.md and results.json (every attack's accuracy, parameters, seed, time and
+per-example correctness) to --out-dir, saving each finished attack as it goes (--resume picks
+up an interrupted run), and prints the markdown report.
+"""
+PARTIAL = "results.partial.json"
+RESUME_KEYS = ("model", "weights", "indices", "seed", "eps", "budget", "aux_weight", "joint_weights", "taus",
+               "cascade", "full_set", "attack_dtype", "attacks_requested")
+
+
+def name_list(text):
+    """argparse type: comma-separated attack names."""
+    return tuple(name.strip() for name in text.split(",") if name.strip())
+
+
+def number_list(text):
+    """argparse type: comma-separated numbers."""
+    try:
+        return tuple(float(v) for v in text.split(",") if v.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
+
+
+def _model_arguments(parser):
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--ckpt", help="checkpoint in this project's format, or a reference state dict")
+    source.add_argument("--model-factory", metavar="FILE.py:FUNCTION",
+                        help="build any model: FUNCTION() in FILE.py returns an nn.Module mapping [0,1] images to logits")
+    model = parser.add_argument_group("model (default: from the checkpoint)")
+    model.add_argument("--weights", default=None, help="with --model-factory: a state dict loaded into the module")
+    model.add_argument("--arch", default=None, help=arch_help())
+    model.add_argument("--num-classes", type=int, default=None)
+    model.add_argument("--reverse-attention", choices=("on", "off"), default=None,
+                       help="RA or plain: required for a state dict without a saved config (RA adds no parameters, "
+                            "so it cannot be read from the weights)")
+    model.add_argument("--normalize", type=parse_normalization, default=None, metavar="PRESET|MEAN/STD",
+                       help=NORMALIZATION_HELP)
+    model.add_argument("--no-ema", action="store_true", help="evaluate the raw weights even if the checkpoint has EMA")
+
+
+def _attack_arguments(parser):
+    attack = parser.add_argument_group("attacks")
+    attack.add_argument("--attacks", default="all",
+                        help=f"comma-separated attack names and/or presets {', '.join(PRESETS)} (default all; "
+                             "'reference' is not part of all)")
+    attack.add_argument("--protocol", choices=("paper", "reference"), default="paper",
+                        help="reference: also run the reference evaluation script's FGSM and C&W-20 (the 'reference' "
+                             "preset; they reproduce the reference code and never enter the worst case)")
+    attack.add_argument("--eps", type=threat_eps, default=8 / 255,
+                        help="L∞ budget: 8/255 (default), 0.031 or 8 (pixel units)")
+    attack.add_argument("--aux-weight", type=float, default=2.0, help="λ of the 'with p' attacks (default 2.0)")
+    attack.add_argument("--budget", choices=sorted(BUDGETS), default="full",
+                        help="strength of the adaptive/sanity attacks: full (default) or small (CPU smoke runs)")
+    attack.add_argument("--joint-weights", type=number_list, default=(0.5, 2.0, 8.0),
+                        help="aux weights of the joint attacks (default 0.5,2,8)")
+    attack.add_argument("--taus", type=number_list, default=(0.1, 1.0, 10.0),
+                        help="temperatures of the straight-through attacks (default 0.1,1,10)")
+    attack.add_argument("--seed", type=int, default=0, help="seed of the attacks' random starts (default 0)")
+    attack.add_argument("--cascade", action=argparse.BooleanOptionalAction, default=True,
+                        help="run each non-paper attack only on the examples earlier attacks failed to break "
+                             "(default; the worst case is the same); --no-cascade runs every attack on every example")
+    attack.add_argument("--full-set", type=name_list, default=(), metavar="NAME,...",
+                        help="with the cascade: these attacks still run on every example so their own figure is "
+                             "reported (e.g. autoattack,autoattack+p for the paper's AA column); the paper's "
+                             "FGSM/PGD-40/C&W always do")
+    attack.add_argument("--attack-dtype", choices=ATTACK_DTYPES, default=None,
+                        help="bf16 autocast for our own attacks, every judgment in fp32 (default bf16 on CUDA, "
+                             "fp32 on CPU); AutoAttack always runs in fp32")
+
+
+def parse_args(argv=None):
+    parser = OneLineArgumentParser(description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
+    _model_arguments(parser)
+    data = parser.add_argument_group("data")
+    data.add_argument("--dataset", choices=sorted(datasets.DATASETS), default=None,
+                      help="default: the dataset in the checkpoint's saved args")
+    data.add_argument("--data-dir", default=None, help="dataset folder (default: the checkpoint's, else ./data)")
+    data.add_argument("--n-examples", type=positive_int, default=1000, help="size of the fixed test subset (default 1000)")
+    data.add_argument("--subset-seed", type=int, default=0, help="seed of the fixed test subset (default 0)")
+    _attack_arguments(parser)
+    run = parser.add_argument_group("run")
+    run.add_argument("--batch-size", type=batch_size_type, default="auto",
+                     help="examples per batch, or auto (default): the largest that fits on CUDA, 128 on CPU")
+    run.add_argument("--device", type=device_type, default="cuda" if torch.cuda.is_available() else "cpu")
+    run.add_argument("--out-dir", default=None, help="default: CKPT_FOLDER/eval_TIMESTAMP (./eval_TIMESTAMP with "
+                                                      "--model-factory)")
+    run.add_argument("--resume", action="store_true", help="continue the run in --out-dir, skipping finished attacks")
+    run.add_argument("--quiet", action="store_true", help="no progress bars or per-attack lines on stderr")
+    args = parser.parse_args(argv)
+    if args.weights and not args.model_factory:
+        parser.error("--weights goes with --model-factory; a checkpoint's weights come from --ckpt")
+    if args.resume and not args.out_dir:
+        parser.error("--resume needs the --out-dir of the run to continue")
+    if args.protocol == "reference" and "reference" not in args.attacks.split(","):
+        args.attacks = f"{args.attacks},reference" if args.attacks.strip() else "reference"
+    return args
+
+
+def load_checkpoint(path, *, arch=None, num_classes=None, reverse_attention=None, normalization=None,
+                    use_ema=True, device="cpu"):
+    """``(model, config, saved_args)`` of a checkpoint: the model in eval mode on ``device``, its
+    config (arch, num_classes, reverse_attention, image_size, ...) and the checkpoint's saved
+    training args (``{}`` for a bare state dict). ``reverse_attention`` is None (read it from the
+    checkpoint), True or False; the other overrides are None to use what the checkpoint says."""
+    payload = read_checkpoint(path)
+    model, config = load_model(payload, arch, num_classes, reverse_attention, device=device, use_ema=use_ema,
+                               normalization=normalization)
+    saved = (payload.get("args") or {}) if isinstance(payload, dict) else {}
+    return model, config, saved
+
+
+def _checkpoint_from_args(args):
+    ra = None if args.reverse_attention is None else args.reverse_attention == "on"
+    return load_checkpoint(args.ckpt, arch=args.arch, num_classes=args.num_classes, reverse_attention=ra,
+                           normalization=args.normalize, use_ema=not args.no_ema, device=args.device)
+
+
+def _import_factory(spec):
+    path, sep, name = spec.rpartition(":")
+    if not sep or not path.endswith(".py") or not name.isidentifier():
+        raise EvaluationError(f"--model-factory wants FILE.py:FUNCTION, got {spec!r}")
+    if not Path(path).is_file():
+        raise EvaluationError(f"--model-factory file {path} does not exist")
+    module_spec = importlib.util.spec_from_file_location(f"model_factory_{Path(path).stem}", path)
+    module = importlib.util.module_from_spec(module_spec)
+    module_spec.loader.exec_module(module)
+    if not callable(getattr(module, name, None)):
+        raise EvaluationError(f"{path} has no function {name}")
+    return getattr(module, name)
+
+
+def _load_weights(model, path):
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    if isinstance(state, dict):
+        for key in ("state_dict", "model"):
+            if isinstance(state.get(key), dict):
+                state = state[key]
+    missing, unexpected = [], []
+    try:
+        result = model.load_state_dict(state, strict=False)
+        missing, unexpected = result.missing_keys, result.unexpected_keys
+    except (RuntimeError, TypeError, AttributeError) as err:
+        raise EvaluationError(f"--weights {path} do not fit the module ({str(err).splitlines()[0]})") from None
+    if missing or unexpected:
+        raise EvaluationError(f"--weights {path} do not fit the module: {len(missing)} missing and {len(unexpected)} "
+                              f"unexpected keys (first: {(missing + unexpected)[0]})")
+
+
+def build_factory_model(spec, weights=None, device="cpu"):
+    """``(model, config, {})`` from ``FILE.py:FUNCTION`` (and an optional state dict ``weights``)."""
+    model = _import_factory(spec)()
+    if not isinstance(model, torch.nn.Module):
+        raise EvaluationError(f"{spec} returned {type(model).__name__}, not a torch.nn.Module")
+    if weights:
+        _load_weights(model, weights)
+    model = model.to(device).eval()
+    config = {"arch": type(model).__name__, "num_classes": None, "reverse_attention": has_reverse_attention(model),
+              "image_size": None, "weights": "file " + weights if weights else "as built"}
+    return model, config, {}
+
+
+@dataclasses.dataclass(frozen=True)
+class TestSubset:
+    """The fixed test subset an evaluation attacks: images in [0, 1] (float), labels, the indices
+    of the examples in the test split, and where the data came from."""
+
+    dataset: str
+    x: torch.Tensor
+    y: torch.Tensor
+    indices: list
+    data_dir: str | None
+
+
+def load_test_subset(config, saved, *, n_examples, dataset=None, data_dir=None, subset_seed=0, source="the model"):
+    """The fixed test subset of ``n_examples`` drawn with ``subset_seed`` from the test split of
+    ``dataset`` (default: the one in the checkpoint's ``saved`` args), checked against the model's
+    ``config`` (classes, image size). ``source`` names the model in error messages."""
+    dataset = dataset or saved.get("dataset")
+    if not dataset:
+        raise EvaluationError(f"{source} does not record its dataset; pass --dataset")
+    if config["num_classes"] is not None and datasets.num_classes(dataset) != config["num_classes"]:
+        raise EvaluationError(f"the model has {config['num_classes']} classes but {dataset} has "
+                              f"{datasets.num_classes(dataset)}; pass the --dataset it was trained on")
+    size = config.get("image_size") or saved.get("image_size") or datasets.image_size(dataset)
+    data_dir = data_dir or saved.get("data_dir")
+    test = datasets.load_dataset(dataset, data_dir, "test", synthetic_image_size=size,
+                                 synthetic_size=max(n_examples, datasets.SYNTHETIC_SIZES["test"]),
+                                 seed=int(saved.get("data_seed") or 0))
+    if config.get("image_size") and test.x.shape[-1] != size:
+        raise EvaluationError(f"the model expects {size}×{size} images but {dataset} has "
+                              f"{test.x.shape[-1]}×{test.x.shape[-1]}; pass the --dataset it was trained on")
+    # fixed_subset picks examples by a seeded permutation; labelling each example by its own
+    # index recovers which ones, so results.json can name them.
+    order = datasets.fixed_subset(datasets.TensorPair(test.x, torch.arange(len(test)), test.classes),
+                                  n_examples, seed=subset_seed).y
+    subset = test.subset(order)
+    return TestSubset(dataset, subset.float(), subset.y, order.tolist(), data_dir)
+
+
+@torch.no_grad()
+def _check_classes(model, x, dataset, device):
+    """The model's logits must have one entry per class of the dataset."""
+    width = model.eval()(x[:1].to(device)).shape[-1]
+    if width != datasets.num_classes(dataset):
+        raise EvaluationError(f"the model outputs {width} logits but {dataset} has {datasets.num_classes(dataset)} "
+                              "classes; pass the --dataset it was trained on")
+
+
+def _check_outputs(args, started):
+    out_dir = Path(args.out_dir) if args.out_dir else (
+        Path(args.ckpt).parent if args.ckpt else Path(".")) / f"eval_{started:%Y%m%d_%H%M%S}"
+    check_output_dir(out_dir)
+    previous = out_dir / PARTIAL if (out_dir / PARTIAL).exists() else out_dir / "results.json"
+    if args.resume and not previous.exists():
+        raise EvaluationError(f"nothing to resume in {out_dir} (no results.json or {PARTIAL}); drop --resume")
+    if not args.resume and previous.exists():
+        raise EvaluationError(f"{out_dir} already holds an evaluation; pass --resume to continue it or another --out-dir")
+    return out_dir, previous if args.resume else None
+
+
+def _finished_attacks(previous, key):
+    """Results of the run being resumed, after checking it used the same settings."""
+    saved = json.loads(previous.read_text())
+    saved_key = saved.get("meta", {}).get("resume_key", {})
+    for name in RESUME_KEYS:
+        if saved_key.get(name) != key[name]:
+            raise EvaluationError(f"cannot resume: {name.replace('_', ' ')} differs from the saved run "
+                                  f"({saved_key.get(name)!r} there, {key[name]!r} now); use the same settings or "
+                                  "another --out-dir")
+    return {record["name"]: AttackResult.from_json(record) for record in saved.get("attacks", [])}
+
+
+def _meta(args, config, dataset, indices, data_dir, started):
+    source = str(Path(args.ckpt).resolve()) if args.ckpt else f"{Path(args.model_factory).resolve()}"
+    meta = {"checkpoint": str(args.ckpt or args.model_factory), **config, "dataset": dataset, "data_dir": data_dir,
+            "n_examples": len(indices), "indices": indices, "subset_seed": args.subset_seed, "eps": args.eps,
+            "eps_text": eps_text(args.eps), "aux_weight": args.aux_weight, "budget": args.budget,
+            "budget_params": dataclasses.asdict(BUDGETS[args.budget]), "joint_weights": list(args.joint_weights),
+            "taus": list(args.taus), "seed": args.seed, "attacks_requested": args.attacks, "device": str(args.device),
+            "torch": torch.__version__, "started": started.isoformat(timespec="seconds"), "arguments": vars(args),
+            "cascade": args.cascade, "full_set": list(args.full_set),
+            "attack_dtype": args.attack_dtype or default_attack_dtype(args.device)}
+    meta["resume_key"] = {"model": source + (f" + {args.weights}" if args.weights else ""),
+                          **{k: meta[k] for k in RESUME_KEYS if k not in ("model",)}}
+    return meta
+
+
+def _has_attacks(request):
+    return any(t.strip() and t.strip() != "natural" for t in request.split(","))
+
+
+def run(args):
+    """Check every input and the output folder, load, attack (saving each attack), report."""
+    started = datetime.now()
+    if not _has_attacks(args.attacks):
+        raise EvaluationError(f"--attacks {args.attacks!r} names no attack; give names or a preset "
+                              f"({', '.join(PRESETS)})")
+    out_dir, previous = _check_outputs(args, started)
+    if args.ckpt:
+        model, config, saved = _checkpoint_from_args(args)
+    else:
+        model, config, saved = build_factory_model(args.model_factory, args.weights, args.device)
+    subset = load_test_subset(config, saved, n_examples=args.n_examples, dataset=args.dataset, data_dir=args.data_dir,
+                              subset_seed=args.subset_seed, source=args.ckpt or args.model_factory)
+    dataset, x, y, indices, data_dir = subset.dataset, subset.x, subset.y, subset.indices, subset.data_dir
+    _check_classes(model, x, dataset, args.device)
+    choose_attacks(model, x, args.attacks, Settings(eps=args.eps, budget=BUDGETS[args.budget]), args.device,
+                   args.full_set)
+    meta = _meta(args, config, dataset, indices, data_dir, started)
+    finished = _finished_attacks(previous, meta["resume_key"]) if previous else {}
+    create_output_dir(out_dir)
+    done = list(finished.values())
+
+    def save_progress(result):
+        done.append(result)
+        atomic_write_json(out_dir / PARTIAL, {"meta": meta, "status": "partial", "attacks": [r.to_json() for r in done]})
+        if not args.quiet:
+            figure = "cascade" if result.accuracy is None else f"{100 * result.accuracy:.2f} %"
+            print(f"{result.name}: {figure}, broke {result.n_broken}/{result.n_received} ({result.seconds:.1f} s)",
+                  file=sys.stderr)
+
+    evaluation = evaluate_model(model, x, y, args.attacks, args.eps, aux_weight=args.aux_weight, budget=args.budget,
+                                batch_size=args.batch_size, seed=args.seed, device=args.device, cascade=args.cascade,
+                                attack_dtype=meta["attack_dtype"], joint_weights=args.joint_weights, taus=args.taus,
+                                progress=not args.quiet and sys.stderr.isatty(), on_result=save_progress,
+                                finished=finished, meta=meta, full_set=args.full_set)
+    evaluation.meta["seconds"] = (datetime.now() - started).total_seconds()
+    report = evaluation.markdown()
+    atomic_write_text(out_dir / "report.md", report)
+    atomic_write_json(out_dir / "results.json", evaluation.to_json())
+    (out_dir / PARTIAL).unlink(missing_ok=True)
+    print(report)
+    print(f"saved {out_dir / 'report.md'} and {out_dir / 'results.json'}")
+    return out_dir
+
+
+def main(argv=None):
+    errors = (EvaluationError, CheckpointError, datasets.DatasetError, AutoAttackUnavailable, OutputError)
+    return run_cli(run, parse_args, errors, argv)
