@@ -1,7 +1,9 @@
 """Documentation that stays true: the protocol page's sections exist where code and README cite
 them, README links resolve, and README's smoke sizes and run paths match the code."""
+import importlib.util
 import os
 import re
+import shlex
 import subprocess
 from pathlib import Path
 
@@ -83,9 +85,9 @@ def test_every_cited_protocol_section_exists():
     assert cited <= set(SECTIONS), f"cited sections that do not exist: {sorted(cited - set(SECTIONS))}"
 
 
-@pytest.mark.parametrize("page", ["README.md", "docs/protocol.md"])
+@pytest.mark.parametrize("page", ["README.md", *sorted(p.name for p in (ROOT / "docs").glob("*.md"))])
 def test_relative_links_point_at_existing_files_and_headings(page):
-    source = ROOT / page
+    source = ROOT / page if page == "README.md" else ROOT / "docs" / page
     broken = []
     for target in LINK.findall(source.read_text()):
         if re.match(r"[a-z]+:", target):
@@ -109,7 +111,7 @@ def _script_kinds():
 def test_readme_smoke_image_sizes_match_the_code():
     sizes = {script: cli.KINDS[kind].smoke_image_size for script, kind in _script_kinds().items()}
     assert len(sizes) == 4
-    text = _section(README.read_text(), "### Quick start")
+    text = _section(README.read_text(), "## Quick start")
     n, side, side2 = re.search(r"on (\d+) synthetic (\d+)×(\d+) images", text).groups()
     assert (int(n), int(side), int(side2)) == (cli.SMOKE_DEFAULTS["train_size"], sizes["train_CIFAR10_ResNet.py"],
                                                sizes["train_CIFAR10_ResNet.py"])
@@ -135,7 +137,84 @@ def test_run_name_pattern_accepts_the_scripts_names_and_rejects_capitals():
 
 def test_readme_run_paths_follow_the_run_name_pattern():
     pattern = _run_name_pattern()
-    names = re.findall(r"\bruns/([^\s/`'\")]+)", README.read_text())
+    names = [n for page in _doc_pages() for n in re.findall(r"\bruns/([^\s/`'\")]+)", page.read_text())]
     run_names = [n.replace("${m}", "trades") for n in names if "_" in n and "<" not in n]
     assert len(run_names) >= 5
     assert [n for n in run_names if not pattern.fullmatch(n)] == []
+
+
+# ------------------------------------------------- every command shown in the README and docs parses
+FENCE = re.compile(r"```(?:bash|sh|shell|console)?\n(.*?)```", re.S)
+COMMAND = re.compile(r"^(?:\S*/)?(?:python3?|torchrun(?: --?\S+)*) +(-m +\S+|\S+\.py)(.*)$")
+
+
+def _doc_pages():
+    return [README, *sorted((ROOT / "docs").glob("*.md"))]
+
+
+def shown_commands(markdown):
+    """``(script, argv)`` of every ``python SCRIPT ...`` / ``torchrun ... SCRIPT ...`` line in the fenced
+    blocks of a Markdown text: continuation lines joined, comments dropped, ``${m}`` read as ``trades``
+    and a brace list ``{A,B}`` as its first item."""
+    commands = []
+    for block in FENCE.findall(markdown):
+        for line in block.replace("\\\n", " ").splitlines():
+            line = re.sub(r"\s#.*$", "", line.strip()).replace("${m}", "trades")
+            line = re.sub(r"\{([^,{}]+),[^{}]*\}", r"\1", line)
+            match = COMMAND.match(line)
+            if match:
+                script = match.group(1).replace("-m ", "").strip()
+                commands.append((script, shlex.split(match.group(2))))
+    return commands
+
+
+def test_shown_commands_reads_continuations_comments_and_torchrun():
+    text = "```bash\npython a.py --x 1 \\\n  --y 2   # note\ntorchrun --standalone --nproc_per_node=4 b.py --z\nls\n```"
+    assert shown_commands(text) == [("a.py", ["--x", "1", "--y", "2"]), ("b.py", ["--z"])]
+
+
+def _parser_of(script):
+    """The function that parses ``script``'s command line (parsing only: nothing runs)."""
+    if script.startswith("train_") and script in _script_kinds():
+        return cli.build_parser(_script_kinds()[script]).parse_args
+    if script == "utils.reproduce.bn":
+        from utils.reproduce import bn
+        return bn.parse_args
+    module_name = script.removesuffix(".py").replace("/", ".")
+    spec = importlib.util.spec_from_file_location(f"doc_{module_name.replace('.', '_')}", ROOT / script)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)  # every script guards its work with `if __name__ == "__main__"`
+    if hasattr(module, "build_parser"):
+        return module.build_parser().parse_args
+    return module.parse_args
+
+
+def _placeholder_missing(error):
+    """A script that checks its input files while parsing, refusing a placeholder path such as RUN/best.pt."""
+    return re.search(r"\b[A-Z][A-Z_]+/\S* not found", error) is not None
+
+
+def test_every_command_in_the_readme_and_docs_parses(capsys):
+    """Each command a page shows names a script that exists and options that script accepts."""
+    bad, seen = [], 0
+    for page in _doc_pages():
+        for script, argv in shown_commands(page.read_text()):
+            seen += 1
+            if not script.startswith("utils.") and not (ROOT / script).is_file():
+                bad.append(f"{page.name}: {script} does not exist")
+                continue
+            try:
+                _parser_of(script)(argv)
+            except SystemExit as stop:
+                error = capsys.readouterr().err
+                if stop.code not in (0, None) and not _placeholder_missing(error):
+                    bad.append(f"{page.name}: {script} {' '.join(argv)}: {error.strip()}")
+    assert seen >= 20
+    assert bad == []
+
+
+def test_every_cited_docs_page_exists():
+    """Code, docs and tests cite only documentation pages that exist (``docs/<page>.md``)."""
+    files = _project_files(".py", ".md", ".txt")
+    cited = {m for p in files for m in re.findall(r"docs/[\w-]+\.md", p.read_text(errors="ignore"))}
+    assert sorted(c for c in cited if not (ROOT / c).is_file()) == []
