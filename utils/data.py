@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import math
 import pickle
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import NamedTuple
@@ -32,7 +32,6 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-DATASETS = {"cifar10": 10, "cifar100": 100, "tiny-imagenet": 200, "synthetic": 10}
 SPLITS = ("train", "test")
 DEFAULT_DATA_DIR = "./data"
 CROP_PADDING = 4
@@ -109,43 +108,94 @@ class TensorPair:
         return self.x.float().div_(255)
 
 
-def _check_name(name: str) -> None:
-    """Raise a DatasetError listing the valid names when ``name`` is unknown."""
-    if name not in DATASETS:
-        raise DatasetError(f"Unknown dataset {name!r}; valid names are: {', '.join(DATASETS)}.")
+# ----------------------------------------------------------------------------- the registry
+
+
+@dataclass(frozen=True)
+class DatasetSpec:
+    """One dataset, everything the rest of the code asks of it.
+
+    ``load(root, split, download)`` returns the split as a :class:`TensorPair` (``root``: the data
+    folder as an absolute Path; ``split``: ``train`` or ``test``; ``download``: whether fetching is
+    allowed) and raises :class:`DatasetError` with a sentence saying what to do. ``augment``: the
+    recipe's random crop + flip applies by default. ``load`` is None only for the generated
+    ``synthetic`` dataset."""
+
+    name: str
+    num_classes: int
+    image_size: int
+    augment: bool
+    load: Callable[[Path, str, bool], TensorPair] | None
+    description: str = ""
+
+
+_REGISTRY: dict[str, DatasetSpec] = {}
+
+
+def register_dataset(spec: DatasetSpec) -> DatasetSpec:
+    """Add a dataset under ``spec.name``: every script's ``--dataset`` then accepts it."""
+    if spec.name in _REGISTRY:
+        raise ValueError(f"dataset {spec.name!r} is already registered")
+    if spec.num_classes < 2 or spec.image_size < 1:
+        raise ValueError(f"dataset {spec.name!r}: num_classes >= 2 and image_size >= 1 are required")
+    _REGISTRY[spec.name] = spec
+    return spec
+
+
+def unregister_dataset(name: str) -> None:
+    """Remove a registered dataset (tests register toy datasets and clean up)."""
+    _REGISTRY.pop(name, None)
+
+
+class _ClassCounts(Mapping):
+    """``DATASETS``: a live read-only view ``name -> number of classes`` of the registry."""
+
+    def __getitem__(self, name):
+        return _REGISTRY[name].num_classes
+
+    def __iter__(self):
+        return iter(_REGISTRY)
+
+    def __len__(self):
+        return len(_REGISTRY)
+
+
+DATASETS = _ClassCounts()
+
+
+def dataset_spec(name: str) -> DatasetSpec:
+    """The registered :class:`DatasetSpec` of ``name``; a DatasetError lists the valid names."""
+    if name not in _REGISTRY:
+        raise DatasetError(f"Unknown dataset {name!r}; valid names are: {', '.join(_REGISTRY)}.")
+    return _REGISTRY[name]
 
 
 def num_classes(name: str) -> int:
     """Number of classes of dataset ``name`` (the model's output width)."""
-    _check_name(name)
-    return DATASETS[name]
+    return dataset_spec(name).num_classes
 
 
 def image_size(name: str) -> int:
     """Side length of the dataset's square images (synthetic: its default of 32)."""
-    _check_name(name)
-    return 64 if name == "tiny-imagenet" else 32
+    return dataset_spec(name).image_size
 
 
 def default_augment(name: str) -> bool:
     """Whether the reference recipe augments this dataset: crop+flip for CIFAR only (docs/protocol.md §5)."""
-    _check_name(name)
-    return name in _CIFAR
+    return dataset_spec(name).augment
 
 
 def load_dataset(name: str, data_dir=None, split: str = "train", download: bool = True, *,
                  synthetic_size: int | None = None, synthetic_image_size: int = 32,
                  seed: int = 0) -> TensorPair:
     """Load one split of ``name`` into memory; ``seed`` and ``synthetic_*`` affect synthetic only."""
-    _check_name(name)
+    spec = dataset_spec(name)
     if split not in SPLITS:
         raise DatasetError(f"Unknown split {split!r}; use one of: {', '.join(SPLITS)}.")
-    if name == "synthetic":
+    if spec.load is None:
         return make_synthetic(split, synthetic_size, synthetic_image_size, seed)
     root = Path(DEFAULT_DATA_DIR if data_dir is None else data_dir).expanduser().absolute()
-    if name == "tiny-imagenet":
-        return _load_tiny_imagenet(root, split)
-    return _load_cifar(name, root, split, download)
+    return spec.load(root, split, download)
 
 
 # ----------------------------------------------------------------------------- CIFAR
@@ -230,8 +280,9 @@ def _read_cifar_folder(name: str, folder: Path, split: str) -> TensorPair:
 # ----------------------------------------------------------------------------- Tiny-ImageNet
 
 
-def _load_tiny_imagenet(root: Path, split: str) -> TensorPair:
-    """Tiny-ImageNet from the official archive layout or from image folders."""
+def _load_tiny_imagenet(root: Path, split: str, download: bool = False) -> TensorPair:
+    """Tiny-ImageNet from the official archive layout or from image folders (never downloaded:
+    the archive's host is not a package index; the error names the URL)."""
     base = next((c for c in (root / "tiny-imagenet-200", root)
                  if (c / "wnids.txt").is_file() or (c / "train").is_dir()), None)
     if base is None:
@@ -369,6 +420,19 @@ def _synthetic_patterns(seed: int, n_classes: int, size: int) -> torch.Tensor:
     smooth = F.interpolate(coarse, size=(size, size), mode="bicubic", align_corners=False)
     smooth = smooth - smooth.mean(dim=(1, 2, 3), keepdim=True)
     return smooth / smooth.std(dim=(1, 2, 3), keepdim=True)
+
+
+# ----------------------------------------------------------------------------- registered datasets
+
+register_dataset(DatasetSpec("cifar10", 10, 32, True, lambda root, split, download: _load_cifar("cifar10", root, split, download),
+                             "CIFAR-10: torchvision pickles or image folders; downloaded when online"))
+register_dataset(DatasetSpec("cifar100", 100, 32, True,
+                             lambda root, split, download: _load_cifar("cifar100", root, split, download),
+                             "CIFAR-100: torchvision pickles or image folders; downloaded when online"))
+register_dataset(DatasetSpec("tiny-imagenet", 200, 64, False, _load_tiny_imagenet,
+                             f"Tiny-ImageNet: the official archive layout or image folders ({TINY_IMAGENET_URL})"))
+register_dataset(DatasetSpec("synthetic", 10, 32, False, None,
+                             "generated in memory: seeded class patterns plus noise (offline smoke runs)"))
 
 
 # ----------------------------------------------------------------------------- subsets

@@ -28,7 +28,7 @@ def schedule(args):
 def check_dataset(study, rows, dataset):
     """Refuse a dataset that one of the rows' training scripts does not take."""
     from utils.training.cli import KINDS
-    refused = sorted({row.script for row in rows if dataset not in KINDS[row.kind].datasets})
+    refused = sorted({row.script for row in rows if dataset not in KINDS[row.kind].dataset_choices})
     if refused:
         raise ValueError(f"--dataset {dataset} is not accepted by {', '.join(refused)} (study {study.name})")
 

@@ -6,6 +6,8 @@ model, ANC on) or a plain baseline. ``--smoke`` swaps the defaults for a tiny sy
 ``--resume`` takes the defaults from the run being resumed, so only changed options need
 repeating. Every option is checked before any folder is created or deleted.
 """
+from __future__ import annotations
+
 import argparse
 import re
 import sys
@@ -33,13 +35,18 @@ class ScriptKind:
     """What distinguishes one train_* script from another."""
 
     description: str
-    datasets: tuple
+    datasets: tuple | None  # None: every registered dataset
     default_dataset: str
     ancra: bool            # RA model + ANC by default, with --no-anc / --no-ra ablations
     default_method: str
     default_arch: str
     arch_pattern: str      # regular expression of the architectures the script trains
     smoke_image_size: int = 16
+
+    @property
+    def dataset_choices(self):
+        """The datasets this script trains on: its own list, or every registered one (``datasets=None``)."""
+        return tuple(data.DATASETS) if self.datasets is None else self.datasets
 
     @property
     def methods(self):
@@ -57,7 +64,7 @@ KINDS = {
                        ("tiny-imagenet", "synthetic"), "tiny-imagenet", True, "trades", "preact-resnet18",
                        r"preact-resnet18", smoke_image_size=32),
     "baselines": ScriptKind("Train vanilla PGD-AT / TRADES / MART (or standard training) on a plain model.",
-                            tuple(data.DATASETS), "cifar10", False, "pgd-at", "resnet18", r".+"),
+                            None, "cifar10", False, "pgd-at", "resnet18", r".+"),
 }
 
 
@@ -125,7 +132,7 @@ def _recipe_arguments(parser):
 
 def _data_arguments(parser, spec):
     group = parser.add_argument_group("data and evaluation")
-    group.add_argument("--dataset", choices=spec.datasets, default=spec.default_dataset)
+    group.add_argument("--dataset", choices=spec.dataset_choices, default=spec.default_dataset)
     group.add_argument("--data-dir", default=data.DEFAULT_DATA_DIR, help="where datasets live (CIFAR downloads here)")
     group.add_argument("--train-size", type=int, default=None,
                        help="train on a fixed random subset of this many images (synthetic: generate this many)")
