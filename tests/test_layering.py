@@ -32,3 +32,95 @@ def test_there_are_scripts_and_library_modules():
 def test_no_library_module_imports_a_script():
     offenders = {str(p.relative_to(ROOT)): sorted(imported_modules(p.read_text()) & SCRIPTS) for p in LIBRARY}
     assert {path: names for path, names in offenders.items() if names} == {}
+
+
+# ---------------------------------------------------------------- the import graph of the library
+# Layers, bottom to top: a module imports only from its own layer or lower ones (an import of a higher
+# layer is an upward import). Within a layer, modules must not import each other in a circle.
+LAYERS = (
+    ("utils.recipe", "utils.cli", "utils.locks", "utils.distributed", "utils.data"),
+    ("models",),
+    ("utils.checkpoint", "utils.attacks"),
+    ("utils.training",),
+    ("utils.evaluation",),
+    ("utils.analysis",),
+    ("utils.reproduce",),
+)
+# imported inside a function on purpose: optional, heavy, or only needed on one path
+OPTIONAL = {"torchvision", "pyautoattack", "autoattack", "umap", "robustbench"}
+
+
+def _module_name(path):
+    parts = path.relative_to(ROOT).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+MODULES = {_module_name(p): p for p in LIBRARY}
+
+
+def _layer(module):
+    for level, names in enumerate(LAYERS):
+        if any(module == n or module.startswith(n + ".") for n in names):
+            return level
+    raise AssertionError(f"{module} belongs to no layer of tests/test_layering.py; add it to LAYERS")
+
+
+def library_imports(path):
+    """``(imported library module, inside a function?)`` for every import of ``path``."""
+    found = []
+
+    def visit(node, in_function):
+        for child in ast.iter_child_nodes(node):
+            inner = in_function or isinstance(child, (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda))
+            if isinstance(child, ast.Import):
+                found.extend((alias.name, inner) for alias in child.names)
+            elif isinstance(child, ast.ImportFrom):
+                base = child.module or ""
+                if child.level:  # relative: resolve against the package
+                    package = _module_name(path).split(".")
+                    package = package[:len(package) - child.level + (path.name == "__init__.py")]
+                    base = ".".join([*package, base] if base else package)
+                for alias in child.names:
+                    full = f"{base}.{alias.name}"
+                    found.append((full if full in MODULES else base, inner))
+            visit(child, inner)
+
+    visit(ast.parse(path.read_text()), False)
+    return found
+
+
+def test_library_imports_resolves_relative_imports_and_sees_functions(tmp_path):
+    imports = library_imports(ROOT / "models" / "zoo.py")
+    assert ("models.layouts", False) in imports and ("models.registry", False) in imports
+
+
+def test_no_upward_imports():
+    upward = sorted(f"{name} imports {dep}" for name, path in MODULES.items() for dep, _ in library_imports(path)
+                    if dep in MODULES and _layer(dep) > _layer(name))
+    assert upward == []
+
+
+def test_no_import_inside_a_function_but_optional_dependencies():
+    inner = sorted(f"{name}: {dep}" for name, path in MODULES.items() for dep, in_function in library_imports(path)
+                   if in_function and dep.split(".")[0] not in OPTIONAL)
+    assert inner == []
+
+
+def test_no_import_cycles():
+    graph = {name: {dep for dep, _ in library_imports(path) if dep in MODULES and dep != name}
+             for name, path in MODULES.items()}
+    cycles, state = [], {}
+
+    def walk(node, trail):
+        state[node] = "open"
+        for dep in sorted(graph[node]):
+            if state.get(dep) == "open":
+                cycles.append(" -> ".join(trail[trail.index(dep):] + [dep]))
+            elif dep not in state:
+                walk(dep, trail + [dep])
+        state[node] = "done"
+
+    for name in sorted(graph):
+        if name not in state:
+            walk(name, [name])
+    assert cycles == []

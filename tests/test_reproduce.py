@@ -57,7 +57,7 @@ def test_studies_are_the_papers_rows():
     assert {r.arch for r in STUDIES["wrn"].rows} == {"wrn-34-10", "wrn-28-10"}
     for study in STUDIES.values():
         for row in study.rows:
-            assert study.dataset in KINDS[row.kind].datasets
+            assert study.dataset in KINDS[row.kind].dataset_choices
             assert row.paper is None or row.paper in paper.REPORTED
             assert row.shares_final_bn == (study.name in ("wrn", "tiny-imagenet"))
     assert paper.REPORTED["cifar10/trades-ancra"].figures["pgd40+p"] == 61.68

@@ -9,7 +9,6 @@ from torch import nn
 
 from models import create_model
 from utils import attacks, data
-from utils.analysis.curves import plot_curves
 from utils.checkpoint import (
     RunDirError,
     atomic_save_many,
@@ -22,6 +21,7 @@ from utils.checkpoint import (
 from utils.training import negatives
 from utils.training import step as train_step
 from utils.training.config import PLAIN_SPEED, EvalConfig, MethodConfig, SpeedConfig
+from utils.training.curves import plot_curves
 from utils.training.errors import ConfigError
 from utils.training.monitor import monitor_accuracy
 from utils.training.records import RunInfo

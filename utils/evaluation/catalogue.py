@@ -15,19 +15,15 @@ from utils.attacks import attack_mode
 from utils.evaluation import adaptive
 from utils.evaluation.adaptive import EnsembleView, pgd_judged_on_model, still_correct
 from utils.evaluation.autoattack_adapter import run_autoattack
+from utils.evaluation.errors import REFERENCE_LABEL, EvaluationError
 from utils.evaluation.results import Outcome
 
 PRESETS = ("paper", "adaptive", "sanity", "reference", "all")  # "all" = every preset but "reference"
 SEES = ("final", "heads", "black-box", "transfer")
-REFERENCE_LABEL = "reproduces the reference code, not a robustness figure"
 AA_PLUS_P_BOUND = ("upper bound: AutoAttack only attacks the points the logit ensemble classifies correctly; "
                    "the others are judged at their clean input")
 # Cascade cost ranks, cheap to expensive.
 COST_FINAL_PGD, COST_SURROGATE_PGD, COST_APGD, COST_AUTOATTACK, COST_BLACK_BOX = 1, 2, 3, 4, 5
-
-
-class EvaluationError(ValueError):
-    """Evaluation asked for something impossible (unknown attack, missing dataset name, ...)."""
 
 
 @dataclass(frozen=True)

@@ -4,7 +4,7 @@ import math
 
 import numpy as np
 
-from utils.evaluation.catalogue import REFERENCE_LABEL, EvaluationError
+from utils.evaluation.errors import REFERENCE_LABEL, EvaluationError
 
 ADAPTIVE_WARNINGS_NOTE = ("warnings of the adaptive APGD/Square runs come from surrogate views (one head, an ensemble, "
                           "straight-through masks) whose losses may legitimately be flat; they are listed for the "

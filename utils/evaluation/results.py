@@ -7,6 +7,8 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from utils.evaluation.report import json_report, markdown_report
+
 
 @dataclass
 class Outcome:
@@ -141,10 +143,8 @@ class Evaluation:
 
     def markdown(self):
         """The markdown report (``report.md``)."""
-        from utils.evaluation.report import markdown_report
         return markdown_report(self, self.checks, self.meta)
 
     def to_json(self):
         """The JSON report (``results.json``)."""
-        from utils.evaluation.report import json_report
         return json_report(self, self.checks, self.meta)

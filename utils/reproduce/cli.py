@@ -2,8 +2,11 @@
 import sys
 from pathlib import Path
 
+import torch
+
 from utils import recipe
 from utils.reproduce.plan import SMOKE_EXAMPLES, Plan
+from utils.reproduce.runner import StudyRun
 from utils.reproduce.schedule import device_slots
 from utils.reproduce.studies import (
     STUDIES,
@@ -11,6 +14,7 @@ from utils.reproduce.studies import (
     scale_milestones,
     select_rows,
 )
+from utils.training.cli import KINDS, SMOKE_DEFAULTS
 
 
 def schedule(args):
@@ -20,14 +24,12 @@ def schedule(args):
             raise ValueError("--epochs must be at least 1")
         return args.epochs, scale_milestones(args.epochs)
     if args.smoke:
-        from utils.training.cli import SMOKE_DEFAULTS
         return SMOKE_DEFAULTS["epochs"], tuple(SMOKE_DEFAULTS["milestones"])
     return recipe.EPOCHS, tuple(recipe.MILESTONES)
 
 
 def check_dataset(study, rows, dataset):
     """Refuse a dataset that one of the rows' training scripts does not take."""
-    from utils.training.cli import KINDS
     refused = sorted({row.script for row in rows if dataset not in KINDS[row.kind].dataset_choices})
     if refused:
         raise ValueError(f"--dataset {dataset} is not accepted by {', '.join(refused)} (study {study.name})")
@@ -37,7 +39,6 @@ def check_gpus(slots):
     """Refuse GPU indices this machine does not have."""
     if slots == (None,):
         return
-    import torch
     highest = max(int(g) for slot in slots for g in slot.split(","))
     if highest >= torch.cuda.device_count():
         raise ValueError(f"--gpus names GPU {highest} but this machine has {torch.cuda.device_count()} CUDA "
@@ -76,7 +77,6 @@ def main(args):
     except ValueError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    from utils.reproduce.runner import StudyRun
     print(f"{plan.study.name}: {len(plan.rows)} rows, {plan.dataset}, {plan.schedule_text()}, "
           f"{plan.n_examples} test examples ({plan.budget} budget), out {plan.study_dir}", flush=True)
     return StudyRun(plan).run()

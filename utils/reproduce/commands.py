@@ -4,6 +4,8 @@ children run in the user's working directory (where ``./data`` is)."""
 import sys
 from dataclasses import dataclass
 
+from utils.evaluation.catalogue import PRESETS
+from utils.evaluation.suite import BUDGETS, Settings, attack_catalogue, select_attacks
 from utils.reproduce.plan import ROOT
 
 # Every paper-protocol attack keeps its place in the smoke list; this is the list when the
@@ -54,7 +56,6 @@ class EvaluationTool:
     @classmethod
     def probe(cls):
         """This project's test_white_attack.py: it resumes and has the ``reference`` preset."""
-        from utils.evaluation.catalogue import PRESETS
         return cls(resume=True, reference="reference" in PRESETS)
 
     def attacks(self, smoke):
@@ -66,12 +67,6 @@ def smoke_attacks(reference):
     """Every paper-protocol (and reference-protocol) attack and the first attack of each adaptive and
     sanity family, leaving out whatever needs the AutoAttack package (minutes on a CPU)."""
     try:
-        from utils.evaluation.suite import (
-            BUDGETS,
-            Settings,
-            attack_catalogue,
-            select_attacks,
-        )
         catalogue = attack_catalogue(Settings(budget=BUDGETS["small"]), 10)
         specs, _ = select_attacks("all,reference" if reference else "all", catalogue, True)
     except (ImportError, TypeError, ValueError, KeyError):

@@ -6,7 +6,6 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from models import unwrap
-from utils.analysis.curves import plot_curves
 from utils.checkpoint import (
     BEST,
     LAST,
@@ -16,6 +15,7 @@ from utils.checkpoint import (
     scheduler_state,
     write_metrics,
 )
+from utils.training.curves import plot_curves
 
 
 @dataclass
