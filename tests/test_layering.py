@@ -124,3 +124,48 @@ def test_no_import_cycles():
         if name not in state:
             walk(name, [name])
     assert cycles == []
+
+
+# ---------------------------------------------------------------- the recipe's numbers live in one place
+RECIPE_NUMBERS = {0.007, 0.001, 8 / 255}
+RECIPE_TUPLES = {(0.5, 2.0, 8.0), (0.1, 1.0, 10.0)}
+RECIPE_NAMES = {"eps", "step_size", "aux_weight", "joint_weights", "taus", "start_noise"}
+
+
+def stray_recipe_literals(source):
+    """Line numbers where code (not comments or docstrings) spells a recipe constant instead of naming
+    ``utils.recipe``: ε as ``8/255``, the step 0.007, the start noise 0.001, the joint weights or τ
+    tuples, or a number given to an ε/step/λ parameter or field."""
+    lines = set()
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.BinOp) and isinstance(node.op, ast.Div) and \
+                [getattr(node.left, "value", None), getattr(node.right, "value", None)] == [8, 255]:
+            lines.add(node.lineno)
+        elif isinstance(node, ast.Constant) and type(node.value) is float and node.value in RECIPE_NUMBERS:
+            lines.add(node.lineno)
+        elif isinstance(node, ast.Tuple) and all(isinstance(e, ast.Constant) for e in node.elts) and \
+                tuple(e.value for e in node.elts) in RECIPE_TUPLES:
+            lines.add(node.lineno)
+        elif isinstance(node, ast.arguments):
+            named = node.posonlyargs + node.args
+            pairs = list(zip(named[len(named) - len(node.defaults):], node.defaults)) + \
+                [(a, d) for a, d in zip(node.kwonlyargs, node.kw_defaults) if d is not None]
+            lines |= {d.lineno for a, d in pairs if a.arg in RECIPE_NAMES and isinstance(d, ast.Constant)
+                      and type(d.value) is float and d.value > 0}
+        elif isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name) and node.target.id in RECIPE_NAMES \
+                and isinstance(node.value, ast.Constant) and type(node.value.value) is float and node.value.value > 0:
+            lines.add(node.lineno)
+    return sorted(lines)
+
+
+def test_stray_recipe_literals_finds_each_spelling():
+    source = ("EPS = 8 / 255\nx = 0.007\ndef f(eps=0.03, aux_weight=0.0, *, step_size=0.01):\n    pass\n"
+              "class S:\n    taus: tuple = (0.1, 1.0, 10.0)\n    aux_weight: float = 2.0\n# 8/255 in a comment\n")
+    assert stray_recipe_literals(source) == [1, 2, 3, 6, 7]
+
+
+def test_recipe_constants_are_written_only_in_utils_recipe():
+    scripts = [p for p in ROOT.glob("*.py")]
+    stray = {str(p.relative_to(ROOT)): stray_recipe_literals(p.read_text())
+             for p in LIBRARY + scripts if p.name != "recipe.py"}
+    assert {path: lines for path, lines in stray.items() if lines} == {}

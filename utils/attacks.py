@@ -8,7 +8,9 @@ from contextlib import contextmanager
 import torch
 import torch.nn.functional as F
 
-EPS = 8 / 255
+from utils import recipe
+
+EPS = recipe.EPS
 INITS = ("none", "normal", "uniform")
 LOSSES = ("ce", "cw", "cw-batchsum", "kl", "dlr", "margin")
 
@@ -98,7 +100,7 @@ def random_start(x, eps, init, generator=None, uniform=None):
     if init == "none":
         return x.clone()
     if init == "normal":
-        noise = 0.001 * torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+        noise = recipe.START_NOISE * torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
     elif init == "uniform":
         if uniform is None:
             uniform = torch.rand(x.shape, generator=generator, device=x.device, dtype=x.dtype)
@@ -118,8 +120,8 @@ def _success(logits, y, targeted):
     return torch.where(targeted, pred == y, pred != y)
 
 
-def pgd(model, x, y, eps=EPS, step_size=0.007, steps=10, *, loss="ce", targeted=False, init="normal",
-        restarts=1, aux_weight=0.0, keep="last", generator=None, start=None):
+def pgd(model, x, y, eps=EPS, step_size=recipe.STEP_SIZE, steps=recipe.TRAIN_ATTACK_STEPS, *, loss="ce", targeted=False,
+        init="normal", restarts=1, aux_weight=0.0, keep="last", generator=None, start=None):
     """L∞ PGD: ``x ← Π_{B(x0,ε)∩[0,1]}(x ± step·sign ∇ loss)``; ascend for untargeted examples,
     descend toward ``y`` for targeted ones.
 
@@ -177,13 +179,14 @@ def fgsm(model, x, y, eps=EPS, *, init="none", aux_weight=0.0, generator=None):
     return pgd(model, x, y, eps, eps, 1, loss="ce", init=init, aux_weight=aux_weight, generator=generator)
 
 
-def cw_inf(model, x, y, eps=EPS, step_size=0.007, steps=40, *, aux_weight=0.0, generator=None):
+def cw_inf(model, x, y, eps=EPS, step_size=recipe.STEP_SIZE, steps=recipe.ATTACK_STEPS_PGD40, *, aux_weight=0.0, generator=None):
     """C&W∞: PGD on the per-example −relu(z_y − max_{j≠y} z_j) from a uniform start (the paper
     protocol's C&W, docs/protocol.md §2; the reference script's batch-summed form is loss
     ``cw-batchsum``)."""
     return pgd(model, x, y, eps, step_size, steps, loss="cw", init="uniform", aux_weight=aux_weight, generator=generator)
 
 
-def pgd_train(model, x, y, eps=EPS, step_size=0.007, steps=10, *, aux_weight=0.0, loss="ce", generator=None):
+def pgd_train(model, x, y, eps=EPS, step_size=recipe.STEP_SIZE, steps=recipe.TRAIN_ATTACK_STEPS, *, aux_weight=0.0, loss="ce",
+              generator=None):
     """Training adversarial examples (docs/protocol.md §2): untargeted CE from x + 0.001·N(0,1)."""
     return pgd(model, x, y, eps, step_size, steps, loss=loss, init="normal", aux_weight=aux_weight, generator=generator)

@@ -14,6 +14,11 @@ ALPHA = 1.0                  # α: ANC asymmetry (1 moves only the negative)
 BETA = {"trades": 6.0, "mart": 5.0}  # β of each method's robust term
 NEGATIVE_WARMUP_EPOCHS = 10  # non-random negative strategies use `random` for epochs <= this
 START_NOISE = 0.001          # std of the Gaussian start x + 0.001·N(0, 1) of the training attacks
+ATTACK_STEPS_PGD40 = 40      # steps of the paper's PGD-40 and C&W-40
+
+# adaptive evaluation through the RA gate (docs/protocol.md §8)
+JOINT_AUX_WEIGHTS = (0.5, 2.0, 8.0)   # aux-head weights of the joint (final + heads) attacks
+ST_TAUS = (0.1, 1.0, 10.0)            # softmax temperatures of the straight-through attacks
 
 # SGD schedule of the paper (120 epochs, lr x0.1 after epochs 75, 90, 100)
 EPOCHS = 120

@@ -31,6 +31,7 @@ from tqdm import tqdm
 
 from models import NORMALIZATION_HELP, has_reverse_attention, load_model, parse_normalization, read_checkpoint
 from utils import data as datasets
+from utils import recipe
 from utils.attacks import EPS, pgd
 from utils.evaluation.options import device_type, positive_int, threat_eps
 from utils.training.methods import get_method, method_names, split_method_suffix
@@ -53,9 +54,9 @@ class AttackSettings:
     """PGD of the training recipe (docs/protocol.md §2): CE, x + 0.001·N(0,1) start, eval mode; λ on RA heads."""
 
     eps: float = EPS
-    step_size: float = 0.007
-    steps: int = 10
-    aux_weight: float = 2.0
+    step_size: float = recipe.STEP_SIZE
+    steps: int = recipe.TRAIN_ATTACK_STEPS
+    aux_weight: float = recipe.AUX_WEIGHT
 
     def for_model(self, model):
         """The settings actually used: plain models have no auxiliary heads, so λ = 0."""
@@ -344,8 +345,8 @@ def add_common_arguments(parser):
     parser.add_argument("--batch-size", type=positive_int, default=200)
     parser.add_argument("--eps", type=threat_eps, default=EPS,
                         help="L∞ budget: 8/255 (default), 0.031 or 8 (pixel units)")
-    parser.add_argument("--steps", type=int, default=10, help="PGD steps (default 10)")
-    parser.add_argument("--step-size", type=float, default=0.007, help="PGD step size (default 0.007)")
+    parser.add_argument("--steps", type=int, default=recipe.TRAIN_ATTACK_STEPS, help="PGD steps (default 10)")
+    parser.add_argument("--step-size", type=float, default=recipe.STEP_SIZE, help="PGD step size (default 0.007)")
     parser.add_argument("--aux-weight", type=float, default=None,
                         help="λ on the RA heads' CE in the attacks, as in training (default: the checkpoint's, "
                              "else 2.0; unused for plain models)")

@@ -51,8 +51,8 @@ class Settings:
     eps: float = recipe.EPS
     aux_weight: float = recipe.AUX_WEIGHT
     budget: Budget = BUDGETS["full"]
-    joint_weights: tuple = (0.5, 2.0, 8.0)
-    taus: tuple = (0.1, 1.0, 10.0)
+    joint_weights: tuple = recipe.JOINT_AUX_WEIGHTS
+    taus: tuple = recipe.ST_TAUS
 
 
 @dataclass(frozen=True)

@@ -29,6 +29,7 @@ from models import (
     read_checkpoint,
 )
 from utils import data as datasets
+from utils import recipe
 from utils.checkpoint import atomic_write_json, atomic_write_text
 from utils.cli import OneLineArgumentParser, run_cli
 from utils.evaluation.autoattack_adapter import AutoAttackUnavailable
@@ -102,14 +103,14 @@ def _attack_arguments(parser):
     attack.add_argument("--protocol", choices=("paper", "reference"), default="paper",
                         help="reference: also run the reference evaluation script's FGSM and C&W-20 (the 'reference' "
                              "preset; they reproduce the reference code and never enter the worst case)")
-    attack.add_argument("--eps", type=threat_eps, default=8 / 255,
+    attack.add_argument("--eps", type=threat_eps, default=recipe.EPS,
                         help="L∞ budget: 8/255 (default), 0.031 or 8 (pixel units)")
-    attack.add_argument("--aux-weight", type=float, default=2.0, help="λ of the 'with p' attacks (default 2.0)")
+    attack.add_argument("--aux-weight", type=float, default=recipe.AUX_WEIGHT, help="λ of the 'with p' attacks (default 2.0)")
     attack.add_argument("--budget", choices=sorted(BUDGETS), default="full",
                         help="strength of the adaptive/sanity attacks: full (default) or small (CPU smoke runs)")
-    attack.add_argument("--joint-weights", type=number_list, default=(0.5, 2.0, 8.0),
+    attack.add_argument("--joint-weights", type=number_list, default=recipe.JOINT_AUX_WEIGHTS,
                         help="aux weights of the joint attacks (default 0.5,2,8)")
-    attack.add_argument("--taus", type=number_list, default=(0.1, 1.0, 10.0),
+    attack.add_argument("--taus", type=number_list, default=recipe.ST_TAUS,
                         help="temperatures of the straight-through attacks (default 0.1,1,10)")
     attack.add_argument("--seed", type=int, default=0, help="seed of the attacks' random starts (default 0)")
     attack.add_argument("--cascade", action=argparse.BooleanOptionalAction, default=True,

@@ -106,7 +106,7 @@ def choose_attacks(model, x, attacks, settings, device, full_set=()):
 
 def evaluate_model(model, x, y, attacks="all", eps=recipe.EPS, *, aux_weight=recipe.AUX_WEIGHT, budget="full",
                    batch_size="auto", seed=0, device=None, cascade=True, attack_dtype=None,
-                   joint_weights=(0.5, 2.0, 8.0), taus=(0.1, 1.0, 10.0), progress=False, on_result=None,
+                   joint_weights=recipe.JOINT_AUX_WEIGHTS, taus=recipe.ST_TAUS, progress=False, on_result=None,
                    finished=None, meta=None, full_set=()):
     """Evaluate any ``nn.Module`` mapping [0, 1] images (N×C×H×W) to logits (the RobustBench
     convention) under ``attacks`` (names and presets, as ``test_white_attack.py --attacks``).
