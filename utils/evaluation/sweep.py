@@ -149,6 +149,7 @@ def run_sweep(evaluate, eps_values, *, threat_eps, main_report, names, out_dir, 
             evaluation = evaluate(eps, names)
             evaluation.meta["sweep_key"] = key
             report = evaluation.to_json()
+            path.parent.mkdir(parents=True, exist_ok=True)
             atomic_write_json(path, report)
         reports.append(report)
         if on_eps is not None:
