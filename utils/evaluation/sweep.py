@@ -177,12 +177,12 @@ def plot_sweep(summary, path):
 
     positions = list(range(len(summary["eps"])))
     fig, ax = plt.subplots(figsize=(6.4, 4.2), dpi=120)
-    styles = {FINAL: ("tab:blue", "o", "-"), HEADS: ("tab:orange", "s", "-"), WORST: ("black", "D", "--")}
+    styles = {FINAL: ("tab:blue", "o", "-", 9), HEADS: ("tab:orange", "s", "-", 7), WORST: ("black", "D", "--", 4)}
     for name, values in summary["curves"].items():
         points = [(p, 100 * v) for p, v in zip(positions, values) if v is not None]
-        color, marker, line = styles.get(name, ("tab:gray", "^", "-"))
-        ax.plot([p for p, _ in points], [v for _, v in points], marker=marker, linestyle=line, color=color,
-                label=name)
+        color, marker, line, size = styles.get(name, ("tab:gray", "^", "-", 6))
+        ax.plot([p for p, _ in points], [v for _, v in points], marker=marker, markersize=size, linestyle=line,
+                color=color, label=name)  # larger markers below, so curves that coincide stay visible
     threat = summary["threat_eps"] * 255
     scale = summary["eps_255"]
     if scale[0] <= threat <= scale[-1]:
