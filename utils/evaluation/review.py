@@ -44,7 +44,8 @@ def add_arguments(parser):
     group.add_argument("--threat-model", choices=robustbench.THREAT_MODELS, default=None,
                        help="with --robustbench: which weights (default Linf); our attacks are always L∞")
     group.add_argument("--rb-dataset", choices=robustbench.RB_DATASETS, default=None,
-                       help="with --robustbench: the zoo's dataset (default cifar10)")
+                       help="with --robustbench: the zoo's dataset (default cifar10; --dataset still picks the test "
+                            "data, e.g. synthetic for a smoke run)")
     group.add_argument("--export-robustbench", metavar="FILE.json", default=None,
                        help="write the result in RobustBench's model-info JSON (clean, AutoAttack, worst case as "
                             "the external evaluation)")
@@ -58,8 +59,6 @@ def check_args(parser, args):
     args.model_dir = args.model_dir or "./models"
     args.threat_model = args.threat_model or "Linf"
     args.rb_dataset = args.rb_dataset or "cifar10"
-    if args.robustbench and args.dataset and args.dataset != args.rb_dataset:
-        parser.error(f"--dataset {args.dataset} differs from --rb-dataset {args.rb_dataset}; give one")
 
 
 def check_outputs(args, out_dir):
