@@ -4,10 +4,12 @@ small linear model (resumable per ε, outside the headline)."""
 import argparse
 import json
 
+import numpy as np
 import pytest
 
 import test_white_attack
 from utils.evaluation import sweep
+from utils.evaluation.results import AttackResult
 
 FACTORY = '''
 import torch
@@ -83,6 +85,21 @@ def test_sweep_attacks_keep_the_threat_model_and_add_the_pgds():
     specs = [Spec("fgsm", 8 / 255), Spec("pgd40-eps1", 1.0), Spec("joint-pgd-ce-w2", 8 / 255)]
     assert sweep.sweep_attacks(specs, 8 / 255, True) == ["fgsm", "joint-pgd-ce-w2", "pgd40", "pgd40+p"]
     assert sweep.sweep_attacks(specs, 8 / 255, False) == ["fgsm", "joint-pgd-ce-w2", "pgd40"]
+
+
+def test_the_strongest_head_aware_attack_and_when_the_main_run_is_reused():
+    def result(name, sees, broken, in_worst_case=True):
+        r = AttackResult(name, "x", False, {}, 0, 0.0, np.array([True] * (4 - broken) + [False] * broken))
+        r.sees, r.in_worst_case = sees, in_worst_case
+        return r
+
+    results = [result("pgd40", "final", 4), result("pgd40+p", "heads", 1), result("joint", "heads", 3),
+               result("off", "heads", 4, in_worst_case=False)]
+    assert sweep.strongest_head_aware(results) == "joint" and sweep.strongest_head_aware(results[:1]) is None
+    main = {"attacks": [{"name": "pgd40", "standalone": True}, {"name": "joint", "standalone": False}]}
+    assert sweep._reusable(main, ["pgd40", "joint"], ())
+    assert not sweep._reusable(main, ["pgd40", "joint"], ("joint",))   # needed on every example
+    assert not sweep._reusable(main, ["pgd40", "pgd40+p"], ())
 
 
 @pytest.mark.slow

@@ -98,6 +98,11 @@ def run_eps_sweep(args, model, x, y, evaluation, out_dir):
     ra = bool(evaluation.meta.get("reverse_attention"))
     specs, _ = choose_attacks(model, x, args.attacks, _settings(args), args.device, args.full_set)
     names = sweep.sweep_attacks(specs, args.eps, ra)
+    strongest = sweep.strongest_head_aware(evaluation.results)
+    if strongest and strongest not in names:
+        names.append(strongest)
+    # the head-aware attacks the curve compares run on every example (their own figure), not in the cascade
+    full_set = tuple(dict.fromkeys([*args.full_set, *(n for n in ("pgd40+p", strongest) if ra and n)]))
 
     def evaluate(eps, attack_names):
         if not args.quiet:
@@ -105,17 +110,18 @@ def run_eps_sweep(args, model, x, y, evaluation, out_dir):
         return evaluate_model(model, x, y, ",".join(attack_names), eps, aux_weight=args.aux_weight,
                               budget=args.budget, batch_size=args.batch_size, seed=args.seed, device=args.device,
                               cascade=args.cascade, attack_dtype=evaluation.meta["attack_dtype"],
-                              joint_weights=args.joint_weights, taus=args.taus, progress=False,
+                              joint_weights=args.joint_weights, taus=args.taus, progress=False, full_set=full_set,
                               meta={"checkpoint": evaluation.meta.get("checkpoint"), "indices": evaluation.meta.get("indices")})
 
     key = {k: evaluation.meta["resume_key"][k] for k in ("model", "indices", "seed", "budget", "aux_weight",
                                                          "joint_weights", "taus", "cascade", "attack_dtype")}
     reports = sweep.run_sweep(evaluate, args.eps_sweep, threat_eps=args.eps, main_report=evaluation.to_json(),
-                              names=names, out_dir=out_dir, base_key=key)
+                              names=names, out_dir=out_dir, base_key=dict(key, full_set=list(full_set)),
+                              full_set=full_set)
     summary = sweep.summarise(args.eps_sweep, reports, clean_accuracy=evaluation.clean_accuracy, n=evaluation.n,
                               threat_eps=args.eps, reverse_attention=ra,
                               model_name=Path(str(evaluation.meta.get("checkpoint"))).name)
-    summary["attacks"] = names
+    summary["attacks"], summary["full_set"], summary["strongest_head_aware"] = names, list(full_set), strongest
     atomic_write_json(Path(out_dir) / "eps_sweep.json", summary)
     sweep.plot_sweep(summary, Path(out_dir) / "eps_sweep.png")
     return summary

@@ -3,8 +3,9 @@ accuracy must fall as ε grows and reach chance or zero at large ε; a curve tha
 the attacks fail, not that the model is robust). docs/evaluation.md#robust-accuracy-against-ε.
 
 At every ε of the sweep the same examples are attacked by the run's attacks of the threat model
-rescaled to that ε (the final-logit PGD-40 and, for an RA model, the head-aware PGD-40+p always
-among them), as a cascade; each ε's evaluation is saved to ``eps_sweep/eps_K-255.json`` as soon as
+rescaled to that ε (the final-logit PGD-40 and, for an RA model, the head-aware PGD-40+p and the
+main run's head-aware attack that broke the most examples always among them, those two on every
+example), as a cascade; each ε's evaluation is saved to ``eps_sweep/eps_K-255.json`` as soon as
 it finishes, so an interrupted sweep resumes at the next ε. The curves — the best final-logit PGD,
 the best head-aware attack, the cascade's worst case — go to ``eps_sweep.json`` and
 ``eps_sweep.png``. Nothing here enters the headline of report.md, which counts only the run's ε.
@@ -113,7 +114,8 @@ def curve_checks(eps_values, curves, n):
                                  {"eps": last_eps, "accuracy": last},
                                  f"{100 * last:.2f} % at ε = {eps_text(last_eps)}"
                                  + ("." if low else ": at a radius this large an image of another class fits in the "
-                                    "ball, so a working attack reaches ~0 %; the attack is failing.")))
+                                    "ball, so a working attack reaches ~0 %; the attack is failing (or the output barely "
+                                    "depends on the input).")))
     return checks
 
 
@@ -130,20 +132,33 @@ def _load_done(path, key):
     return saved
 
 
-def run_sweep(evaluate, eps_values, *, threat_eps, main_report, names, out_dir, base_key, on_eps=None):
+def strongest_head_aware(results):
+    """The main run's head-aware attack of the threat model that broke the most examples (None for a
+    plain model or when none ran)."""
+    heads = [r for r in results if r.sees == "heads" and r.in_worst_case]
+    return max(heads, key=lambda r: r.n_broken).name if heads else None
+
+
+def _reusable(main_report, names, full_set):
+    """The main run ran every sweep attack, those in ``full_set`` on every example."""
+    ran = {a["name"]: a.get("standalone", True) for a in main_report["attacks"]}
+    return set(names) <= set(ran) and all(ran.get(name) for name in full_set)
+
+
+def run_sweep(evaluate, eps_values, *, threat_eps, main_report, names, out_dir, base_key, full_set=()):
     """Every ε of the sweep: reuse a saved ε (``--resume``) or the main run's report when it is the
-    threat model's ε and ran every sweep attack, else ``evaluate(eps, names)`` → Evaluation, saved
-    at once. Returns ``(reports, checks-ready summary dict)``."""
+    threat model's ε and ran every sweep attack (those in ``full_set`` standalone), else
+    ``evaluate(eps, names)`` → Evaluation, saved at once. Returns the results.json dict of each ε
+    (None at ε = 0)."""
     reports = []
     for eps in eps_values:
         if eps == 0:
             reports.append(None)
             continue
         path, key = sweep_file(out_dir, eps), _key(base_key, eps, names)
-        ran = {a["name"] for a in main_report["attacks"]}
         if path.exists():
             report = _load_done(path, key)
-        elif abs(eps - threat_eps) <= 1e-9 and set(names) <= ran:
+        elif abs(eps - threat_eps) <= 1e-9 and _reusable(main_report, names, full_set):
             report = main_report
         else:
             evaluation = evaluate(eps, names)
@@ -152,8 +167,6 @@ def run_sweep(evaluate, eps_values, *, threat_eps, main_report, names, out_dir, 
             path.parent.mkdir(parents=True, exist_ok=True)
             atomic_write_json(path, report)
         reports.append(report)
-        if on_eps is not None:
-            on_eps(eps, report)
     return reports
 
 
