@@ -81,7 +81,7 @@ def number_list(text):
 def _model_arguments(parser):
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--ckpt", nargs="+", help="checkpoint in this project's format, or a reference state dict; "
-                                                  "several: compare them on one subset (docs/evaluation.md)")
+                                                  "several: compare them on one subset (docs/evaluation-review.md)")
     source.add_argument("--model-factory", metavar="FILE.py:FUNCTION",
                         help="build any model: FUNCTION() in FILE.py returns an nn.Module mapping [0,1] images to logits")
     review.add_model_source(source)

@@ -187,7 +187,7 @@ def sweep_section(sweep):
     if not sweep:
         return []
     lines = ["", "## Robust accuracy against ε (not part of the headline)", "",
-             f"Accuracy on the same {sweep['n_examples']} examples at each ε (docs/evaluation.md#robust-accuracy-"
+             f"Accuracy on the same {sweep['n_examples']} examples at each ε (docs/evaluation-review.md#robust-accuracy-"
              f"against-ε); the headline counts only ε = {sweep['threat_eps_text']}. Figure: eps_sweep.png.", "",
              "| ε | " + " | ".join(sweep["curves"]) + " |", "|---|" + "---|" * len(sweep["curves"])]
     for i, eps in enumerate(sweep["eps_text"]):
