@@ -371,5 +371,12 @@ def run(args):
 
 def main(argv=None):
     errors = (EvaluationError, CheckpointError, datasets.DatasetError, AutoAttackUnavailable, OutputError)
-    return run_cli(lambda args: compare.run_compare(args, run) if args.compare else run(args), parse_args, errors,
-                   argv)
+    return run_cli(_run_one_or_compare, parse_args, errors, argv)
+
+
+def _run_one_or_compare(args):
+    if not args.compare:
+        return run(args)
+    def load(path):
+        return _checkpoint_from_args(argparse.Namespace(**dict(vars(args), ckpt=path)))
+    return compare.run_compare(args, run, load=load)

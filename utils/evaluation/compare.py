@@ -119,10 +119,26 @@ def check_inputs(args):
         raise EvaluationError("--export-robustbench takes one model; export each model's folder separately")
 
 
-def run_compare(args, evaluate_one, started=None):
+def preflight(args, load):
+    """Load every checkpoint once with ``load(path) -> (model, config, saved)`` before any work, so a
+    broken file or a model of another dataset is refused before the first evaluation starts."""
+    found = {}
+    for path in args.compare:
+        _, _, saved = load(path)
+        found[path] = args.dataset or saved.get("dataset")
+    if len(set(found.values())) > 1:
+        listed = ", ".join(f"{Path(p).name}: {d}" for p, d in found.items())
+        raise EvaluationError(f"the checkpoints were trained on different datasets ({listed}); compare models of "
+                              "one dataset, or pass --dataset")
+
+
+def run_compare(args, evaluate_one, load=None, started=None):
     """Evaluate every checkpoint of ``args.compare`` with ``evaluate_one(args_for_one)`` (the
-    single-model run) into OUT_DIR/NAME, then write the comparison; returns the rows."""
+    single-model run) into OUT_DIR/NAME, then write the comparison; returns the rows. ``load``
+    (path → model, config, saved) checks every checkpoint first."""
     check_inputs(args)
+    if load is not None:
+        preflight(args, load)
     started = started or datetime.now()
     out_dir = Path(args.out_dir or f"compare_{started:%Y%m%d_%H%M%S}")
     check_output_dir(out_dir)
