@@ -186,12 +186,15 @@ def test_run_indicators_traces_our_pgds_and_reports_them(tiny_model):
     x = torch.rand(6, 3, 16, 16, generator=torch.Generator().manual_seed(2))
     with torch.no_grad():
         y = model(x).argmax(1)  # every example clean-correct
-    specs, _ = select_attacks("pgd40,fgsm+p,transfer-nora", attack_catalogue(Settings(budget=BUDGETS["small"]), 10, 2),
-                              True)
+    settings = Settings(budget=BUDGETS["small"], joint_weights=(2.0,), taus=(1.0,))
+    specs, _ = select_attacks("pgd40,fgsm+p,transfer-nora,aux1-pgd-ce,joint-pgd-ce-w2,st-pgd-ce-t1",
+                              attack_catalogue(settings, 10, 2), True)
     items = indicators.run_indicators(model, x, y, specs, clean=np.ones(6, bool), eps=EPS, n_examples=4,
                                       batch_size=3)
     attacks = [item["attack"] for item in items]
-    assert attacks == ["fgsm+p"] * 3 + ["pgd40"] * 3 + ["model", "model"]  # transfer-nora is no plain PGD
+    # a head or a transfer surrogate is not what the model classifies: not traced
+    assert attacks == [a for a in ("fgsm+p", "pgd40", "joint-pgd-ce-w2", "st-pgd-ce-t1") for _ in range(3)] + [
+        "model", "model"]
     assert all(item["doc"].startswith("docs/attack-failure.md#") for item in items)
     evaluation = Evaluation(y.numpy(), np.ones(6, bool), {}, [], indicators=items)
     text = "\n".join(indicators_section(items))

@@ -5,7 +5,8 @@ what to do when it fires.
 
 Per attack (read off the per-iterate trace our PGD hands to its ``record`` hook, re-running the
 attack from the same per-example start as the evaluation, in fp32, on the first clean-correct
-examples): silent success, incomplete optimisation, unavailable gradients. Per model: unstable
+examples; the PGDs whose iterates the real model classifies: paper, sanity, joint and
+straight-through): silent success, incomplete optimisation, unavailable gradients. Per model: unstable
 predictions, batch dependence. Each returns the sanity checks' dict ``{"name", "status", "numbers",
 "message"}`` plus ``"attack"`` and ``"doc"`` (the docs/ anchor).
 """
@@ -17,6 +18,7 @@ import numpy as np
 import torch
 
 from utils.attacks import attack_mode, pgd, random_start
+from utils.evaluation.adaptive import PolicyView
 from utils.evaluation.context import AttackContext, full_precision
 from utils.evaluation.runner import attack_seed
 from utils.evaluation.sanity import tolerance
@@ -104,18 +106,35 @@ def bad_gradients(grad):
 
 # ---------------------------------------------------------------- per attack
 
+def pgd_target(spec, model):
+    """``(module our PGD differentiates, aux weight)`` for the attacks whose forward logits are the
+    real model's — the paper and sanity PGDs, the joint PGDs, the straight-through PGDs — else None
+    (a head, a transfer surrogate or fixed masks: their iterates are not the model's predictions)."""
+    p = spec.params
+    if "steps" not in p or spec.needs_autoattack:
+        return None
+    if spec.family in ("paper", "sanity") and "loss" in p:
+        return model, p.get("aux_weight", 0.0)
+    if spec.family == "joint":
+        return model, p["weight"]
+    if spec.family == "straight-through":
+        return PolicyView(model, "straight_through", p["tau"]), 0.0
+    return None
+
+
 def traced_pgd(model, spec, x, y, index, seed):
     """Re-run the PGD of catalogue entry ``spec`` (first restart, fp32) from the evaluation's own
     per-example start; returns ``(trace, returned point)``."""
     p = spec.params
+    target, aux_weight = pgd_target(spec, model)
     ctx = AttackContext(attack_seed(seed, spec.name), index)
     init = p.get("init", "uniform")
     start = random_start(x, p["eps"], init, uniform=ctx.uniform(x) if init == "uniform" else None,
                          generator=torch.Generator(device=x.device).manual_seed(ctx.seed))
     trace = PGDTrace(y)
     with full_precision(x.device):
-        x_adv = pgd(model, x, y, p["eps"], p["step_size"], p["steps"], loss=p.get("loss", "ce"),
-                    aux_weight=p.get("aux_weight", 0.0), keep="last", start=start, record=trace)
+        x_adv = pgd(target, x, y, p["eps"], p["step_size"], p["steps"], loss=p.get("loss", "ce"),
+                    aux_weight=aux_weight, keep="last", start=start, record=trace)
     return trace, x_adv
 
 
@@ -126,10 +145,8 @@ def _correct(model, x, y):
 
 
 def traceable(spec, eps):
-    """Catalogue attacks that are plain runs of our PGD on the model, inside the threat model."""
-    p = spec.params
-    return (spec.in_threat_model(eps) and spec.family in ("paper", "sanity") and "steps" in p
-            and "loss" in p and not spec.needs_autoattack)
+    """Catalogue attacks inside the threat model that are runs of our PGD judged by their own iterates."""
+    return spec.in_threat_model(eps) and pgd_target(spec, torch.nn.Identity()) is not None
 
 
 def attack_indicators(name, trace, returned_correct):
