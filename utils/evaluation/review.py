@@ -77,8 +77,8 @@ def load_model(args):
                                         threat_model=args.threat_model, device=args.device)
 
 
-def _settings(args, eps=None):
-    return Settings(eps=eps or args.eps, aux_weight=args.aux_weight, budget=BUDGETS[args.budget],
+def _settings(args):
+    return Settings(eps=args.eps, aux_weight=args.aux_weight, budget=BUDGETS[args.budget],
                     joint_weights=tuple(args.joint_weights), taus=tuple(args.taus))
 
 
