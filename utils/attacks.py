@@ -121,7 +121,7 @@ def _success(logits, y, targeted):
 
 
 def pgd(model, x, y, eps=EPS, step_size=recipe.STEP_SIZE, steps=recipe.TRAIN_ATTACK_STEPS, *, loss="ce", targeted=False,
-        init="normal", restarts=1, aux_weight=0.0, keep="last", generator=None, start=None):
+        init="normal", restarts=1, aux_weight=0.0, keep="last", generator=None, start=None, record=None):
     """L∞ PGD: ``x ← Π_{B(x0,ε)∩[0,1]}(x ± step·sign ∇ loss)``; ascend for untargeted examples,
     descend toward ``y`` for targeted ones.
 
@@ -131,6 +131,11 @@ def pgd(model, x, y, eps=EPS, step_size=recipe.STEP_SIZE, steps=recipe.TRAIN_ATT
     the model (or reached the target), which can only lower robust accuracy. With
     ``restarts > 1`` an example keeps the first restart that succeeded. ``start`` replaces the
     random start (one restart only), so callers can draw several starts in a fixed RNG order.
+
+    ``record`` (optional) is called as ``record(restart, step, x_adv, objective, logits, grad)``
+    at every iterate, before the step is taken, with detached tensors: the per-iterate trace the
+    indicators of attack failure read (utils/evaluation/indicators.py). It only observes: the
+    returned point is the same with or without it.
     """
     if keep not in ("last", "success"):
         raise ValueError(f"keep must be 'last' or 'success', got {keep!r}")
@@ -146,16 +151,18 @@ def pgd(model, x, y, eps=EPS, step_size=recipe.STEP_SIZE, steps=recipe.TRAIN_ATT
         clean = _clean_probs(model, x, aux_weight) if loss == "kl" else None
         best = x.clone()
         done = torch.zeros(x.shape[0], dtype=torch.bool, device=x.device)
-        for _ in range(restarts):
+        for restart in range(restarts):
             x_adv = random_start(x, eps, init, generator) if start is None else start.detach()
             found = torch.zeros_like(done)
             found_x = x_adv
-            for _ in range(steps):
+            for step_index in range(steps):
                 x_adv.requires_grad_(True)
                 with torch.enable_grad():
                     obj, logits = attack_objective(model, x_adv, y, loss, aux_weight, clean)
                     grad, = torch.autograd.grad(obj.sum(), x_adv)
                 x_adv = x_adv.detach()
+                if record is not None:
+                    record(restart, step_index, x_adv, obj.detach(), logits.detach(), grad)
                 if keep == "success":
                     hit = _success(logits.detach(), y, targeted) & ~found
                     found_x = torch.where(_rows(hit), x_adv, found_x)

@@ -32,6 +32,7 @@ from utils import data as datasets
 from utils import recipe
 from utils.checkpoint import atomic_write_json, atomic_write_text
 from utils.cli import OneLineArgumentParser, run_cli
+from utils.evaluation import compare, review
 from utils.evaluation.autoattack_adapter import AutoAttackUnavailable
 from utils.evaluation.catalogue import BUDGETS, PRESETS, EvaluationError, Settings
 from utils.evaluation.options import (
@@ -80,9 +81,11 @@ def number_list(text):
 
 def _model_arguments(parser):
     source = parser.add_mutually_exclusive_group(required=True)
-    source.add_argument("--ckpt", help="checkpoint in this project's format, or a reference state dict")
+    source.add_argument("--ckpt", nargs="+", help="checkpoint in this project's format, or a reference state dict; "
+                                                  "several: compare them on one subset (docs/evaluation-review.md)")
     source.add_argument("--model-factory", metavar="FILE.py:FUNCTION",
                         help="build any model: FUNCTION() in FILE.py returns an nn.Module mapping [0,1] images to logits")
+    review.add_model_source(source)
     model = parser.add_argument_group("model (default: from the checkpoint)")
     model.add_argument("--weights", default=None, help="with --model-factory: a state dict loaded into the module")
     model.add_argument("--arch", default=None, help=arch_help())
@@ -143,7 +146,11 @@ def parse_args(argv=None):
                                                       "--model-factory)")
     run.add_argument("--resume", action="store_true", help="continue the run in --out-dir, skipping finished attacks")
     run.add_argument("--quiet", action="store_true", help="no progress bars or per-attack lines on stderr")
+    review.add_arguments(parser)
     args = parser.parse_args(argv)
+    args.compare = args.ckpt if args.ckpt and len(args.ckpt) > 1 else None
+    args.ckpt = args.ckpt[0] if args.ckpt else None
+    review.check_args(parser, args)
     if args.weights and not args.model_factory:
         parser.error("--weights goes with --model-factory; a checkpoint's weights come from --ckpt")
     if args.resume and not args.out_dir:
@@ -287,9 +294,16 @@ def _finished_attacks(previous, key):
     return {record["name"]: AttackResult.from_json(record) for record in saved.get("attacks", [])}
 
 
+def _source(args):
+    if args.robustbench:
+        return f"robustbench:{args.rb_dataset}/{args.threat_model}/{args.robustbench}"
+    return str(Path(args.ckpt or args.model_factory).resolve())
+
+
 def _meta(args, config, dataset, indices, data_dir, started):
-    source = str(Path(args.ckpt).resolve()) if args.ckpt else f"{Path(args.model_factory).resolve()}"
-    meta = {"checkpoint": str(args.ckpt or args.model_factory), **config, "dataset": dataset, "data_dir": data_dir,
+    source = _source(args)
+    meta = {"checkpoint": str(args.ckpt or args.model_factory or args.robustbench), **config, "dataset": dataset,
+            "data_dir": data_dir,
             "n_examples": len(indices), "indices": indices, "subset_seed": args.subset_seed, "eps": args.eps,
             "eps_text": eps_text(args.eps), "aux_weight": args.aux_weight, "budget": args.budget,
             "budget_params": dataclasses.asdict(BUDGETS[args.budget]), "joint_weights": list(args.joint_weights),
@@ -313,12 +327,15 @@ def run(args):
         raise EvaluationError(f"--attacks {args.attacks!r} names no attack; give names or a preset "
                               f"({', '.join(PRESETS)})")
     out_dir, previous = _check_outputs(args, started)
+    review.check_outputs(args, out_dir)
     if args.ckpt:
         model, config, saved = _checkpoint_from_args(args)
+    elif args.robustbench:
+        model, config, saved = review.load_model(args)
     else:
         model, config, saved = build_factory_model(args.model_factory, args.weights, args.device)
     subset = load_test_subset(config, saved, n_examples=args.n_examples, dataset=args.dataset, data_dir=args.data_dir,
-                              subset_seed=args.subset_seed, source=args.ckpt or args.model_factory)
+                              subset_seed=args.subset_seed, source=args.ckpt or args.model_factory or args.robustbench)
     dataset, x, y, indices, data_dir = subset.dataset, subset.x, subset.y, subset.indices, subset.data_dir
     _check_classes(model, x, dataset, args.device)
     choose_attacks(model, x, args.attacks, Settings(eps=args.eps, budget=BUDGETS[args.budget]), args.device,
@@ -341,11 +358,13 @@ def run(args):
                                 attack_dtype=meta["attack_dtype"], joint_weights=args.joint_weights, taus=args.taus,
                                 progress=not args.quiet and sys.stderr.isatty(), on_result=save_progress,
                                 finished=finished, meta=meta, full_set=args.full_set)
+    evaluation.indicators = review.run_indicators(args, model, x, y, evaluation)
     evaluation.meta["seconds"] = (datetime.now() - started).total_seconds()
     report = evaluation.markdown()
     atomic_write_text(out_dir / "report.md", report)
     atomic_write_json(out_dir / "results.json", evaluation.to_json())
     (out_dir / PARTIAL).unlink(missing_ok=True)
+    report = review.after_report(args, model, x, y, evaluation, out_dir, report)
     print(report)
     print(f"saved {out_dir / 'report.md'} and {out_dir / 'results.json'}")
     return out_dir
@@ -353,4 +372,12 @@ def run(args):
 
 def main(argv=None):
     errors = (EvaluationError, CheckpointError, datasets.DatasetError, AutoAttackUnavailable, OutputError)
-    return run_cli(run, parse_args, errors, argv)
+    return run_cli(_run_one_or_compare, parse_args, errors, argv)
+
+
+def _run_one_or_compare(args):
+    if not args.compare:
+        return run(args)
+    def load(path):
+        return _checkpoint_from_args(argparse.Namespace(**dict(vars(args), ckpt=path)))
+    return compare.run_compare(args, run, load=load)

@@ -138,6 +138,7 @@ def markdown_report(evaluation, checks, meta):
     lines += _cascade_section(evaluation)
     lines += ["", "## Sanity checks", ""]
     lines += [f"- **{check['status']}** {check['name']}: {check['message']}" for check in checks]
+    lines += indicators_section(getattr(evaluation, "indicators", []))
     lines += _warnings_section(evaluation, checks)
     if meta.get("status") == "partial":
         lines += ["", "**Partial: the run stopped before every attack finished; rerun with --resume.**"]
@@ -163,7 +164,37 @@ def json_report(evaluation, checks, meta):
                     "order": [{"name": r.name, "standalone": r.standalone, "received": r.n_received,
                                "broken": r.n_broken} for r in evaluation.results]},
         "sanity": checks,
+        "attack_failure": list(getattr(evaluation, "indicators", [])),
     }
+
+
+def indicators_section(indicators):
+    """The indicators of attack failure (Pintor et al., 2022) as a markdown section, in the sanity
+    checks' style: status, name, attack, what was measured, its meaning and the docs/ page."""
+    if not indicators:
+        return []
+    lines = ["", "## Indicators of attack failure", "",
+             "Pintor et al. (NeurIPS 2022); per attack on its own first run re-traced in fp32, and per model. "
+             "What each means and what to do: docs/attack-failure.md.", ""]
+    for item in indicators:
+        lines.append(f"- **{item['status']}** {item['name']} ({item['attack']}): {item['message']} "
+                     f"Meaning: {item['meaning']}; see {item['doc']}.")
+    return lines
+
+
+def sweep_section(sweep):
+    """The ε-sweep (utils/evaluation/sweep.py) summarised for report.md: outside the headline."""
+    if not sweep:
+        return []
+    lines = ["", "## Robust accuracy against ε (not part of the headline)", "",
+             f"Accuracy on the same {sweep['n_examples']} examples at each ε (docs/evaluation-review.md#robust-accuracy-"
+             f"against-ε); the headline counts only ε = {sweep['threat_eps_text']}. Figure: eps_sweep.png.", "",
+             "| ε | " + " | ".join(sweep["curves"]) + " |", "|---|" + "---|" * len(sweep["curves"])]
+    for i, eps in enumerate(sweep["eps_text"]):
+        row = [_pct(sweep["curves"][name][i]) for name in sweep["curves"]]
+        lines.append(f"| {eps} | " + " | ".join(row) + " |")
+    lines += [""] + [f"- **{c['status']}** {c['name']}: {c['message']}" for c in sweep["checks"]]
+    return lines
 
 
 def merge_runs(runs):

@@ -118,6 +118,7 @@ class Evaluation:
     cascade: bool = False
     checks: list = field(default_factory=list)
     meta: dict = field(default_factory=dict)
+    indicators: list = field(default_factory=list)  # indicators of attack failure (utils/evaluation/indicators.py)
 
     @property
     def n(self):

@@ -1,0 +1,79 @@
+"""Several checkpoints in one command (docs/evaluation-review.md#comparing-models): the Wilson interval and the
+paper-protocol column on hand numbers, sub-folder names, and test_white_attack.py --ckpt a.pt b.pt
+(one subset, one table, each model resumable in its own folder, bad input refused before any work)."""
+import json
+
+import pytest
+import torch
+
+import test_white_attack
+from models import create_model
+from utils.evaluation import compare
+
+
+def test_wilson_interval_matches_hand_values():
+    low, high = compare.wilson_interval(50, 100)
+    assert low == pytest.approx(0.4038, abs=1e-4) and high == pytest.approx(0.5962, abs=1e-4)
+    low, high = compare.wilson_interval(0, 100)
+    assert low == 0.0 and high == pytest.approx(0.0370, abs=1e-4)
+    assert compare.wilson_interval(10, 10)[1] == pytest.approx(1.0) and compare.wilson_interval(0, 0) == (0.0, 1.0)
+
+
+def test_folder_names_are_distinct():
+    assert compare.folder_names(["a/best.pt", "b/best.pt", "c/last.pt"]) == ["a_best", "b_best", "last"]
+    assert compare.folder_names(["x/m.pt", "x/m.pth"]) == ["x_m", "x_m_2"]
+
+
+def test_paper_protocol_is_the_per_example_worst_of_the_standalone_paper_attacks():
+    report = {"clean": {"correct": [1, 1, 1, 1, 0]}, "attacks": [
+        {"name": "pgd40", "family": "paper", "standalone": True, "in_worst_case": True, "correct": [1, 1, 0, 1, 0]},
+        {"name": "cw40", "family": "paper", "standalone": True, "in_worst_case": True, "correct": [1, 0, 1, 1, 0]},
+        {"name": "autoattack", "family": "paper", "standalone": False, "in_worst_case": True,
+         "correct": [0, 1, 1, 1, 1]},  # cascade row: saw survivors only, not a paper-protocol figure
+        {"name": "joint", "family": "joint", "standalone": False, "in_worst_case": True, "correct": [1, 1, 1, 0, 0]}]}
+    assert compare.paper_protocol(report) == (0.4, ["pgd40", "cw40"])
+
+
+def checkpoint(path, seed):
+    torch.manual_seed(seed)
+    model = create_model("wrn-16-1", 10, False)
+    model.train()
+    with torch.no_grad():
+        model(torch.rand(8, 3, 16, 16))
+    torch.save({"model": model.eval().state_dict(), "model_config": {"arch": "wrn-16-1", "num_classes": 10,
+                "reverse_attention": False, "image_size": 16}, "args": {"dataset": "synthetic"}}, path)
+    return path
+
+
+@pytest.mark.slow
+def test_script_compares_models_on_one_subset_and_resumes(tmp_path, capsys):
+    a, b = checkpoint(tmp_path / "a.pt", 0), checkpoint(tmp_path / "b.pt", 1)
+    out = tmp_path / "cmp"
+    argv = ["--ckpt", str(a), str(b), "--n-examples", "8", "--attacks", "fgsm,pgd10", "--budget", "small",
+            "--quiet", "--indicators", "4", "--out-dir", str(out)]
+    assert test_white_attack.main(argv) == 0
+    table = json.loads((out / "comparison.json").read_text())
+    assert [m["model"] for m in table["models"]] == ["a", "b"] and table["meta"]["n"] == 8
+    for row in table["models"]:
+        results = json.loads((out / row["model"] / "results.json").read_text())
+        assert row["worst_case"] == results["worst_case"]["accuracy"] and row["clean"] == results["clean"]["accuracy"]
+        assert row["paper_attacks"] == ["fgsm"]
+        low, high = row["worst_case_ci95"]
+        assert low <= row["worst_case"] <= high
+    md = (out / "comparison.md").read_text()
+    assert "| model | clean | paper protocol | worst case | 95 % interval | FLAGs |" in md and md in capsys.readouterr().out
+    # a finished model is reused; a lost one is evaluated again
+    kept = (out / "a" / "results.json").stat().st_mtime_ns
+    (out / "b" / "results.json").unlink()
+    assert test_white_attack.main(argv) == 0
+    assert (out / "a" / "results.json").stat().st_mtime_ns == kept
+    assert json.loads((out / "comparison.json").read_text())["models"] == table["models"]
+
+
+def test_script_refuses_a_missing_checkpoint_before_any_work(tmp_path, capsys):
+    a = checkpoint(tmp_path / "a.pt", 0)
+    out = tmp_path / "cmp"
+    code = test_white_attack.main(["--ckpt", str(a), str(tmp_path / "gone.pt"), "--out-dir", str(out)])
+    assert code == 2 and capsys.readouterr().err.startswith("error: checkpoint ") and not out.exists()
+    code = test_white_attack.main(["--ckpt", str(a), str(a), "--out-dir", str(out)])
+    assert code == 2 and "same checkpoint twice" in capsys.readouterr().err and not out.exists()

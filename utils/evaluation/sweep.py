@@ -1,0 +1,229 @@
+"""Robust accuracy against ε (Carlini et al. 2019, "On Evaluating Adversarial Robustness", §5.4:
+accuracy must fall as ε grows and reach chance or zero at large ε; a curve that does not suggests
+the attacks fail, not that the model is robust). docs/evaluation-review.md#robust-accuracy-against-ε.
+
+At every ε of the sweep the same examples are attacked by the run's attacks of the threat model
+rescaled to that ε (the final-logit PGD-40 and, for an RA model, the head-aware PGD-40+p and the
+main run's head-aware attack that broke the most examples always among them, those two on every
+example), as a cascade; each ε's evaluation is saved to ``eps_sweep/eps_K-255.json`` as soon as
+it finishes, so an interrupted sweep resumes at the next ε. The curves — the best final-logit PGD,
+the best head-aware attack, the cascade's worst case — go to ``eps_sweep.json`` and
+``eps_sweep.png``. Nothing here enters the headline of report.md, which counts only the run's ε.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+from fractions import Fraction
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402  (after choosing the headless backend)
+
+from utils.checkpoint import atomic_write_json  # noqa: E402
+from utils.evaluation.catalogue import EvaluationError  # noqa: E402
+from utils.evaluation.report import eps_text  # noqa: E402
+from utils.evaluation.sanity import tolerance  # noqa: E402
+
+DEFAULT_SWEEP = tuple(k / 255 for k in (0, 1, 2, 4, 8, 16, 32, 64))
+LARGEST_EPS_MAX_ACCURACY = 0.01
+FINAL, HEADS, WORST = "final-logit PGD", "head-aware (best)", "worst case (cascade)"
+FOLDER = "eps_sweep"
+
+
+def parse_eps_sweep(text):
+    """argparse type: ``default`` (0,1,2,4,8,16,32,64/255), or comma-separated radii where a
+    trailing ``/255`` puts every value in pixel units (``0,2,8/255``); otherwise each value is
+    ``k/255``, a fraction below 1 or pixel units ≥ 1. Sorted, at least two distinct values in [0, 1]."""
+    if text.strip() == "default":
+        return DEFAULT_SWEEP
+    body, pixels = (text.strip()[:-4], True) if text.strip().endswith("/255") else (text, False)
+    values = set()
+    for item in (t.strip() for t in body.split(",") if t.strip()):
+        try:
+            value = float(Fraction(item))
+        except (ValueError, ZeroDivisionError):
+            raise argparse.ArgumentTypeError(f"--eps-sweep wants numbers such as 0,1,2,4,8/255 or 'default', "
+                                             f"got {item!r}") from None
+        value = value / 255 if pixels or value >= 1 else value
+        if not 0 <= value <= 1:
+            raise argparse.ArgumentTypeError(f"--eps-sweep radius {item!r} lies outside [0, 255/255]")
+        values.add(value)
+    if len(values) < 2:
+        raise argparse.ArgumentTypeError(f"--eps-sweep needs at least two radii, got {text!r}")
+    return tuple(sorted(values))
+
+
+def sweep_file(out_dir, eps):
+    return Path(out_dir) / FOLDER / f"eps_{eps_text(eps).replace('/', '-')}.json"
+
+
+def sweep_attacks(specs, threat_eps, reverse_attention):
+    """Names of the run's attacks of the threat model, plus pgd40 (and pgd40+p for an RA model)."""
+    names = [s.name for s in specs if s.in_threat_model(threat_eps)]
+    for name in ("pgd40", "pgd40+p") if reverse_attention else ("pgd40",):
+        if name not in names:
+            names.append(name)
+    return names
+
+
+# ---------------------------------------------------------------- curves and checks (pure)
+
+def _standalone(report, sees):
+    accs = [a["accuracy"] for a in report["attacks"] if a.get("in_worst_case", True) and a.get("standalone", True)
+            and a.get("sees") == sees and a["accuracy"] is not None
+            and (sees != "final" or "steps" in a.get("params", {}))]
+    return min(accs) if accs else None
+
+
+def curves_from_reports(eps_values, reports, clean_accuracy, reverse_attention):
+    """``{curve: [accuracy at each ε]}`` from each ε's results.json dict (None at ε = 0: no attack
+    runs there, every curve is the clean accuracy)."""
+    names = [FINAL, HEADS, WORST] if reverse_attention else [FINAL, WORST]
+    curves = {name: [] for name in names}
+    for eps, report in zip(eps_values, reports):
+        for name in names:
+            if eps == 0 or report is None:
+                value = clean_accuracy
+            elif name == WORST:
+                value = report["worst_case"]["accuracy"]
+            else:
+                value = _standalone(report, "final" if name == FINAL else "heads")
+            curves[name].append(value)
+    return curves
+
+
+def _check(name, status, numbers, message):
+    return {"name": name, "status": status, "numbers": numbers, "message": message}
+
+
+def curve_checks(eps_values, curves, n):
+    """Per curve: FLAG when accuracy rises with ε (by more than one example or 0.5 %), or when it
+    stays above 1 % at the largest ε."""
+    tol = tolerance(n)
+    checks = []
+    for name, values in curves.items():
+        known = [(e, v) for e, v in zip(eps_values, values) if v is not None]
+        rises = [(eps_text(a[0]), eps_text(b[0])) for a, b in zip(known, known[1:]) if b[1] > a[1] + tol]
+        text = ", ".join(f"{a} → {b}" for a, b in rises)
+        checks.append(_check(f"{name} falls with ε", "FLAG" if rises else "pass", {"rises": rises},
+                             f"accuracy rises with ε ({text}): a larger ball contains every point of a smaller "
+                             "one, so the attack is failing (gradient masking or too few steps)." if rises else
+                             "accuracy never rises with ε."))
+        if known:
+            last_eps, last = known[-1]
+            low = last <= LARGEST_EPS_MAX_ACCURACY
+            checks.append(_check(f"{name} reaches ≤ 1 % at the largest ε", "pass" if low else "FLAG",
+                                 {"eps": last_eps, "accuracy": last},
+                                 f"{100 * last:.2f} % at ε = {eps_text(last_eps)}"
+                                 + ("." if low else ": at a radius this large an image of another class fits in the "
+                                    "ball, so a working attack reaches ~0 %; the attack is failing (or the output barely "
+                                    "depends on the input).")))
+    return checks
+
+
+# ---------------------------------------------------------------- running
+
+def _key(base, eps, names):
+    return dict(base, eps=eps, attacks=names)
+
+
+def _load_done(path, key):
+    saved = json.loads(path.read_text())
+    if saved.get("meta", {}).get("sweep_key") != key:
+        raise EvaluationError(f"{path} was written with other settings; move it away or use another --out-dir")
+    return saved
+
+
+def strongest_head_aware(results):
+    """The main run's head-aware attack of the threat model that broke the most examples (None for a
+    plain model or when none ran)."""
+    heads = [r for r in results if r.sees == "heads" and r.in_worst_case]
+    return max(heads, key=lambda r: r.n_broken).name if heads else None
+
+
+def _reusable(main_report, names, full_set):
+    """The main run ran every sweep attack, those in ``full_set`` on every example."""
+    ran = {a["name"]: a.get("standalone", True) for a in main_report["attacks"]}
+    return set(names) <= set(ran) and all(ran.get(name) for name in full_set)
+
+
+def run_sweep(evaluate, eps_values, *, threat_eps, main_report, names, out_dir, base_key, full_set=()):
+    """Every ε of the sweep: reuse a saved ε (``--resume``) or the main run's report when it is the
+    threat model's ε and ran every sweep attack (those in ``full_set`` standalone), else
+    ``evaluate(eps, names)`` → Evaluation, saved at once. Returns the results.json dict of each ε
+    (None at ε = 0)."""
+    reports = []
+    for eps in eps_values:
+        if eps == 0:
+            reports.append(None)
+            continue
+        path, key = sweep_file(out_dir, eps), _key(base_key, eps, names)
+        if path.exists():
+            report = _load_done(path, key)
+        elif abs(eps - threat_eps) <= 1e-9 and _reusable(main_report, names, full_set):
+            report = main_report
+        else:
+            evaluation = evaluate(eps, names)
+            evaluation.meta["sweep_key"] = key
+            report = evaluation.to_json()
+            path.parent.mkdir(parents=True, exist_ok=True)
+            atomic_write_json(path, report)
+        reports.append(report)
+    return reports
+
+
+def summarise(eps_values, reports, *, clean_accuracy, n, threat_eps, reverse_attention, model_name):
+    """The eps_sweep.json content: radii, curves, checks, where each ε's evaluation lies."""
+    curves = curves_from_reports(eps_values, reports, clean_accuracy, reverse_attention)
+    return {"model": model_name, "n_examples": n, "threat_eps": threat_eps, "threat_eps_text": eps_text(threat_eps),
+            "eps": list(eps_values), "eps_text": [eps_text(e) if e else "0" for e in eps_values],
+            "eps_255": [round(e * 255, 4) for e in eps_values], "curves": curves,
+            "checks": curve_checks(eps_values, curves, n),
+            "note": "not part of the headline: report.md's worst case counts only the attacks at the threat "
+                    "model's ε"}
+
+
+def plot_sweep(summary, path):
+    """Accuracy (%) against ε (in /255, evenly spaced ticks), one line per curve, the threat
+    model's ε marked; title with the model and n."""
+
+    positions = list(range(len(summary["eps"])))
+    fig, ax = plt.subplots(figsize=(6.4, 4.2), dpi=120)
+    styles = {FINAL: ("tab:blue", "o", "-", 9), HEADS: ("tab:orange", "s", "-", 7), WORST: ("black", "D", "--", 4)}
+    for name, values in summary["curves"].items():
+        points = [(p, 100 * v) for p, v in zip(positions, values) if v is not None]
+        color, marker, line, size = styles.get(name, ("tab:gray", "^", "-", 6))
+        ax.plot([p for p, _ in points], [v for _, v in points], marker=marker, markersize=size, linestyle=line,
+                color=color, label=name)  # larger markers below, so curves that coincide stay visible
+    threat = summary["threat_eps"] * 255
+    scale = summary["eps_255"]
+    if scale[0] <= threat <= scale[-1]:
+        ax.axvline(_position(scale, threat), color="tab:red", linestyle=":",
+                   label=f"threat model ε = {summary['threat_eps_text']}")
+    ax.set_xticks(positions, [f"{v:g}" for v in scale])
+    ax.set_xlabel("ε (L∞ radius, in /255 pixel units; ticks evenly spaced)")
+    ax.set_ylabel("robust accuracy (%)")
+    ax.set_ylim(-2, 102)
+    ax.axhline(100 * LARGEST_EPS_MAX_ACCURACY, color="tab:gray", linewidth=0.8, linestyle="-.",
+               label="1 % (expected at the largest ε)")
+    ax.grid(alpha=0.3)
+    ax.set_title(f"Robust accuracy against ε: {summary['model']} (n = {summary['n_examples']})", fontsize=10)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp.png")
+    fig.savefig(tmp)
+    plt.close(fig)
+    tmp.replace(path)
+
+
+def _position(scale, value):
+    """Where ``value`` lies on evenly spaced ticks of ``scale`` (linear between neighbours)."""
+    for i in range(len(scale) - 1):
+        if scale[i] <= value <= scale[i + 1]:
+            span = scale[i + 1] - scale[i]
+            return i + ((value - scale[i]) / span if span else 0.0)
+    return float(len(scale) - 1)
