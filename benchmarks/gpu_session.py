@@ -558,8 +558,6 @@ def validate(args):
         raise SessionError("pass --data PATH (the CIFAR-10 image folders or cifar10-jpeg.tar.gz) or --dry-run, "
                            "not both and not neither")
     check_output_dir(args.out_dir)
-    if (Path(args.out_dir) / SESSION_FILE).exists():
-        raise SessionError(f"{args.out_dir} already holds a GPU session ({SESSION_FILE}); pass a new --out-dir")
     if args.data is not None:
         check_data(args.data)
         if Path(args.data).is_file():
@@ -587,12 +585,16 @@ def _stop_on_sigterm(signum, frame):
 
 def run(args):
     args.started = time.monotonic()  # the budget covers unpacking the data too
-    signal.signal(signal.SIGTERM, _stop_on_sigterm)  # so the running part's process group is stopped too
     out_dir = Path(args.out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    plan = make_plan(args.dry_run, args.variants)
-    data_dir = prepare_data(args, out_dir)
-    record = Session(args, plan, data_dir).all()
+    if (out_dir / SESSION_FILE).exists():  # checked before anything is written, as parse_args' checks
+        raise SessionError(f"{out_dir} already holds a GPU session ({SESSION_FILE}); pass a new --out-dir")
+    previous = signal.signal(signal.SIGTERM, _stop_on_sigterm)  # so the running part's process group stops too
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        plan = make_plan(args.dry_run, args.variants)
+        record = Session(args, plan, prepare_data(args, out_dir)).all()
+    finally:
+        signal.signal(signal.SIGTERM, previous)
     print(render(record, plan))
     print(f"[gpu_session] wrote {out_dir / REPORT_FILE} and {out_dir / SESSION_FILE}")
     return 0

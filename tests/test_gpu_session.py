@@ -120,9 +120,9 @@ def test_a_folder_without_cifar_classes_and_an_earlier_session_are_refused(tmp_p
     assert "ten CIFAR-10 classes" in capsys.readouterr().err
     (tmp_path / "old").mkdir()
     (tmp_path / "old" / gs.SESSION_FILE).write_text("{}")
-    with pytest.raises(SystemExit):
-        gs.parse_args(["--dry-run", "--out-dir", str(tmp_path / "old")])
+    assert gs.main(["--dry-run", "--out-dir", str(tmp_path / "old")]) == 2
     assert "already holds a GPU session" in capsys.readouterr().err
+    assert [p.name for p in (tmp_path / "old").iterdir()] == [gs.SESSION_FILE]  # nothing written
 
 
 # ---------------------------------------------------------------- running a part
