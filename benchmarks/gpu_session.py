@@ -16,8 +16,6 @@ every part, so a session cut short keeps what it measured.
     python benchmarks/gpu_session.py --data DATA/cifar10-jpeg.tar.gz --out-dir OUT
     python benchmarks/gpu_session.py --dry-run --out-dir /tmp/gpu-dry
 """
-from __future__ import annotations
-
 import argparse
 import json
 import os
@@ -30,6 +28,7 @@ import time
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import Optional
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -60,7 +59,8 @@ class SessionError(ValueError):
 
 @dataclass
 class Plan:
-    """Every size the parts use: the real session's or the tiny CPU dry run's."""
+    """Every size the parts use: the real session's or the tiny CPU dry run's. (No string
+    annotations: tests/test_docs.py loads this script without registering it as a module.)"""
 
     dry_run: bool
     device: str
@@ -70,8 +70,8 @@ class Plan:
     bench_steps: int
     bench_warmup: int
     attack_steps: int
-    bench_image_size: int | None
-    peak_tflops: float | None
+    bench_image_size: Optional[int]
+    peak_tflops: Optional[float]
     train: list = field(default_factory=list)   # extra options of the training runs
     eval_attacks: str = "all"
     eval_budget: str = "full"
