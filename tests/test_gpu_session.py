@@ -190,6 +190,7 @@ def test_markdown_of_a_session_where_nothing_finished():
     assert "Peak used: — TFLOP/s bf16 (measured)" in page
 
 
+@pytest.mark.slow
 def test_train_step_takes_a_nominal_peak_and_a_small_image_size(capsys):
     from benchmarks.train_step import main
 

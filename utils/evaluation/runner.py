@@ -182,7 +182,7 @@ def run_attacks(model, x, y, specs, *, eps, batch_size=200, seed=0, device="cpu"
     return Evaluation(y.cpu().numpy(), clean, agreement, results, list(skipped), clean_seconds, cascade=cascade)
 
 
-PROBE_SIZES = (4, 8)  # two small probe batches: their peak memories give a per-example cost
+PROBE_SIZES = (8, 32)  # two small probe batches: their peak memories give a per-example cost
 MEMORY_FRACTION = 0.6  # of the free memory: room for the attacks' extra copies and the allocator's slack
 MAX_AUTO_BATCH = 1 << 16
 
@@ -234,6 +234,7 @@ def auto_batch_size(model, x, device, limit=None, *, peak=None, free_bytes=None)
         size = max(1, min(CPU_BATCH_SIZE, limit or CPU_BATCH_SIZE))
         return size, f"auto on CPU: fixed {CPU_BATCH_SIZE} (memory is not the limit there)"
     peak = peak or (lambda size: attack_step_peak(model, x, device, size))
+    peak(max(PROBE_SIZES))  # warm-up: lazy initialisation and kernel workspaces are not per-example costs
     peaks = {size: peak(size) for size in PROBE_SIZES}
     fixed, per_example = memory_cost(peaks)
     if free_bytes is None:
