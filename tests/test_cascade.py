@@ -18,6 +18,7 @@ from utils.evaluation.catalogue import (
 )
 from utils.evaluation.runner import (
     SPLIT_COUNT,
+    BatchLimit,
     auto_batch_size,
     batch_from_memory,
     cascade_plan,
@@ -175,6 +176,29 @@ def test_a_batch_that_runs_out_of_memory_is_rerun_as_halves_with_the_same_result
     assert sum(s for s in sizes if s <= 3) == attacked  # every example attacked exactly once
     assert np.array_equal(split.robust, whole.robust)
     assert split.counts[SPLIT_COUNT] == sum(1 for s in sizes if s > 3)
+
+
+def test_a_shared_batch_limit_keeps_later_batches_and_attacks_below_the_size_that_failed():
+    model = trained_tiny(True, steps=30)
+    x, y = prototype_data(11, seed=7)
+    spec = select_attacks("fgsm", attack_catalogue(Settings(budget=BUDGETS["small"]), 5, 2), True)[0][0]
+    sizes = []
+
+    def tight(model, xb, yb, ctx):
+        sizes.append(len(yb))
+        if len(yb) > 3:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory (simulated)")
+        return spec.run(model, xb, yb, ctx)
+
+    received, limit = np.ones(11, bool), BatchLimit(8)
+    args = dict(batch_size=8, seed=0, device="cpu", eps=EPS, progress=False, limit=limit)
+    first = run_attack(model, dataclasses.replace(spec, run=tight), x, y, received, received, **args)
+    # 8 fails → limit 4, halves 4 (fails → limit 2, halves 2 + 2) and 4 (fails, halves 2 + 2); then 2 + 1 at limit 2
+    assert sizes == [8, 4, 2, 2, 4, 2, 2, 2, 1] and limit.size == 2 and first.counts[SPLIT_COUNT] == 3
+    sizes.clear()
+    second = run_attack(model, dataclasses.replace(spec, run=tight), x, y, received, received, **args)
+    assert sizes == [2, 2, 2, 2, 2, 1] and SPLIT_COUNT not in second.counts
+    assert np.array_equal(first.robust, second.robust)
 
 
 def test_an_example_that_alone_runs_out_of_memory_raises():

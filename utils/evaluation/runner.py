@@ -76,10 +76,22 @@ def merge_outcomes(parts):
     return Outcome(torch.cat([p.correct for p in parts]), last, warnings, counts)
 
 
-def run_batch(model, spec, x, y, idx, seed, device, bf16=False):
+class BatchLimit:
+    """The batch size in use: starts at the chosen one and is lowered to the larger half of any
+    batch that ran out of CUDA memory, so later batches (and later attacks) do not retry it."""
+
+    def __init__(self, size):
+        self.size = max(1, int(size))
+
+    def lower(self, failed):
+        self.size = max(1, min(self.size, failed - failed // 2))
+
+
+def run_batch(model, spec, x, y, idx, seed, device, bf16=False, limit=None):
     """``spec.run`` on the examples ``idx``; a batch that runs out of CUDA memory is rerun as two
-    halves (recursively; counted under :data:`SPLIT_COUNT`). Per-example deterministic attacks
-    give the same result either way; the AutoAttack package's seeded starts follow the batch."""
+    halves (recursively; counted under :data:`SPLIT_COUNT`, and ``limit`` lowered). Per-example
+    deterministic attacks give the same result either way; the AutoAttack package's seeded
+    starts follow the batch."""
     try:
         return spec.run(model, x[idx].to(device), y[idx].to(device), AttackContext(seed, idx, bf16=bf16))
     except torch.cuda.OutOfMemoryError:
@@ -87,15 +99,19 @@ def run_batch(model, spec, x, y, idx, seed, device, bf16=False):
             raise
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
+    if limit is not None:
+        limit.lower(len(idx))
     half = len(idx) // 2
-    merged = merge_outcomes([run_batch(model, spec, x, y, part, seed, device, bf16) for part in (idx[:half], idx[half:])])
+    parts = [run_batch(model, spec, x, y, part, seed, device, bf16, limit) for part in (idx[:half], idx[half:])]
+    merged = merge_outcomes(parts)
     merged.counts[SPLIT_COUNT] = merged.counts.get(SPLIT_COUNT, 0) + 1
     return merged
 
 
 def run_attack(model, spec, x, y, clean, received, *, batch_size, seed, device, eps, bf16=False, progress=True,
-               standalone=True, order=0):
-    """Run one attack on the examples in ``received`` (a bool mask over the set)."""
+               standalone=True, order=0, limit=None):
+    """Run one attack on the examples in ``received`` (a bool mask over the set), in batches of
+    ``limit.size`` (a :class:`BatchLimit`, shared by the attacks of one run; ``batch_size`` without one)."""
     n = len(y)
     attacked = received | (~clean if spec.all_examples else np.zeros(n, bool))
     indices = torch.from_numpy(np.flatnonzero(attacked))
@@ -103,17 +119,23 @@ def run_attack(model, spec, x, y, clean, received, *, batch_size, seed, device, 
     paper = np.zeros(n, bool) if spec.all_examples else None
     warnings, counts = [], {}
     this_seed = attack_seed(seed, spec.name)
+    limit = limit or BatchLimit(batch_size)
     _sync(device)
     start = time.perf_counter()
-    for idx in tqdm(_batches(indices, batch_size), desc=spec.name, disable=not progress, leave=False):
-        outcome = run_batch(model, spec, x, y, idx, this_seed, device, bf16=bf16 and spec.bf16_ok)
-        rows = idx.numpy()
-        robust[rows] = outcome.correct.cpu().numpy() & clean[rows]
-        if paper is not None and outcome.last is not None:
-            paper[rows] = outcome.last.cpu().numpy()
-        warnings += [w for w in outcome.warnings if w not in warnings]
-        for key, value in outcome.counts.items():
-            counts[key] = counts.get(key, 0) + value
+    with tqdm(total=len(indices), desc=spec.name, disable=not progress, leave=False, unit="ex") as bar:
+        done = 0
+        while done < len(indices):
+            idx = indices[done:done + limit.size]
+            outcome = run_batch(model, spec, x, y, idx, this_seed, device, bf16=bf16 and spec.bf16_ok, limit=limit)
+            rows = idx.numpy()
+            robust[rows] = outcome.correct.cpu().numpy() & clean[rows]
+            if paper is not None and outcome.last is not None:
+                paper[rows] = outcome.last.cpu().numpy()
+            warnings += [w for w in outcome.warnings if w not in warnings]
+            for key, value in outcome.counts.items():
+                counts[key] = counts.get(key, 0) + value
+            done += len(idx)
+            bar.update(len(idx))
     _sync(device)
     if not standalone:
         robust |= clean & ~received  # not attacked here: an earlier attack already broke it
@@ -165,7 +187,7 @@ def run_attacks(model, x, y, specs, *, eps, batch_size=200, seed=0, device="cpu"
         start = time.perf_counter()
         clean, agreement = clean_pass(model, x, y, batch_size, device)
         clean_seconds = time.perf_counter() - start
-        results = []
+        results, limit = [], BatchLimit(batch_size)
         for order, (spec, standalone) in enumerate(cascade_plan(specs, cascade, full_set)):
             if spec.name in finished:
                 results.append(finished[spec.name])
@@ -174,7 +196,7 @@ def run_attacks(model, x, y, specs, *, eps, batch_size=200, seed=0, device="cpu"
             standalone = standalone or np.array_equal(received, clean)  # nothing broken yet: a full-set figure
             results.append(run_attack(model, spec, x, y, clean, received, batch_size=batch_size, seed=seed,
                                       device=device, eps=eps, bf16=attack_dtype == "bf16", progress=progress,
-                                      standalone=standalone, order=order))
+                                      standalone=standalone, order=order, limit=limit))
             if on_result is not None:
                 on_result(results[-1])
     finally:
