@@ -35,6 +35,7 @@ sys.path.insert(0, str(ROOT))
 
 from utils.checkpoint import atomic_write_json, atomic_write_text  # noqa: E402
 from utils.cli import OneLineArgumentParser, finite_float, run_cli  # noqa: E402
+from utils.evaluation.command import PARTIAL  # noqa: E402
 from utils.evaluation.options import OutputError, check_output_dir  # noqa: E402
 
 CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
@@ -44,6 +45,7 @@ ARCHS = ("resnet18", "wrn-34-10")
 VARIANTS = ("eager", "compiled")
 H100_H200_BF16_TFLOPS = 989.0  # dense bf16 peak of an H100 / H200 SXM (NVIDIA's data sheets)
 SESSION_FILE = "gpu_session.json"
+PARTIAL_RESULTS = PARTIAL  # test_white_attack.py's record of the attacks finished so far
 REPORT_FILE = "gpu_session.md"
 # Shares of the time budget; a part that ends early leaves its time to the later ones.
 SHARES = {"train-eager": 0.17, "eval": 0.18, "train-compiled": 0.20, "torchrun": 0.10, "bench": 0.30}
@@ -354,23 +356,32 @@ def train_table(records, runs):
     return lines
 
 
+def stage_rows(attacks):
+    """One table row per attack in run order: what it received, broke and took."""
+    lines = ["| stage | attack | received | broke | seconds |", "|---:|---|---:|---:|---:|"]
+    for order, attack in enumerate(attacks, 1):
+        where = " (full set)" if attack.get("standalone") else ""
+        lines.append(f"| {order} | {attack['name']}{where} | {attack.get('received_count')} "
+                     f"| {attack.get('broken_count')} | {attack['seconds']:.1f} |")
+    return lines
+
+
 def eval_table(results, run, plan):
     """(c): the whole suite on the trained model: wall time and what each cascade stage received and broke."""
     if results is None:
         return [f"No results ({run.status if run else 'not run'})."]
+    if results.get("status") == "partial":
+        seconds = sum(a["seconds"] for a in results["attacks"])
+        return [f"**Partial** ({run.status if run else 'stopped'}): the {len(results['attacks'])} attacks that "
+                f"finished took {seconds:.1f} s (`{PARTIAL_RESULTS}`); no worst case.", ""] + stage_rows(results["attacks"])
     meta = results.get("meta", {})
     worst = results.get("worst_case", {})
     attack_s = results["clean"]["seconds"] + sum(a["seconds"] for a in results["attacks"])
     lines = [f"`--attacks {plan.eval_attacks} --budget {plan.eval_budget}` on {len(results['labels'])} test images; "
              f"batch {meta.get('batch_size')} ({meta.get('batch_size_note')}); attack dtype "
              f"{meta.get('attack_dtype')}. Process wall {run.seconds:.1f} s, clean pass and attacks {attack_s:.1f} s; "
-             f"clean {_percent(results['clean']['accuracy'])}, worst case {_percent(worst.get('accuracy'))}.", "",
-             "| stage | attack | received | broke | seconds |", "|---:|---|---:|---:|---:|"]
-    for order, attack in enumerate(results["attacks"], 1):
-        where = " (full set)" if attack.get("standalone") else ""
-        lines.append(f"| {order} | {attack['name']}{where} | {attack.get('received_count')} "
-                     f"| {attack.get('broken_count')} | {attack['seconds']:.1f} |")
-    return lines
+             f"clean {_percent(results['clean']['accuracy'])}, worst case {_percent(worst.get('accuracy'))}.", ""]
+    return lines + stage_rows(results["attacks"])
 
 
 def torchrun_table(records, run):
@@ -479,9 +490,11 @@ class Session:
             return self.save()
         self.record["eval_ckpt"] = str(ckpt.relative_to(self.out))
         run = self.run("eval", eval_command(self.plan, ckpt, self.data_dir, self.out / "eval"), parts_left)
-        results = self.out / "eval" / "results.json"
+        results, partial = self.out / "eval" / "results.json", self.out / "eval" / PARTIAL_RESULTS
         if run.status == "ok" and results.is_file():
             self.record["eval"] = json.loads(results.read_text())
+        elif partial.is_file():  # stopped by its time box: the attacks that finished
+            self.record["eval"] = json.loads(partial.read_text())
 
     def torchrun(self, parts_left):
         command = train_command(self.plan, self.data_dir, self.out / "torchrun", "one-process", "eager", epochs=1,

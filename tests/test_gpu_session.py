@@ -182,6 +182,14 @@ def test_markdown_tables_from_a_hand_made_record():
     assert "- train-compiled: timed out after 100 s (log: logs/train-compiled.log)" in page
 
 
+def test_markdown_of_an_evaluation_stopped_by_its_time_box():
+    attacks = session_record()["eval"]["attacks"]
+    record = dict(session_record(), eval={"status": "partial", "meta": {}, "attacks": attacks})
+    page = gs.render(record, gs.make_plan(dry_run=False))
+    assert "**Partial** (ok): the 2 attacks that finished took 23.5 s" in page and "no worst case" in page
+    assert "| 2 | autoattack | 220 | 20 | 20.5 |" in page
+
+
 def test_markdown_of_a_session_where_nothing_finished():
     record = dict(session_record(), runs=[], bench=[], train={}, eval=None, eval_ckpt=None, torchrun=None)
     page = gs.render(record, gs.make_plan(dry_run=True))
