@@ -228,3 +228,15 @@ def test_dry_run_exercises_every_part(tmp_path):
     for heading in ("### (a)", "### (b)", "### (c)", "### (d)"):
         assert heading in page
     assert "| resnet18 | trades-ancra | eager |" in page and "| 2 |" in page and "PGD-1" in page
+
+
+def test_the_training_reads_the_found_folder_with_cifar10s_label_order(tmp_path):
+    """The folder handed to --data-dir is read by utils/data.py with labels 0 airplane … 9 truck
+    (sorted folder names, which for CIFAR-10 is the official order)."""
+    from utils import data
+
+    assert sorted(gs.CLASSES) == list(gs.CLASSES)
+    root = gs.unpack(gs.write_dry_data(tmp_path, per_class=(1, 2)), tmp_path / "unpacked")
+    test = data.load_dataset("cifar10", root, "test", download=False)
+    assert test.x.shape == (20, 3, 32, 32) and sorted(test.y.tolist()) == sorted(list(range(10)) * 2)
+    assert list(test.classes) == list(gs.CLASSES)
