@@ -131,6 +131,13 @@ def eval_command(plan, ckpt, data_dir, out_dir):
             "--data-dir", str(data_dir), "--device", plan.device, "--out-dir", str(out_dir), "--quiet"]
 
 
+def part_order(variants):
+    """The parts in run order: the first training, the evaluation of its model, the other
+    training, torchrun, then the step benchmark."""
+    trainings = [f"train-{v}" for v in variants]
+    return trainings[:1] + ["eval"] + trainings[1:] + ["torchrun", "bench"]
+
+
 def time_box(remaining, parts_left):
     """Seconds for the next part: its share of what is left, given the parts still to run."""
     shares = [SHARES[p] for p in parts_left]
@@ -396,10 +403,9 @@ def torchrun_table(records, run):
 
 def header(session):
     """Who, what and when: the GPU, torch, date, commit and the command."""
+    dry = " (dry run: tiny CPU sizes, synthetic data; not a measurement)" if session["dry_run"] else ""
     return [f"Device: {session['device_name']}; torch {session['torch']}; {session['date']}; commit "
-            f"{session['commit']}.", f"Command: `{session['command']}`" + (" (dry run: tiny CPU sizes, synthetic "
-                                                                             "data; not a measurement)"
-                                                                             if session["dry_run"] else ""),
+            f"{session['commit']}.", f"Command: `{session['command']}`{dry}",
             f"Budget {session['budget_s']:.0f} s; the parts took {session.get('elapsed_s', 0):.0f} s."]
 
 
@@ -513,8 +519,7 @@ class Session:
             self.save()
 
     def all(self):
-        order = [p for p in ("train-eager", "eval", "train-compiled", "torchrun", "bench")
-                 if not p.startswith("train-") or p[6:] in self.plan.variants]
+        order = part_order(self.plan.variants)
         for part in order:
             left = order[order.index(part):]
             if part.startswith("train-"):

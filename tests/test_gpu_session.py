@@ -59,6 +59,11 @@ def test_training_points_at_the_cifar_root_and_torchrun_runs_one_process(tmp_pat
     assert evaluation[evaluation.index("--n-examples") + 1] == "1000"
 
 
+def test_the_evaluation_follows_the_first_training_whichever_variants_run():
+    assert gs.part_order(("eager", "compiled")) == ["train-eager", "eval", "train-compiled", "torchrun", "bench"]
+    assert gs.part_order(("compiled",)) == ["train-compiled", "eval", "torchrun", "bench"]
+
+
 def test_time_box_is_the_next_parts_share_of_what_is_left():
     parts = ["train-eager", "eval", "train-compiled", "torchrun", "bench"]
     assert gs.time_box(540, parts) == pytest.approx((540 - 15) * 0.17 / 0.95)
