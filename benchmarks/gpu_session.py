@@ -342,22 +342,22 @@ def attack_label(records):
     return next((r["eval_attack"] for recs in records for r in recs if r.get("eval_attack")), "PGD-20")
 
 
-def train_table(records, runs):
+def train_table(records, runs, variants=VARIANTS):
     """(b): per epoch, clean and PGD accuracy and seconds of the eager and the compiled run."""
     pgd = attack_label(records.values())
-    lines = [f"| epoch | eager clean | eager {pgd} | eager s | compiled clean | compiled {pgd} | compiled s |",
-             "|---:|---:|---:|---:|---:|---:|---:|"]
+    lines = ["| epoch | " + " | ".join(f"{v} clean | {v} {pgd} | {v} s" for v in variants) + " |",
+             "|---:|" + "---:|---:|---:|" * len(variants)]
     epochs = sorted({r["epoch"] for recs in records.values() for r in recs})
-    by_epoch = {v: {r["epoch"]: r for r in records.get(v, [])} for v in VARIANTS}
+    by_epoch = {v: {r["epoch"]: r for r in records.get(v, [])} for v in variants}
     for epoch in epochs:
         cells = []
-        for variant in VARIANTS:
+        for variant in variants:
             r = by_epoch[variant].get(epoch)
             test = (r or {}).get("test", {})
             cells += [_percent(test.get("nat")), _percent(test.get("pgd")), _cell((r or {}).get("seconds"))]
         lines.append(f"| {epoch} | " + " | ".join(cells) + " |")
     if not epochs:
-        lines.append("| — | no epoch finished | | | | | |")
+        lines.append("| — | no epoch finished |" + " |" * (3 * len(variants) - 1))
     lines += [""] + [f"- {run.name}: {run.status}, {run.seconds:.0f} s wall (time box {run.box_s:.0f} s)"
                      for run in runs]
     return lines
@@ -417,7 +417,8 @@ def render(session, plan):
     lines += ["### (a) Training step, eager against compiled", ""] + bench_table(session["bench"], bench_runs, plan)
     lines += ["", f"### (b) {plan.epochs}-epoch TRADES-ANCRA ResNet-18 on CIFAR-10, eager against compiled "
               "(seed 0)", ""]
-    lines += train_table(session["train"], [runs[n] for n in ("train-eager", "train-compiled") if n in runs])
+    lines += train_table(session["train"], [runs[n] for n in ("train-eager", "train-compiled") if n in runs],
+                         plan.variants)
     lines += ["", "### (c) Evaluation of the trained model", ""]
     if session.get("eval_ckpt"):
         lines += [f"Checkpoint: {session['eval_ckpt']}.", ""]

@@ -198,7 +198,10 @@ def test_markdown_of_an_evaluation_stopped_by_its_time_box():
 def test_markdown_of_a_session_where_nothing_finished():
     record = dict(session_record(), runs=[], bench=[], train={}, eval=None, eval_ckpt=None, torchrun=None)
     page = gs.render(record, gs.make_plan(dry_run=True))
+    assert "| epoch | eager clean | eager PGD-20 | eager s | compiled clean |" in page
     assert "| — | no epoch finished | | | | | |" in page
+    eager_only = gs.render(record, gs.make_plan(dry_run=True, variants=("eager",)))
+    assert "| epoch | eager clean | eager PGD-20 | eager s |\n|---:|---:|---:|---:|\n| — | no epoch finished | | |" in eager_only
     assert "No results (not run)." in page and "No epoch finished (not run)." in page
     assert "Peak used: — TFLOP/s bf16 (measured)" in page
 
