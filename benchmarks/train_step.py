@@ -146,10 +146,15 @@ def matmul_peak_tflops(device, dtype=torch.bfloat16):
     return 2 * n ** 3 / seconds / 1e12
 
 
-def build_step(arch, method, batch, device, speed, attack_steps, num_classes):
+def default_image_size(arch):
+    """The side of the images ``arch`` is trained on here: 64 (Tiny-ImageNet) for PreActResNets, else 32."""
+    return 64 if arch.startswith("preact") else 32
+
+
+def build_step(arch, method, batch, device, speed, attack_steps, num_classes, image_size=None):
     """A TrainStep exactly as the training scripts build it, and one synthetic batch."""
     method_kwargs, ra = parse_method(method)
-    image_size = 64 if arch.startswith("preact") else 32
+    image_size = image_size or default_image_size(arch)
     model = prepare_model(create_model(arch, num_classes, ra, image_size).to(device), speed)
     optimizer = build_optimizer(model, Schedule())
     step = TrainStep(model, optimizer, MethodConfig(steps=attack_steps, **method_kwargs), num_classes, speed)
@@ -171,7 +176,8 @@ def epoch_estimate(step, images_per_s, device, image_size):
 def measure(args, arch, method, batch, device, speed, peak):
     """One configuration's figures as a dict."""
     torch.manual_seed(0)
-    step, x, y = build_step(arch, method, batch, device, speed, args.attack_steps, args.num_classes)
+    image_size = args.image_size or default_image_size(arch)
+    step, x, y = build_step(arch, method, batch, device, speed, args.attack_steps, args.num_classes, image_size)
     for _ in range(args.warmup):
         step(x, y, 1)
         model_passes(step, x, y)
@@ -181,7 +187,7 @@ def measure(args, arch, method, batch, device, speed, peak):
     step_s = statistics.median(r[0] for r in rounds)
     pass_s = statistics.median(r[1] for r in rounds)
     counted = step if not speed.compile else build_step(arch, method, batch, device, dataclasses.replace(
-        speed, compile=False), args.attack_steps, args.num_classes)[0]
+        speed, compile=False), args.attack_steps, args.num_classes, image_size)[0]
     with FlopCount() as counter:
         counted(x, y, 1)
     flops = counter.flops
@@ -193,10 +199,10 @@ def measure(args, arch, method, batch, device, speed, peak):
            "images_per_s": round(batch / step_s, 2), "step_ms": round(1e3 * step_s, 2),
            "model_pass_ms": round(1e3 * pass_s, 2), "overhead": round(step_s / pass_s, 3),
            "gflop_per_step": round(flops / 1e9, 1), "tflops": round(tflops, 3),
-           "bf16_peak_tflops": round(peak, 2), "peak_fraction": round(tflops / peak, 3),
+           "bf16_peak_tflops": round(peak, 2), "peak_source": args.peak_source, "peak_fraction": round(tflops / peak, 3),
+           "image_size": image_size,
            "torch": torch.__version__, "threads": torch.get_num_threads()}
     if args.epoch_estimate:
-        image_size = 64 if arch.startswith("preact") else 32
         epoch_s, eval_s = epoch_estimate(step, batch / step_s, device, image_size)
         row.update(cifar_epoch_s=round(epoch_s, 1), eval_1000_s=round(eval_s, 2))
     return row
@@ -230,6 +236,10 @@ def build_parser():
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps first (compilation, allocator)")
     parser.add_argument("--attack-steps", type=int, default=10, help="PGD steps of each training attack")
     parser.add_argument("--num-classes", type=int, default=10)
+    parser.add_argument("--image-size", type=int, default=None,
+                        help="side of the synthetic images (default: 64 for preact-*, else 32; small for CPU smoke runs)")
+    parser.add_argument("--peak-tflops", type=float, default=None,
+                        help="bf16 peak for peak_fraction, e.g. 989 (H100/H200 dense bf16); default: a measured bf16 matmul")
     add_speed_arguments(parser)
     parser.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's)")
     parser.add_argument("--epoch-estimate", action="store_true",
@@ -252,7 +262,8 @@ def main(argv=None):
         torch.backends.cudnn.benchmark = True
     speed = SpeedConfig.for_device(device, amp=args.amp, channels_last=args.channels_last,
                                    joint_attacks=args.joint_attacks, compile=args.compile)
-    peak = matmul_peak_tflops(device)
+    args.peak_source = "nominal (--peak-tflops)" if args.peak_tflops else "measured bf16 matmul"
+    peak = args.peak_tflops or matmul_peak_tflops(device)
     rows = []
     for arch in args.arch:
         for method in args.method:
@@ -263,7 +274,7 @@ def main(argv=None):
                     print(json.dumps(row), flush=True)
     if not args.json:
         print(f"# {rows[0]['device_name']} | torch {torch.__version__} | {speed.describe()} | "
-              f"{args.attack_steps}-step attacks | bf16 matmul peak {peak:.2f} TFLOP/s | "
+              f"{args.attack_steps}-step attacks | bf16 peak {peak:.2f} TFLOP/s ({args.peak_source}) | "
               f"{torch.get_num_threads()} threads | {os.cpu_count()} cores")
         print_table(rows)
 

@@ -140,7 +140,7 @@ def parse_args(argv=None):
     _attack_arguments(parser)
     run = parser.add_argument_group("run")
     run.add_argument("--batch-size", type=batch_size_type, default="auto",
-                     help="examples per batch, or auto (default): the largest that fits on CUDA, 128 on CPU")
+                     help="examples per batch, or auto (default): from free CUDA memory (docs/gpu-session.md), 128 on CPU")
     run.add_argument("--device", type=device_type, default="cuda" if torch.cuda.is_available() else "cpu")
     run.add_argument("--out-dir", default=None, help="default: CKPT_FOLDER/eval_TIMESTAMP (./eval_TIMESTAMP with "
                                                       "--model-factory)")
