@@ -20,6 +20,7 @@ Sources, auto-detected under ``data_dir`` (default ``./data``), first match wins
 
 from __future__ import annotations
 
+import codecs
 import math
 import pickle
 from collections.abc import Iterator
@@ -189,11 +190,89 @@ def _one_line(err: Exception) -> str:
     return f"{type(err).__name__}: {text[:120]}" if text else type(err).__name__
 
 
+def _numpy_globals() -> dict:
+    """The only globals a CIFAR pickle may name: numpy's array and scalar reconstruction functions
+    (under numpy 1.x and 2.x module names, resolved to the installed numpy), the plain containers
+    set/frozenset/bytearray and ``_codecs.encode``, which Python 3 protocol-2 pickles use for raw bytes.
+    None of them can run code of the file's choosing."""
+    reconstruct = np.array(0).__reduce__()[0]
+    from_buffer = np.array([0]).__reduce_ex__(5)[0]
+    scalar = np.float64(0).__reduce__()[0]
+    admitted = {("numpy", "ndarray"): np.ndarray, ("numpy", "dtype"): np.dtype, ("_codecs", "encode"): codecs.encode}
+    for builtins in ("builtins", "__builtin__"):  # Python 3 and 2 names of the plain containers
+        admitted.update({(builtins, c.__name__): c for c in (set, frozenset, bytearray)})
+    for module in ("numpy.core", "numpy._core"):
+        admitted[(f"{module}.multiarray", "_reconstruct")] = reconstruct
+        admitted[(f"{module}.multiarray", "scalar")] = scalar
+        admitted[(f"{module}.numeric", "_frombuffer")] = from_buffer
+    return admitted
+
+
+class _CifarUnpickler(pickle.Unpickler):
+    """Unpickler for CIFAR's python pickles: plain containers and numpy arrays, nothing else."""
+
+    ADMITTED = _numpy_globals()
+
+    def find_class(self, module: str, name: str):
+        """The admitted numpy functions; any other global is refused (it could run code)."""
+        found = self.ADMITTED.get((module, name))
+        if found is None:
+            raise _RefusedGlobal(f"{module}.{name}")
+        return found
+
+    def persistent_load(self, pid):
+        """Persistent ids are never part of a CIFAR pickle."""
+        raise pickle.UnpicklingError("persistent id in a CIFAR pickle")
+
+
+class _RefusedGlobal(pickle.UnpicklingError):
+    """A pickle named a global outside :data:`_CifarUnpickler.ADMITTED`."""
+
+
 def _unpickle(path: Path) -> dict:
-    """Load one CIFAR pickle with its byte-string keys decoded to str."""
-    with open(path, "rb") as handle:
-        entry = pickle.load(handle, encoding="bytes")
-    return {k.decode() if isinstance(k, bytes) else k: v for k, v in entry.items()}
+    """Load one CIFAR pickle (byte-string keys decoded to str) without running any code from it."""
+    try:
+        with open(path, "rb") as handle:
+            entry = _CifarUnpickler(handle, encoding="bytes").load()
+    except _RefusedGlobal as err:
+        raise DatasetError(f"{path} is not a CIFAR data file: it names the Python object {err}, and unpickling it "
+                           f"could run arbitrary code, so it was not loaded; replace the folder with an official "
+                           f"copy.") from None
+    except Exception as err:  # noqa: BLE001  (truncated or garbage: EOFError, UnpicklingError, ValueError, ...)
+        raise DatasetError(f"Cannot read {path} ({_one_line(err)}): it is truncated or not a CIFAR pickle; "
+                           f"replace it with an intact copy.") from None
+    if not isinstance(entry, dict):
+        raise DatasetError(f"{path} holds a {type(entry).__name__}, not the dictionary of a CIFAR pickle; "
+                           f"replace it with an intact copy.")
+    return {k.decode("latin-1") if isinstance(k, bytes) else k: v for k, v in entry.items()}
+
+
+def _cifar_batch(path: Path, labels_key: str, n_classes: int) -> tuple[np.ndarray, list[int]]:
+    """Images (N×3×32×32 uint8) and labels of one CIFAR pickle, checked for shape, count and range."""
+    entry = _unpickle(path)
+    data, labels = entry.get("data"), entry.get(labels_key)
+    damaged = lambda why: DatasetError(f"{path} is damaged ({why}); replace it with an intact copy.")
+    if not isinstance(data, np.ndarray) or data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != 3 * 32 * 32:
+        what = f"{data.dtype} array of shape {data.shape}" if isinstance(data, np.ndarray) else type(data).__name__
+        raise damaged(f"'data' must be a uint8 array of N×3072 pixels, found a {what}")
+    if not isinstance(labels, (list, np.ndarray)) or not all(isinstance(v, (int, np.integer)) for v in labels):
+        raise damaged(f"'{labels_key}' must be a list of integers")
+    if len(labels) != len(data):
+        raise damaged(f"{len(labels)} labels for {len(data)} images")
+    bad = [int(v) for v in labels if not 0 <= v < n_classes]
+    if bad:
+        raise damaged(f"label {bad[0]} is outside 0..{n_classes - 1}")
+    return data.reshape(-1, 3, 32, 32), [int(v) for v in labels]
+
+
+def _cifar_classes(path: Path, names_key: str, n_classes: int) -> list[str]:
+    """Class names from a CIFAR meta pickle, which must list exactly ``n_classes`` names."""
+    names = _unpickle(path).get(names_key)
+    if (not isinstance(names, list) or len(names) != n_classes
+            or not all(isinstance(n, (bytes, str)) for n in names)):
+        raise DatasetError(f"{path} is damaged ('{names_key}' must list {n_classes} class names); replace it with "
+                           f"an intact copy.")
+    return [n.decode("utf-8", "replace") if isinstance(n, bytes) else n for n in names]
 
 
 def _read_cifar_pickles(name: str, root: Path, split: str) -> TensorPair:
@@ -205,15 +284,15 @@ def _read_cifar_pickles(name: str, root: Path, split: str) -> TensorPair:
         raise DatasetError(f"{layout.title} folder {folder} is incomplete (missing "
                            f"{', '.join(missing)}); delete it to re-download, or pass --data-dir "
                            f"pointing at a complete copy.")
+    n_classes = DATASETS[name]
     images, labels = [], []
     for file_name in layout.files[split]:
-        entry = _unpickle(folder / file_name)
-        images.append(np.asarray(entry["data"], dtype=np.uint8).reshape(-1, 3, 32, 32))
-        labels.extend(entry[layout.labels_key])
-    classes = [str(i) for i in range(DATASETS[name])]
+        batch, batch_labels = _cifar_batch(folder / file_name, layout.labels_key, n_classes)
+        images.append(batch)
+        labels.extend(batch_labels)
+    classes = [str(i) for i in range(n_classes)]
     if (folder / layout.meta_file).is_file():
-        names = _unpickle(folder / layout.meta_file)[layout.names_key]
-        classes = [n.decode() if isinstance(n, bytes) else str(n) for n in names]
+        classes = _cifar_classes(folder / layout.meta_file, layout.names_key, n_classes)
     x = torch.from_numpy(np.concatenate(images))
     return TensorPair(x, torch.tensor(labels, dtype=torch.int64), classes)
 
