@@ -2,6 +2,7 @@
 (exit code 2 through the scripts), no code from a data file ever runs, nothing is created."""
 import os
 import pickle
+import re
 
 import numpy as np
 import pytest
@@ -164,4 +165,111 @@ def test_damaged_training_data_is_refused_before_the_run_folder_exists(tmp_path,
     assert train_main("wideresnet", argv) == 2
     line = one_error_line(capsys.readouterr().err)
     assert "data_batch_2" in line and "label 99" in line
+    assert not out.exists()
+
+
+# ----------------------------------------------------------------------------- 5, 6: checkpoint reading
+
+
+def _foreign_files(folder):
+    """Files that are not checkpoints at all, by name."""
+    from PIL import Image
+    files = {"random": folder / "random.pt", "json": folder / "config.pt", "png": folder / "image.pt",
+             "empty": folder / "empty.pt"}
+    files["random"].write_bytes(bytes(np.random.default_rng(0).integers(0, 256, 300, dtype=np.uint8).tolist()))
+    files["json"].write_text('{"arch": "wrn-16-1"}')
+    Image.new("RGB", (4, 4)).save(files["png"], format="PNG")
+    files["empty"].write_bytes(b"")
+    return files
+
+
+@pytest.mark.parametrize("kind,expected", [("random", "not a PyTorch checkpoint"), ("json", "looks like a JSON file"),
+                                           ("png", "looks like a PNG image"), ("empty", "the file is empty")])
+def test_files_that_are_not_checkpoints_are_not_called_pickled_code(tmp_path, kind, expected):
+    from models import CheckpointError, read_checkpoint
+    path = _foreign_files(tmp_path)[kind]
+    with pytest.raises(CheckpointError) as err:
+        read_checkpoint(str(path))
+    message = str(err.value)
+    assert expected in message and "pickled" not in message and "\n" not in message
+
+
+def test_real_pickles_with_code_are_still_refused_as_such(tmp_path):
+    from models import CheckpointError, read_checkpoint
+    path = tmp_path / "exploit.pt"
+    _dump(path, _Exploit(tmp_path))
+    with pytest.raises(CheckpointError, match="holds pickled Python code or objects"):
+        read_checkpoint(str(path))
+    assert not (tmp_path / MARKER).exists()
+
+
+def _config(**changes):
+    config = {"arch": "wrn-16-1", "num_classes": 10, "reverse_attention": False, "image_size": 16}
+    return {k: v for k, v in dict(config, **changes).items() if v != "drop"}
+
+
+@pytest.mark.parametrize("model_config,args,expected", [
+    (_config(num_classes=-3), None, "num_classes -3 is not a positive integer"),
+    (_config(num_classes="10"), None, "num_classes '10' is not a positive integer"),
+    (_config(num_classes=True), None, "num_classes True is not a positive integer"),
+    (_config(reverse_attention="yes"), None, "reverse_attention 'yes' is not true, false or null"),
+    (_config(normalization={"mean": [0.5, 0.5, 0.5]}), None, "normalization .* is unusable"),
+    (_config(normalization={"mean": [0.5] * 3, "std": [0.2, 0.0, 0.2]}), None, "std must be positive"),
+    (_config(image_size="big"), None, "image_size 'big'"),
+    ([1, 2], None, "model_config is a list"),
+    (_config(), [1, 2], "args is a list, not a dictionary"),
+    (_config(), {"dataset": "cifar10", "data_seed": "x"}, "data_seed 'x'"),
+])
+def test_malformed_config_or_args_is_one_sentence(tmp_path, tiny_model, capsys, model_config, args, expected):
+    from models import CheckpointError, load_model
+    model = tiny_model("wrn-16-1", 10, reverse_attention=False)
+    payload = {"model": model.state_dict(), "model_config": model_config, "args": args}
+    with pytest.raises(CheckpointError, match=expected):
+        load_model(payload)
+    path = tmp_path / "bad.pt"
+    torch.save(payload, path)
+    out = tmp_path / "eval"
+    code = test_white_attack.main(["--ckpt", str(path), "--dataset", "synthetic", "--n-examples", "2",
+                                   "--out-dir", str(out), "--quiet"])
+    line = one_error_line(capsys.readouterr().err)
+    assert code == 2 and re.search(expected, line) and "the file is damaged" in line
+    assert not out.exists()
+
+
+def test_training_resume_of_a_malformed_checkpoint_is_one_sentence(tmp_path, tiny_model):
+    from models import CheckpointError
+    from utils.checkpoint import load_training_checkpoint
+    model = tiny_model("wrn-16-1", 10, reverse_attention=False)
+    payload = {"model": model.state_dict(), "model_config": _config(), "optimizer": {}, "scheduler": {}, "rng": {},
+               "epoch": 1, "args": ["not", "a", "dict"]}
+    torch.save(payload, tmp_path / "last.pt")
+    with pytest.raises(CheckpointError, match="args is a list"):
+        load_training_checkpoint(tmp_path / "last.pt")
+
+
+FACTORY = """
+import torch
+
+def build():
+    return torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 32 * 32, 10))
+"""
+
+
+@pytest.mark.parametrize("kind,expected", [("truncated", "truncated or damaged zip"), ("empty", "the file is empty"),
+                                           ("folder", "is a folder, not a file")])
+def test_unreadable_weights_for_a_model_factory_are_one_line(tmp_path, capsys, kind, expected):
+    factory = tmp_path / "factory.py"
+    factory.write_text(FACTORY)
+    weights = tmp_path / "weights.pt"
+    if kind == "folder":
+        weights.mkdir()
+    else:
+        torch.save(torch.nn.Linear(3 * 32 * 32, 10).state_dict(), weights)
+        whole = weights.read_bytes()
+        weights.write_bytes(whole[: len(whole) // 3] if kind == "truncated" else b"")
+    out = tmp_path / "eval"
+    code = test_white_attack.main(["--model-factory", f"{factory}:build", "--weights", str(weights), "--dataset",
+                                   "synthetic", "--n-examples", "2", "--out-dir", str(out), "--quiet"])
+    line = one_error_line(capsys.readouterr().err)
+    assert code == 2 and f"--weights file {weights}" in line and expected in line
     assert not out.exists()

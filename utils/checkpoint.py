@@ -18,6 +18,7 @@ import numpy as np
 import torch
 
 from models import CheckpointError, read_checkpoint
+from models.loading import saved_args, saved_model_config
 
 LAST, BEST = "last.pt", "best.pt"
 RUN_FILES = ("args.json", "metrics.jsonl", "log.txt", "curves.png", LAST, BEST)
@@ -225,6 +226,8 @@ def load_training_checkpoint(path):
     if missing:
         raise CheckpointError(f"{path} is not a training checkpoint of this project (missing "
                               f"{', '.join(missing)}); resume from a run directory's last.pt or epoch_N.pt")
+    saved_model_config(payload)  # malformed config or args: one sentence, not a traceback later
+    saved_args(payload)
     return payload
 
 

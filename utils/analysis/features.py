@@ -30,6 +30,7 @@ import torch
 from tqdm import tqdm
 
 from models import NORMALIZATION_HELP, has_reverse_attention, load_model, parse_normalization, read_checkpoint
+from models.loading import saved_args
 from utils import data as datasets
 from utils.attacks import EPS, pgd
 from utils.evaluation.options import device_type, positive_int, threat_eps
@@ -122,7 +123,7 @@ def load_analysis(checkpoint, dataset=None, data_dir=None, device="cpu", label=N
     payload = read_checkpoint(checkpoint)
     model, config = load_model(payload, reverse_attention=reverse_attention, device=device, use_ema=use_ema,
                                normalization=normalization)
-    args = (payload.get("args") or {}) if isinstance(payload, dict) else {}
+    args = saved_args(payload)
     dataset = dataset or args.get("dataset")
     if not dataset:
         raise FeatureError(f"checkpoint {checkpoint} does not record its dataset; pass --dataset")

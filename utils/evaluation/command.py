@@ -28,6 +28,7 @@ from models import (
     parse_normalization,
     read_checkpoint,
 )
+from models.loading import saved_args
 from utils import data as datasets
 from utils.checkpoint import atomic_write_json, atomic_write_text
 from utils.cli import OneLineArgumentParser, run_cli
@@ -161,8 +162,7 @@ def load_checkpoint(path, *, arch=None, num_classes=None, reverse_attention=None
     payload = read_checkpoint(path)
     model, config = load_model(payload, arch, num_classes, reverse_attention, device=device, use_ema=use_ema,
                                normalization=normalization)
-    saved = (payload.get("args") or {}) if isinstance(payload, dict) else {}
-    return model, config, saved
+    return model, config, saved_args(payload)
 
 
 def _checkpoint_from_args(args):
@@ -186,7 +186,7 @@ def _import_factory(spec):
 
 
 def _load_weights(model, path):
-    state = torch.load(path, map_location="cpu", weights_only=True)
+    state = read_checkpoint(path, what="--weights file")  # missing, empty, truncated, a folder: one sentence
     if isinstance(state, dict):
         for key in ("state_dict", "model"):
             if isinstance(state.get(key), dict):
