@@ -55,7 +55,8 @@ def cifar10(root, n=4, data=None, labels=None, protocol=pickle.DEFAULT_PROTOCOL)
 
 
 def one_error_line(err):
-    lines = err.strip().splitlines()
+    """The single error line of stderr (besides the note saying which data folder was used)."""
+    lines = [line for line in err.strip().splitlines() if not line.startswith("data: ")]
     assert len(lines) == 1 and lines[0].startswith("error: "), err
     return lines[0]
 
@@ -273,3 +274,170 @@ def test_unreadable_weights_for_a_model_factory_are_one_line(tmp_path, capsys, k
     line = one_error_line(capsys.readouterr().err)
     assert code == 2 and f"--weights file {weights}" in line and expected in line
     assert not out.exists()
+
+
+# ----------------------------------------------------------------------------- 2: which data folder
+
+
+def test_data_folder_order_is_flag_then_dot_data_then_checkpoint_and_it_is_announced(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    given, recorded = tmp_path / "given", tmp_path / "recorded"
+    given.mkdir()
+    recorded.mkdir()
+    assert D.resolve_data_dir("cifar10", str(recorded), str(recorded)) == str(recorded)
+    assert capsys.readouterr().err == f"data: {recorded} (given by --data-dir)\n"
+    assert D.resolve_data_dir("cifar10", None, str(recorded)) == str(recorded)  # no ./data yet
+    assert capsys.readouterr().err == f"data: {recorded} (recorded in the checkpoint; pass --data-dir to change)\n"
+    (tmp_path / "data").mkdir()
+    assert D.resolve_data_dir("cifar10", None, str(recorded)) == "./data"
+    err = capsys.readouterr().err
+    assert err.startswith(f"data: {tmp_path / 'data'} (the default folder; the checkpoint recorded {recorded}")
+    assert D.resolve_data_dir("cifar10", str(given), str(recorded)) == str(given)
+    assert D.resolve_data_dir("synthetic", str(given), str(recorded)) is None
+
+
+def test_a_missing_recorded_data_folder_is_refused_and_never_created(tmp_path, monkeypatch, capsys, tiny_model):
+    monkeypatch.chdir(tmp_path)
+    gone = tmp_path / "gone" / "data"
+    model = tiny_model("wrn-16-1", 10, reverse_attention=False)
+    torch.save({"model": model.state_dict(),
+                "model_config": {"arch": "wrn-16-1", "num_classes": 10, "reverse_attention": False, "image_size": 32},
+                "args": {"dataset": "cifar10", "data_dir": str(gone)}}, tmp_path / "model.pt")
+    out = tmp_path / "eval"
+    code = test_white_attack.main(["--ckpt", str(tmp_path / "model.pt"), "--n-examples", "2", "--out-dir", str(out),
+                                   "--quiet"])
+    line = one_error_line(capsys.readouterr().err)
+    assert code == 2 and f"The data folder {gone} (recorded in" in line and "is not an existing folder" in line
+    assert not (tmp_path / "gone").exists() and not out.exists() and not (tmp_path / "data").exists()
+    with pytest.raises(DatasetError, match="is not an existing folder"):
+        from utils.analysis.features import load_analysis
+        load_analysis(str(tmp_path / "model.pt"))
+    assert not (tmp_path / "gone").exists()
+
+
+def test_a_failed_download_leaves_no_folder_behind(tmp_path, monkeypatch):
+    def fail_after_mkdir(name, root):
+        root.mkdir(parents=True)
+        raise OSError("network unreachable")
+    monkeypatch.setattr(D, "_download_cifar", fail_after_mkdir)
+    with pytest.raises(DatasetError, match="the download failed"):
+        load_dataset("cifar10", tmp_path / "new" / "data", "test")
+    assert list(tmp_path.iterdir()) == []
+
+
+# ----------------------------------------------------------------------------- 7: synthetic test split
+
+
+def test_synthetic_examples_do_not_depend_on_the_split_size():
+    small, large = D.make_synthetic("test", 16, 8, seed=2), D.make_synthetic("test", 1234, 8, seed=2)
+    assert torch.equal(small.x, large.x[:16]) and torch.equal(small.y, large.y[:16])
+    default = D.make_synthetic("test", None, 8, seed=2)
+    assert torch.equal(default.x, large.x[:500]) and torch.equal(default.y, large.y[:500])
+    for n in (7, 25, 1234):  # every prefix is balanced to within one example
+        counts = torch.bincount(large.y[:n], minlength=10)
+        assert counts.max() - counts.min() <= 1
+    assert not torch.equal(D.make_synthetic("train", 16, 8, seed=2).x, small.x)  # the splits' streams differ
+
+
+def test_evaluation_subset_examples_keep_their_identity_beyond_500(tiny_model):
+    from utils.evaluation.command import load_test_subset
+    config = {"num_classes": 10, "image_size": 8}
+    few = load_test_subset(config, {"dataset": "synthetic"}, n_examples=16)
+    many = load_test_subset(config, {"dataset": "synthetic"}, n_examples=600)
+    position = {index: i for i, index in enumerate(many.indices)}
+    for i, index in enumerate(few.indices):
+        assert torch.equal(few.x[i], many.x[position[index]]) and few.y[i] == many.y[position[index]]
+
+
+def test_absurd_n_examples_is_one_line(tmp_path, tiny_model, capsys):
+    from utils.evaluation.catalogue import EvaluationError
+    from utils.evaluation.command import load_test_subset
+    with pytest.raises(EvaluationError, match="--n-examples 20000000 is more synthetic 32×32 images than fit"):
+        load_test_subset({"num_classes": 10, "image_size": 32}, {"dataset": "synthetic"}, n_examples=20_000_000)
+    cifar10(tmp_path / "data")
+    with pytest.raises(EvaluationError, match="--n-examples 5 is more than the 4 test images of cifar10; use at most 4"):
+        load_test_subset({"num_classes": 10, "image_size": 32}, {"dataset": "cifar10"}, n_examples=5,
+                         data_dir=str(tmp_path / "data"))
+    with pytest.raises(DatasetError, match="between 0 and"):
+        D.make_synthetic("test", 20_000_000, 32)
+
+
+# ----------------------------------------------------------------------------- 4: image folders
+
+NAMES = [f"class{i}" for i in range(10)]
+
+
+def image_folders(root, size=32):
+    """CIFAR-10 image folders with one random PNG per class and split."""
+    from PIL import Image
+    rng = np.random.default_rng(0)
+    for name in NAMES:
+        for split in ("train", "test"):
+            (root / split / name).mkdir(parents=True)
+            Image.fromarray(rng.integers(0, 256, (size, size, 3), dtype=np.uint8)).save(root / split / name / "a.png")
+    return root
+
+
+def test_a_decompression_bomb_is_one_sentence(tmp_path, monkeypatch):
+    from PIL import Image
+    image_folders(tmp_path)
+    for limit, expected in ((400, "decompression bomb"), (1000, "decompression bomb")):  # error, then warning
+        monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", limit)  # a 32×32 image now counts as a bomb
+        with pytest.raises(DatasetError, match=expected) as err:
+            load_dataset("cifar10", tmp_path, "train", download=False)
+        assert "class0/a.png" in str(err.value) and "\n" not in str(err.value)
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="needs FIFOs")
+def test_a_fifo_named_like_an_image_is_refused_without_blocking(tmp_path):
+    image_folders(tmp_path)
+    os.mkfifo(tmp_path / "train" / "class3" / "b.jpg")
+    with pytest.raises(DatasetError, match="is not a regular file") as err:  # would hang forever in open()
+        load_dataset("cifar10", tmp_path, "train", download=False)
+    assert "class3/b.jpg" in str(err.value)
+
+
+def test_sixteen_bit_grey_pngs_are_scaled_not_clipped(tmp_path):
+    from PIL import Image
+    image_folders(tmp_path)
+    grey = (np.arange(32 * 32, dtype=np.uint32).reshape(32, 32) * 64).astype(np.uint16)  # 0 .. 65472
+    Image.fromarray(grey).save(tmp_path / "test" / "class0" / "a.png")
+    test = load_dataset("cifar10", tmp_path, "test", download=False)
+    expected = torch.from_numpy(np.rint(grey / 257).astype(np.uint8))
+    assert all(torch.equal(test.x[0, c], expected) for c in range(3))
+    assert test.x[0].max() == 255 and 0 < int(test.x[0, 0, 4, 0]) < 255  # spread, not saturated
+    assert int(test.x[0, 0, 16, 0]) == round(16 * 32 * 64 / 257)
+
+
+def test_an_empty_or_missing_class_folder_is_refused(tmp_path):
+    image_folders(tmp_path)
+    (tmp_path / "train" / "class4" / "a.png").unlink()
+    with pytest.raises(DatasetError, match="class4 holds no images") as err:
+        load_dataset("cifar10", tmp_path, "train", download=False)
+    assert "\n" not in str(err.value)
+    (tmp_path / "train" / "class4").rmdir()  # now 9 class folders: the class count check refuses it
+    with pytest.raises(DatasetError, match="9 class folders"):
+        load_dataset("cifar10", tmp_path, "train", download=False)
+    image_folders(tmp_path / "other")
+    (tmp_path / "other" / "test" / "class7" / "a.png").unlink()
+    (tmp_path / "other" / "test" / "class7").rmdir()
+    with pytest.raises(DatasetError, match="class7 is missing"):
+        load_dataset("cifar10", tmp_path / "other", "test", download=False)
+
+
+def test_sixteen_bit_rgb_pngs_keep_their_range(tmp_path):
+    import struct
+    import zlib
+
+    def chunk(kind, body):
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body) & 0xFFFFFFFF)
+
+    image_folders(tmp_path)
+    pixels = np.zeros((32, 32, 3), dtype=">u2")
+    pixels[0, 0], pixels[0, 1] = (0, 32896, 65535), (257, 1000, 60000)
+    rows = b"".join(b"\x00" + pixels[r].tobytes() for r in range(32))  # filter type 0 per row
+    header = struct.pack(">IIBBBBB", 32, 32, 16, 2, 0, 0, 0)  # 16 bits per channel, RGB
+    (tmp_path / "test" / "class0" / "a.png").write_bytes(
+        b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(rows)) + chunk(b"IEND", b""))
+    test = load_dataset("cifar10", tmp_path, "test", download=False)
+    assert test.x[0, :, 0, 0].tolist() == [0, 128, 255] and test.x[0, :, 0, 1].tolist() == [1, 3, 234]
