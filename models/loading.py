@@ -256,7 +256,10 @@ def _load_weights(model, state, phrase):
 def _carried_normalization(state):
     """Pop RobustBench-style ``mu``/``sigma`` buffers (normalisation inside the model) from ``state``."""
     if "mu" in state and "sigma" in state and state["mu"].numel() == state["sigma"].numel():
-        return check_normalization(state.pop("mu"), state.pop("sigma"))
+        try:
+            return check_normalization(state.pop("mu"), state.pop("sigma"))
+        except NormalizationError as err:
+            raise CheckpointError(f"checkpoint's mu/sigma buffers are no usable input normalization ({err})") from None
     return None
 
 

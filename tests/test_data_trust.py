@@ -441,3 +441,19 @@ def test_sixteen_bit_rgb_pngs_keep_their_range(tmp_path):
         b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(rows)) + chunk(b"IEND", b""))
     test = load_dataset("cifar10", tmp_path, "test", download=False)
     assert test.x[0, :, 0, 0].tolist() == [0, 128, 255] and test.x[0, :, 0, 1].tolist() == [1, 3, 234]
+
+
+@pytest.mark.parametrize("sigma", [torch.tensor([0.2, 0.0, 0.2]), torch.tensor([0.2, float("nan"), 0.2])])
+def test_unusable_mu_sigma_buffers_are_one_sentence(tiny_model, sigma):
+    from models import CheckpointError, load_model
+    state = dict(tiny_model("wrn-16-1", 10, reverse_attention=False).state_dict(), mu=torch.zeros(3), sigma=sigma)
+    with pytest.raises(CheckpointError, match="mu/sigma buffers are no usable input normalization"):
+        load_model(state, reverse_attention=False)
+
+
+@pytest.mark.parametrize("mean,std", [(["a", 1, 1], [1, 1, 1]), ([[0.5]], [1.0]), ("0.5", 0.2), (True, 0.2)])
+def test_normalization_values_that_are_not_numbers_are_refused(mean, std):
+    from models import NormalizationError
+    from models.normalization import check_normalization
+    with pytest.raises(NormalizationError, match="must be numbers"):
+        check_normalization(mean, std)
