@@ -237,7 +237,19 @@ def read_metrics(run_dir, up_to_epoch):
     path = Path(run_dir) / "metrics.jsonl"
     if not path.is_file():
         return []
-    records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    records = []
+    for number, line in enumerate(path.read_text(errors="replace").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+            epoch = record["epoch"]
+            if not isinstance(epoch, int) or isinstance(epoch, bool):
+                raise TypeError("epoch is not an integer")
+        except (ValueError, KeyError, TypeError) as err:
+            raise CheckpointError(f"{path} line {number} is not an epoch record ({type(err).__name__}: "
+                                  f"{str(err)[:80]}); repair or delete that line, then resume again") from None
+        records.append(record)
     return [r for r in records if r["epoch"] <= up_to_epoch]
 
 
