@@ -469,3 +469,24 @@ def test_a_damaged_metrics_file_is_one_sentence_naming_the_line(tmp_path, line):
     assert "\n" not in str(err.value)
     (tmp_path / "metrics.jsonl").write_text('{"epoch": 1, "loss": 0.5}\n{"epoch": 2}\n')
     assert read_metrics(tmp_path, 1) == [{"epoch": 1, "loss": 0.5}]
+
+
+def test_a_malicious_cifar100_meta_file_runs_nothing(tmp_path):
+    folder = tmp_path / "cifar-100-python"
+    folder.mkdir()
+    for name in ("train", "test"):
+        _dump(folder / name, {b"data": np.zeros((2, 3072), dtype=np.uint8), b"fine_labels": [0, 99]})
+    _dump(folder / "meta", {b"fine_label_names": _Exploit(tmp_path)})
+    with pytest.raises(DatasetError, match="meta is not a CIFAR data file: it names the Python object posix.mkdir"):
+        load_dataset("cifar100", tmp_path, "test")
+    assert not (tmp_path / MARKER).exists()
+
+
+@pytest.mark.parametrize("content,expected", [(b"n01\nn02\nn01\n", "lists 'n01' more than once"),
+                                              (b"\xff\xfe\x00", "not classes of the training split"), (b"", "lists no class")])
+def test_a_damaged_wnids_file_is_one_sentence(tmp_path, content, expected):
+    base = tmp_path / "tiny-imagenet-200"
+    (base / "train" / "n01").mkdir(parents=True)
+    (base / "wnids.txt").write_bytes(content)
+    with pytest.raises(DatasetError, match=expected):
+        load_dataset("tiny-imagenet", tmp_path, "train")

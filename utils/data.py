@@ -364,7 +364,7 @@ def _load_tiny_imagenet(root: Path, split: str) -> TensorPair:
             f"train/ and val/); pass --data-dir pointing at an existing copy, or download "
             f"{TINY_IMAGENET_URL} and unzip it there.")
     wnids = base / "wnids.txt"
-    classes = wnids.read_text().split() if wnids.is_file() else _folder_classes(base, split)
+    classes = _read_wnids(wnids) if wnids.is_file() else _folder_classes(base, split)
     size = image_size("tiny-imagenet")
     if split == "train":
         return _read_class_folders(base / "train", classes, size)
@@ -379,11 +379,21 @@ def _load_tiny_imagenet(root: Path, split: str) -> TensorPair:
                        f"pointing at a complete copy, or unzip {TINY_IMAGENET_URL} there again.")
 
 
+def _read_wnids(path: Path) -> list[str]:
+    """The class ids listed in ``wnids.txt``: non-empty and without repeats."""
+    classes = path.read_text(errors="replace").split()
+    repeated = sorted({c for c in classes if classes.count(c) > 1})
+    if not classes or repeated:
+        why = f"lists {repeated[0]!r} more than once" if repeated else "lists no class"
+        raise DatasetError(f"{path} {why}; pass --data-dir pointing at an intact copy.")
+    return classes
+
+
 def _read_tiny_val(val_dir: Path, classes: list[str], size: int) -> TensorPair:
     """Read the official val split: images in ``val/images``, labels in val_annotations.txt."""
     class_index = {wnid: i for i, wnid in enumerate(classes)}
     paths, labels = [], []
-    for line in (val_dir / "val_annotations.txt").read_text().splitlines():
+    for line in (val_dir / "val_annotations.txt").read_text(errors="replace").splitlines():
         fields = line.split("\t")
         if len(fields) < 2:
             continue
