@@ -3,11 +3,12 @@
 import os
 import pickle
 import re
+import zipfile
 
 import torch
 
 from .layouts import Layout
-from .normalization import Normalized, check_normalization, parse_normalization
+from .normalization import NormalizationError, Normalized, check_normalization, parse_normalization
 from .registry import arch_help, arch_specs, canonical_arch, create_model, resolve_arch
 
 BASE_KEYS = ("arch", "num_classes", "reverse_attention", "image_size", "normalization")
@@ -18,29 +19,67 @@ class CheckpointError(RuntimeError):
     """A checkpoint that cannot be used as asked (missing file, wrong architecture, ...)."""
 
 
-def read_checkpoint(path, map_location="cpu"):
-    """Load ``path`` with ``weights_only=True``; a missing, corrupt or pickled-code file raises CheckpointError."""
+def read_checkpoint(path, map_location="cpu", what="checkpoint"):
+    """Load ``path`` with ``weights_only=True``; a missing, corrupt, foreign or pickled-code file raises
+    CheckpointError. ``what`` names the file in the messages (e.g. "--weights file")."""
+    if os.path.isdir(path):
+        raise CheckpointError(f"{what} {path} is a folder, not a file; pass the path of a .pt/.pth file")
     if not os.path.isfile(path):
-        raise CheckpointError(f"checkpoint {path} does not exist; pass the path of a .pt/.pth file")
+        raise CheckpointError(f"{what} {path} does not exist; pass the path of a .pt/.pth file")
+    kind = _file_kind(path)
+    if kind == "pickle":
+        raise CheckpointError(_pickle_refusal(path, "a plain Python pickle, not a torch.save file", what))
+    if kind != "torch":
+        raise CheckpointError(f"cannot read {what} {path}: {kind}; pass a file written by torch.save")
     try:
         return torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as err:
-        if "weights only load failed" in str(err).lower():
-            raise CheckpointError(_pickle_refusal(path, str(err))) from None
-        raise CheckpointError(f"cannot read checkpoint {path} ({type(err).__name__}: {_first_line(err)})") from None
+        found = _GLOBAL.search(str(err))
+        if found:
+            raise CheckpointError(_pickle_refusal(path, found.group(1) or found.group(2), what)) from None
+        raise CheckpointError(f"cannot read {what} {path}: it is damaged or not a torch.save file "
+                              f"({type(err).__name__})") from None
     except Exception as err:  # noqa: BLE001  (corrupt or truncated file, not a torch file, ...)
-        raise CheckpointError(f"cannot read checkpoint {path} ({type(err).__name__}: {_first_line(err)})") from None
+        raise CheckpointError(f"cannot read {what} {path} ({type(err).__name__}: {_first_line(err)})") from None
+
+
+# First bytes of common files that are not checkpoints, for the refusal's "it looks like ...".
+_SIGNATURES = ((b"\x89PNG", "a PNG image"), (b"\xff\xd8\xff", "a JPEG image"), (b"\x1f\x8b", "a gzip archive"),
+               (b"{", "a JSON file"), (b"[", "a JSON file"), (b"\x93NUMPY", "a numpy .npy file"))
+
+
+_LEGACY_MAGIC = b"\x80\x02\x8a\x0al\xfc\x9cF\xf9 j\xa8P\x19"  # torch.save's legacy (non-zip) format
+
+
+def _file_kind(path):
+    """"torch" for a torch.save file (a zip archive, or the legacy pickle stream that starts with torch's
+    magic number), "pickle" for any other pickle stream, else why the file cannot be a checkpoint."""
+    with open(path, "rb") as handle:
+        head = handle.read(len(_LEGACY_MAGIC))
+    if not head:
+        return "the file is empty"
+    if zipfile.is_zipfile(path) or head == _LEGACY_MAGIC:
+        return "torch"
+    if head.startswith(b"PK"):
+        return "it is a truncated or damaged zip archive, not a complete PyTorch checkpoint"
+    if head[0] == 0x80 and len(head) > 1 and 2 <= head[1] <= 5:
+        return "pickle"
+    looks = next((name for magic, name in _SIGNATURES if head.startswith(magic)), None)
+    if looks is None:
+        looks = "text" if all(32 <= b < 127 or b in b"\t\r\n" for b in head) else "other binary data"
+    return f"it is not a PyTorch checkpoint (it looks like {looks})"
 
 
 def _first_line(err):
     return _ANSI.sub("", str(err)).strip().split("\n")[0][:200]
 
 
-def _pickle_refusal(path, message):
+_GLOBAL = re.compile(r"GLOBAL ([\w.]+)|Unsupported class ([\w.]+)")
+
+
+def _pickle_refusal(path, held, what="checkpoint"):
     """One sentence for a file that needs pickle: what it holds, why it is refused, what to do."""
-    found = re.search(r"GLOBAL ([\w.]+)|Unsupported class ([\w.]+)", message)
-    what = f" ({found.group(1) or found.group(2)})" if found else ""
-    return (f"checkpoint {path} holds pickled Python code or objects{what}, which this project refuses to load "
+    return (f"{what} {path} holds pickled Python code or objects ({held}), which this project refuses to load "
             f"because unpickling can run arbitrary code; re-save just the weights with the code that wrote it, "
             f"e.g. torch.save(model.state_dict(), 'weights.pt'), and load that file")
 
@@ -64,11 +103,66 @@ def extract_state_dict(payload, use_ema=True):
 
 
 def saved_model_config(payload):
-    """The ``model_config`` our checkpoints store (with at least arch and num_classes), else None."""
+    """The ``model_config`` our checkpoints store (with at least arch and num_classes), else None;
+    a config whose values have the wrong type or range is refused (CheckpointError)."""
     saved = payload.get("model_config") if isinstance(payload, dict) else None
-    if isinstance(saved, dict) and saved.get("arch") and saved.get("num_classes"):
+    if saved is None or (isinstance(saved, dict) and not saved):
+        return None
+    if not isinstance(saved, dict):
+        raise CheckpointError(f"checkpoint's model_config is a {type(saved).__name__}, not a dictionary; the file is "
+                              f"damaged or was not written by this project")
+    _check_model_config(saved)
+    if saved.get("arch") and saved.get("num_classes"):
         return dict(saved)
     return None
+
+
+def _is_int(value):
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _check_model_config(saved):
+    """Refuse in one sentence a ``model_config`` entry of the wrong type or range."""
+    problems = []
+    if saved.get("arch") is not None and not (isinstance(saved["arch"], str) and saved["arch"]):
+        problems.append(f"arch {saved['arch']!r} is not a name")
+    for key in ("num_classes", "image_size"):
+        value = saved.get(key)
+        if value is not None and not (_is_int(value) and value >= 1):
+            problems.append(f"{key} {value!r} is not a positive integer")
+    if saved.get("reverse_attention") not in (True, False, None):
+        problems.append(f"reverse_attention {saved['reverse_attention']!r} is not true, false or null")
+    norm = saved.get("normalization")
+    if norm is not None:
+        try:
+            if not isinstance(norm, dict):
+                raise NormalizationError("not a dictionary")
+            check_normalization(norm["mean"], norm["std"])
+        except (NormalizationError, KeyError, TypeError, ValueError) as err:
+            problems.append(f"normalization {norm!r} is unusable ({type(err).__name__}: {_first_line(err)})")
+    if problems:
+        raise CheckpointError(f"checkpoint's model_config is malformed: {'; '.join(problems)}; the file is damaged "
+                              f"or was not written by this project")
+
+
+ARG_TYPES = {"dataset": str, "data_dir": str, "data_seed": int, "image_size": int, "aux_weight": (int, float)}
+
+
+def saved_args(payload):
+    """The training ``args`` a checkpoint saved (``{}`` when it has none), refused in one sentence
+    when they are not a dictionary or a value this project reads back has the wrong type."""
+    args = payload.get("args") if isinstance(payload, dict) else None
+    if args is None:
+        return {}
+    if not isinstance(args, dict):
+        raise CheckpointError(f"checkpoint's args is a {type(args).__name__}, not a dictionary; the file is damaged "
+                              f"or was not written by this project")
+    wrong = [f"{key} {args[key]!r}" for key, kind in ARG_TYPES.items()
+             if args.get(key) is not None and (not isinstance(args[key], kind) or isinstance(args[key], bool))]
+    if wrong:
+        raise CheckpointError(f"checkpoint's saved args have values of the wrong type ({', '.join(wrong)}); the file "
+                              f"is damaged or was not written by this project")
+    return dict(args)
 
 
 def infer_layout(state, arch=None, num_classes=None):
@@ -162,7 +256,10 @@ def _load_weights(model, state, phrase):
 def _carried_normalization(state):
     """Pop RobustBench-style ``mu``/``sigma`` buffers (normalisation inside the model) from ``state``."""
     if "mu" in state and "sigma" in state and state["mu"].numel() == state["sigma"].numel():
-        return check_normalization(state.pop("mu"), state.pop("sigma"))
+        try:
+            return check_normalization(state.pop("mu"), state.pop("sigma"))
+        except NormalizationError as err:
+            raise CheckpointError(f"checkpoint's mu/sigma buffers are no usable input normalization ({err})") from None
     return None
 
 
@@ -200,6 +297,7 @@ def load_model(path_or_payload, arch=None, num_classes=None, reverse_attention=N
     foreign layout) and ``normalization`` (None or {"mean", "std"}).
     """
     payload = read_checkpoint(path_or_payload) if isinstance(path_or_payload, (str, os.PathLike)) else path_or_payload
+    saved_args(payload)
     state = extract_state_dict(payload, use_ema)
     saved = saved_model_config(payload)
     if saved is not None:
@@ -220,7 +318,7 @@ def load_model(path_or_payload, arch=None, num_classes=None, reverse_attention=N
     try:
         model = create_model(config["arch"], config["num_classes"], config["reverse_attention"],
                              config["image_size"], **options)
-    except ValueError as err:
+    except (ValueError, TypeError) as err:
         raise CheckpointError(f"cannot build {phrase}: {err}") from None
     _load_weights(model, state, phrase)
     config["image_size"] = config["image_size"] or model.arch_config["image_size"]

@@ -56,11 +56,17 @@ def check_normalization(mean, std):
 
 
 def _floats(values):
-    if isinstance(values, torch.Tensor):
-        return tuple(float(v) for v in values.detach().flatten().tolist())
-    if isinstance(values, (int, float)):
-        return (float(values),)
-    return tuple(float(v) for v in values)
+    """A tuple of floats from a tensor, a number or a sequence of numbers (anything else is refused)."""
+    try:
+        if isinstance(values, torch.Tensor):
+            return tuple(float(v) for v in values.detach().flatten().tolist())
+        if isinstance(values, (int, float)) and not isinstance(values, bool):
+            return (float(values),)
+        if isinstance(values, (str, bytes, dict)):
+            raise TypeError
+        return tuple(float(v) for v in values)
+    except (TypeError, ValueError):
+        raise NormalizationError(f"normalization mean and std must be numbers; got {values!r}") from None
 
 
 def parse_normalization(text):

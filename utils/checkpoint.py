@@ -18,6 +18,7 @@ import numpy as np
 import torch
 
 from models import CheckpointError, read_checkpoint
+from models.loading import saved_args, saved_model_config
 
 LAST, BEST = "last.pt", "best.pt"
 RUN_FILES = ("args.json", "metrics.jsonl", "log.txt", "curves.png", LAST, BEST)
@@ -225,6 +226,8 @@ def load_training_checkpoint(path):
     if missing:
         raise CheckpointError(f"{path} is not a training checkpoint of this project (missing "
                               f"{', '.join(missing)}); resume from a run directory's last.pt or epoch_N.pt")
+    saved_model_config(payload)  # malformed config or args: one sentence, not a traceback later
+    saved_args(payload)
     return payload
 
 
@@ -234,7 +237,19 @@ def read_metrics(run_dir, up_to_epoch):
     path = Path(run_dir) / "metrics.jsonl"
     if not path.is_file():
         return []
-    records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    records = []
+    for number, line in enumerate(path.read_text(errors="replace").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+            epoch = record["epoch"]
+            if not isinstance(epoch, int) or isinstance(epoch, bool):
+                raise TypeError("epoch is not an integer")
+        except (ValueError, KeyError, TypeError) as err:
+            raise CheckpointError(f"{path} line {number} is not an epoch record ({type(err).__name__}: "
+                                  f"{str(err)[:80]}); repair or delete that line, then resume again") from None
+        records.append(record)
     return [r for r in records if r["epoch"] <= up_to_epoch]
 
 

@@ -20,8 +20,13 @@ Sources, auto-detected under ``data_dir`` (default ``./data``), first match wins
 
 from __future__ import annotations
 
+import codecs
 import math
+import os
 import pickle
+import stat
+import sys
+import warnings
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,6 +43,7 @@ CROP_PADDING = 4
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg")
 TINY_IMAGENET_URL = "http://cs231n.stanford.edu/tiny-imagenet-200.zip"
 SYNTHETIC_SIZES = {"train": 2000, "test": 500}
+SYNTHETIC_MAX_BYTES = 4 * 2 ** 30  # uint8 images of one synthetic split
 
 # Synthetic recipe (pixel units in [0, 1]): mid-grey + per-class low-frequency colour pattern
 # scaled by a per-example amplitude, a per-example colour cast and i.i.d. pixel noise. The
@@ -48,6 +54,7 @@ _SYNTH_CONTRAST = 0.08
 _SYNTH_AMPLITUDE = (0.7, 1.3)
 _SYNTH_CAST = 0.05
 _SYNTH_NOISE = 0.15
+_SYNTH_ROUNDS = 10  # rounds of one example per class in each independently seeded block
 
 
 class DatasetError(RuntimeError):
@@ -198,6 +205,33 @@ def load_dataset(name: str, data_dir=None, split: str = "train", download: bool 
     return spec.load(root, split, download)
 
 
+def resolve_data_dir(dataset: str, given=None, recorded=None, *, source: str = "the checkpoint") -> str | None:
+    """The data folder to read ``dataset`` from, announced in one line on stderr with the reason.
+
+    Order: ``given`` (--data-dir), else ``./data`` when it exists, else ``recorded`` (the folder
+    ``source`` was trained on). The folder must exist: a download never creates a folder named by
+    a checkpoint. Synthetic data need no folder (None)."""
+    if dataset_spec(dataset).load is None:  # generated in memory
+        return None
+    default = Path(DEFAULT_DATA_DIR)
+    if given:
+        folder, why = str(given), "given by --data-dir"
+    elif default.is_dir():
+        other = f"; {source} recorded {recorded}" if recorded and Path(recorded).absolute() != default.absolute() else ""
+        folder, why = DEFAULT_DATA_DIR, f"the default folder{other}; pass --data-dir to change"
+    elif recorded:
+        folder, why = str(recorded), f"recorded in {source}; pass --data-dir to change"
+    else:
+        raise DatasetError(f"No data folder for {dataset}: {DEFAULT_DATA_DIR} does not exist and {source} records "
+                           f"none; pass --data-dir pointing at a copy of {dataset}.")
+    path = Path(folder).expanduser()
+    if not path.is_dir():
+        raise DatasetError(f"The data folder {folder} ({why.split(';')[0]}) is not an existing folder; pass "
+                           f"--data-dir pointing at a copy of {dataset} (nothing was created or downloaded).")
+    print(f"data: {path.absolute()} ({why})", file=sys.stderr)
+    return folder
+
+
 # ----------------------------------------------------------------------------- CIFAR
 
 
@@ -210,9 +244,11 @@ def _load_cifar(name: str, root: Path, split: str, download: bool) -> TensorPair
     if folder is not None:
         return _read_cifar_folder(name, folder, split)
     if download:
+        created = [p for p in (root, *root.parents) if not p.exists()]
         try:
             _download_cifar(name, root)
         except Exception as err:  # offline, proxy, disk full...: all mean "provide it yourself"
+            _remove_empty(created)
             reason = f"the download failed ({_one_line(err)})"
         else:
             return _read_cifar_pickles(name, root, split)
@@ -222,6 +258,15 @@ def _load_cifar(name: str, root: Path, split: str, download: bool) -> TensorPair
         f"{layout.title} not found under {root} (looked for {layout.folder}/ or "
         f"{split}/<class>/ image folders, also under {name}/) and {reason}; pass --data-dir "
         f"pointing at an existing copy, or run once with internet access to download it.")
+
+
+def _remove_empty(folders: list[Path]) -> None:
+    """Remove the folders a failed download created (deepest first), as long as they are empty."""
+    for folder in folders:
+        try:
+            folder.rmdir()
+        except OSError:  # not empty (a partial download) or already gone: leave it and its parents
+            return
 
 
 def _download_cifar(name: str, root: Path) -> None:
@@ -239,11 +284,89 @@ def _one_line(err: Exception) -> str:
     return f"{type(err).__name__}: {text[:120]}" if text else type(err).__name__
 
 
+def _numpy_globals() -> dict:
+    """The only globals a CIFAR pickle may name: numpy's array and scalar reconstruction functions
+    (under numpy 1.x and 2.x module names, resolved to the installed numpy), the plain containers
+    set/frozenset/bytearray and ``_codecs.encode``, which Python 3 protocol-2 pickles use for raw bytes.
+    None of them can run code of the file's choosing."""
+    reconstruct = np.array(0).__reduce__()[0]
+    from_buffer = np.array([0]).__reduce_ex__(5)[0]
+    scalar = np.float64(0).__reduce__()[0]
+    admitted = {("numpy", "ndarray"): np.ndarray, ("numpy", "dtype"): np.dtype, ("_codecs", "encode"): codecs.encode}
+    for builtins in ("builtins", "__builtin__"):  # Python 3 and 2 names of the plain containers
+        admitted.update({(builtins, c.__name__): c for c in (set, frozenset, bytearray)})
+    for module in ("numpy.core", "numpy._core"):
+        admitted[(f"{module}.multiarray", "_reconstruct")] = reconstruct
+        admitted[(f"{module}.multiarray", "scalar")] = scalar
+        admitted[(f"{module}.numeric", "_frombuffer")] = from_buffer
+    return admitted
+
+
+class _CifarUnpickler(pickle.Unpickler):
+    """Unpickler for CIFAR's python pickles: plain containers and numpy arrays, nothing else."""
+
+    ADMITTED = _numpy_globals()
+
+    def find_class(self, module: str, name: str):
+        """The admitted numpy functions; any other global is refused (it could run code)."""
+        found = self.ADMITTED.get((module, name))
+        if found is None:
+            raise _RefusedGlobal(f"{module}.{name}")
+        return found
+
+    def persistent_load(self, pid):
+        """Persistent ids are never part of a CIFAR pickle."""
+        raise pickle.UnpicklingError("persistent id in a CIFAR pickle")
+
+
+class _RefusedGlobal(pickle.UnpicklingError):
+    """A pickle named a global outside :data:`_CifarUnpickler.ADMITTED`."""
+
+
 def _unpickle(path: Path) -> dict:
-    """Load one CIFAR pickle with its byte-string keys decoded to str."""
-    with open(path, "rb") as handle:
-        entry = pickle.load(handle, encoding="bytes")
-    return {k.decode() if isinstance(k, bytes) else k: v for k, v in entry.items()}
+    """Load one CIFAR pickle (byte-string keys decoded to str) without running any code from it."""
+    try:
+        with open(path, "rb") as handle:
+            entry = _CifarUnpickler(handle, encoding="bytes").load()
+    except _RefusedGlobal as err:
+        raise DatasetError(f"{path} is not a CIFAR data file: it names the Python object {err}, and unpickling it "
+                           f"could run arbitrary code, so it was not loaded; replace the folder with an official "
+                           f"copy.") from None
+    except Exception as err:  # noqa: BLE001  (truncated or garbage: EOFError, UnpicklingError, ValueError, ...)
+        raise DatasetError(f"Cannot read {path} ({_one_line(err)}): it is truncated or not a CIFAR pickle; "
+                           f"replace it with an intact copy.") from None
+    if not isinstance(entry, dict):
+        raise DatasetError(f"{path} holds a {type(entry).__name__}, not the dictionary of a CIFAR pickle; "
+                           f"replace it with an intact copy.")
+    return {k.decode("latin-1") if isinstance(k, bytes) else k: v for k, v in entry.items()}
+
+
+def _cifar_batch(path: Path, labels_key: str, n_classes: int) -> tuple[np.ndarray, list[int]]:
+    """Images (N×3×32×32 uint8) and labels of one CIFAR pickle, checked for shape, count and range."""
+    entry = _unpickle(path)
+    data, labels = entry.get("data"), entry.get(labels_key)
+    damaged = lambda why: DatasetError(f"{path} is damaged ({why}); replace it with an intact copy.")
+    if not isinstance(data, np.ndarray) or data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != 3 * 32 * 32:
+        what = f"{data.dtype} array of shape {data.shape}" if isinstance(data, np.ndarray) else type(data).__name__
+        raise damaged(f"'data' must be a uint8 array of N×3072 pixels, found a {what}")
+    if not isinstance(labels, (list, np.ndarray)) or not all(isinstance(v, (int, np.integer)) for v in labels):
+        raise damaged(f"'{labels_key}' must be a list of integers")
+    if len(labels) != len(data):
+        raise damaged(f"{len(labels)} labels for {len(data)} images")
+    bad = [int(v) for v in labels if not 0 <= v < n_classes]
+    if bad:
+        raise damaged(f"label {bad[0]} is outside 0..{n_classes - 1}")
+    return data.reshape(-1, 3, 32, 32), [int(v) for v in labels]
+
+
+def _cifar_classes(path: Path, names_key: str, n_classes: int) -> list[str]:
+    """Class names from a CIFAR meta pickle, which must list exactly ``n_classes`` names."""
+    names = _unpickle(path).get(names_key)
+    if (not isinstance(names, list) or len(names) != n_classes
+            or not all(isinstance(n, (bytes, str)) for n in names)):
+        raise DatasetError(f"{path} is damaged ('{names_key}' must list {n_classes} class names); replace it with "
+                           f"an intact copy.")
+    return [n.decode("utf-8", "replace") if isinstance(n, bytes) else n for n in names]
 
 
 def _read_cifar_pickles(name: str, root: Path, split: str) -> TensorPair:
@@ -255,15 +378,15 @@ def _read_cifar_pickles(name: str, root: Path, split: str) -> TensorPair:
         raise DatasetError(f"{layout.title} folder {folder} is incomplete (missing "
                            f"{', '.join(missing)}); delete it to re-download, or pass --data-dir "
                            f"pointing at a complete copy.")
+    n_classes = DATASETS[name]
     images, labels = [], []
     for file_name in layout.files[split]:
-        entry = _unpickle(folder / file_name)
-        images.append(np.asarray(entry["data"], dtype=np.uint8).reshape(-1, 3, 32, 32))
-        labels.extend(entry[layout.labels_key])
-    classes = [str(i) for i in range(DATASETS[name])]
+        batch, batch_labels = _cifar_batch(folder / file_name, layout.labels_key, n_classes)
+        images.append(batch)
+        labels.extend(batch_labels)
+    classes = [str(i) for i in range(n_classes)]
     if (folder / layout.meta_file).is_file():
-        names = _unpickle(folder / layout.meta_file)[layout.names_key]
-        classes = [n.decode() if isinstance(n, bytes) else str(n) for n in names]
+        classes = _cifar_classes(folder / layout.meta_file, layout.names_key, n_classes)
     x = torch.from_numpy(np.concatenate(images))
     return TensorPair(x, torch.tensor(labels, dtype=torch.int64), classes)
 
@@ -291,7 +414,7 @@ def _load_tiny_imagenet(root: Path, split: str, download: bool = False) -> Tenso
             f"train/ and val/); pass --data-dir pointing at an existing copy, or download "
             f"{TINY_IMAGENET_URL} and unzip it there.")
     wnids = base / "wnids.txt"
-    classes = wnids.read_text().split() if wnids.is_file() else _folder_classes(base, split)
+    classes = _read_wnids(wnids) if wnids.is_file() else _folder_classes(base, split)
     size = image_size("tiny-imagenet")
     if split == "train":
         return _read_class_folders(base / "train", classes, size)
@@ -300,17 +423,27 @@ def _load_tiny_imagenet(root: Path, split: str, download: bool = False) -> Tenso
     for name in ("val", "test"):
         folders = _subfolders(base / name)
         if folders and set(folders) <= set(classes):
-            return _read_class_folders(base / name, classes, size)
+            return _read_class_folders(base / name, classes, size, every_class=False)
     raise DatasetError(f"Tiny-ImageNet under {base} has no labelled test split (looked for "
                        f"val/val_annotations.txt, val/<wnid>/ and test/<wnid>/); pass --data-dir "
                        f"pointing at a complete copy, or unzip {TINY_IMAGENET_URL} there again.")
+
+
+def _read_wnids(path: Path) -> list[str]:
+    """The class ids listed in ``wnids.txt``: non-empty and without repeats."""
+    classes = path.read_text(errors="replace").split()
+    repeated = sorted({c for c in classes if classes.count(c) > 1})
+    if not classes or repeated:
+        why = f"lists {repeated[0]!r} more than once" if repeated else "lists no class"
+        raise DatasetError(f"{path} {why}; pass --data-dir pointing at an intact copy.")
+    return classes
 
 
 def _read_tiny_val(val_dir: Path, classes: list[str], size: int) -> TensorPair:
     """Read the official val split: images in ``val/images``, labels in val_annotations.txt."""
     class_index = {wnid: i for i, wnid in enumerate(classes)}
     paths, labels = [], []
-    for line in (val_dir / "val_annotations.txt").read_text().splitlines():
+    for line in (val_dir / "val_annotations.txt").read_text(errors="replace").splitlines():
         fields = line.split("\t")
         if len(fields) < 2:
             continue
@@ -340,8 +473,11 @@ def _folder_classes(root: Path, split: str) -> list[str]:
     return _subfolders(root / "train") or _subfolders(root / split)
 
 
-def _read_class_folders(split_dir: Path, classes: list[str], size: int) -> TensorPair:
-    """Read ``split_dir/<class>/**/*.<image>``; label = position of the folder in ``classes``."""
+def _read_class_folders(split_dir: Path, classes: list[str], size: int, every_class: bool = True) -> TensorPair:
+    """Read ``split_dir/<class>/**/*.<image>``; label = position of the folder in ``classes``.
+
+    An existing class folder without images is refused (training would silently lose the class),
+    and so is a missing one when ``every_class``."""
     unknown = sorted(set(_subfolders(split_dir)) - set(classes))
     if unknown:
         raise DatasetError(f"{split_dir} has folders {unknown[:3]} that are not classes of the "
@@ -349,10 +485,18 @@ def _read_class_folders(split_dir: Path, classes: list[str], size: int) -> Tenso
     paths, labels = [], []
     for label, name in enumerate(classes):
         class_dir = split_dir / name
-        if class_dir.is_dir():
-            files = sorted(p for p in class_dir.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS)
-            paths.extend(files)
-            labels.extend([label] * len(files))
+        if not class_dir.is_dir():
+            if every_class:
+                raise DatasetError(f"Class folder {class_dir} is missing, so class {name!r} would have no images; "
+                                   f"pass --data-dir pointing at a complete copy.")
+            continue
+        files = sorted(p for p in class_dir.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and not p.is_dir())
+        if not files:
+            raise DatasetError(f"Class folder {class_dir} holds no images ({', '.join(IMAGE_EXTENSIONS)}), so class "
+                               f"{name!r} would be left out; add its images or pass --data-dir pointing at a "
+                               f"complete copy.")
+        paths.extend(files)
+        labels.extend([label] * len(files))
     return _pair_from_files(paths, labels, classes, size)
 
 
@@ -364,24 +508,46 @@ def _pair_from_files(paths: list[Path], labels: list[int], classes: list[str],
                            f"{classes[0] if classes else 'none'}); pass --data-dir pointing at a "
                            f"complete copy.")
     images = np.empty((len(paths), size, size, 3), dtype=np.uint8)
-    for i, path in enumerate(paths):
-        images[i] = _read_rgb(path, size)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", Image.DecompressionBombWarning)  # a bomb is refused, not decoded
+        for i, path in enumerate(paths):
+            images[i] = _read_rgb(path, size)
     x = torch.from_numpy(images).permute(0, 3, 1, 2).contiguous()
     return TensorPair(x, torch.tensor(labels, dtype=torch.int64), classes)
 
 
 def _read_rgb(path: Path, size: int) -> np.ndarray:
-    """One image as an H×W×3 uint8 RGB array (grayscale is converted), checking its size."""
+    """One image as an H×W×3 uint8 RGB array, checking it is a regular file of the right size
+    (read from the header, before decoding); 16-bit grey images are scaled to 8 bits, not clipped."""
     try:
+        if not stat.S_ISREG(os.stat(path).st_mode):  # a FIFO would block open() forever
+            raise DatasetError(f"{path} is not a regular file (a FIFO, socket or device named like an image), so it "
+                               f"is refused rather than read; remove it or pass --data-dir pointing at an intact copy.")
         with Image.open(path) as image:
-            rgb = np.asarray(image.convert("RGB"))
+            if image.size != (size, size):
+                raise DatasetError(f"Image {path} is {image.size[0]}×{image.size[1]} but this dataset needs "
+                                   f"{size}×{size}; pass --data-dir pointing at the original images.")
+            return _to_rgb8(image, path)
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
+        raise DatasetError(f"Image {path} is refused as a possible decompression bomb ({_one_line(err)}); remove "
+                           f"it or pass --data-dir pointing at the original images.") from None
     except OSError as err:
         raise DatasetError(f"Cannot read image {path} ({_one_line(err)}); remove it or pass "
                            f"--data-dir pointing at an intact copy.") from None
-    if rgb.shape[:2] != (size, size):
-        raise DatasetError(f"Image {path} is {rgb.shape[1]}×{rgb.shape[0]} but this dataset needs "
-                           f"{size}×{size}; pass --data-dir pointing at the original images.")
-    return rgb
+
+
+def _to_rgb8(image: Image.Image, path: Path) -> np.ndarray:
+    """H×W×3 uint8 pixels of an open image: 8-bit modes through PIL, 16-bit grey divided by 257."""
+    sixteen_bit = image.mode.startswith("I;16") or (image.mode == "I" and image.format == "PNG")
+    if sixteen_bit:  # PIL's convert("RGB") would clip 0..65535 at 255; PNG's "I" is its 16-bit grey
+        grey = np.asarray(image).astype(np.float64)
+        if grey.min() < 0 or grey.max() > 65535:
+            raise DatasetError(f"Image {path} has grey values outside 0..65535; convert it to 8-bit RGB.")
+        return np.repeat(np.rint(grey / 257).astype(np.uint8)[..., None], 3, axis=2)
+    if image.mode in ("I", "F"):
+        raise DatasetError(f"Image {path} has {'32-bit integer' if image.mode == 'I' else 'floating-point'} pixels "
+                           f"(mode {image.mode}) whose range is unknown; convert it to 8-bit RGB.")
+    return np.asarray(image.convert("RGB"))
 
 
 # ----------------------------------------------------------------------------- synthetic
@@ -397,21 +563,51 @@ def make_synthetic(split: str = "train", size: int | None = None, image_size: in
                    seed: int = 0) -> TensorPair:
     """Seeded class-pattern images: learnable in a few epochs, moderate L∞ margin (see _SYNTH_*).
 
-    Both splits share the class patterns of ``seed``; their noise streams differ. Classes are
-    balanced (sizes differ by at most one) and the examples are in random order.
+    Both splits share the class patterns of ``seed``; their noise streams differ. Examples are
+    drawn in blocks of ``_SYNTH_ROUNDS`` rounds, each round one example per class in random order;
+    each block comes from its own seeded stream, so example ``i`` is the same whatever ``size`` (a
+    smaller split is a prefix of a larger one) and the class counts of any split differ by at most one.
     """
     count = SYNTHETIC_SIZES[split] if size is None else size
+    _check_synthetic_size(count, image_size)
     n_classes = DATASETS["synthetic"]
     patterns = _synthetic_patterns(seed, n_classes, image_size)
-    gen = _generator(seed, 1 + SPLITS.index(split))
-    y = (torch.arange(count) % n_classes)[torch.randperm(count, generator=gen)]
-    low, high = _SYNTH_AMPLITUDE
-    amplitude = low + (high - low) * torch.rand(count, 1, 1, 1, generator=gen)
-    cast = _SYNTH_CAST * (2 * torch.rand(count, 3, 1, 1, generator=gen) - 1)
-    noise = _SYNTH_NOISE * torch.randn(count, 3, image_size, image_size, generator=gen)
-    x = 0.5 + _SYNTH_CONTRAST * amplitude * patterns[y] + cast + noise
-    x = x.clamp_(0, 1).mul_(255).round_().to(torch.uint8)
+    x = torch.empty(count, 3, image_size, image_size, dtype=torch.uint8)
+    y = torch.empty(count, dtype=torch.int64)
+    per_block = _SYNTH_ROUNDS * n_classes
+    for block, start in enumerate(range(0, count, per_block)):
+        stop = min(start + per_block, count)
+        x[start:stop], y[start:stop] = _synthetic_block(patterns, _generator(seed, 1 + SPLITS.index(split), block),
+                                                        stop - start)
     return TensorPair(x, y, [f"pattern{c}" for c in range(n_classes)])
+
+
+def _synthetic_block(patterns: torch.Tensor, gen: torch.Generator, count: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The first ``count`` examples of one block of ``_SYNTH_ROUNDS`` rounds (each a random order of
+    the classes), drawn from ``gen``; the draws never depend on ``count``."""
+    n_classes, _, side, _ = patterns.shape
+    n = _SYNTH_ROUNDS * n_classes
+    y = torch.rand(_SYNTH_ROUNDS, n_classes, generator=gen).argsort(dim=1).flatten()
+    low, high = _SYNTH_AMPLITUDE
+    amplitude = low + (high - low) * torch.rand(n, 1, 1, 1, generator=gen)
+    cast = _SYNTH_CAST * (2 * torch.rand(n, 3, 1, 1, generator=gen) - 1)
+    noise = _SYNTH_NOISE * torch.randn(n, 3, side, side, generator=gen)
+    y, amplitude, cast, noise = y[:count], amplitude[:count], cast[:count], noise[:count]
+    x = 0.5 + _SYNTH_CONTRAST * amplitude * patterns[y] + cast + noise
+    return x.clamp_(0, 1).mul_(255).round_().to(torch.uint8), y
+
+
+def max_synthetic_size(image_size: int) -> int:
+    """The most synthetic images of ``image_size`` pixels one split may hold (SYNTHETIC_MAX_BYTES of uint8)."""
+    return SYNTHETIC_MAX_BYTES // (3 * max(image_size, 1) ** 2)
+
+
+def _check_synthetic_size(count: int, image_size: int) -> None:
+    """Refuse a synthetic split that is negative or would not fit in SYNTHETIC_MAX_BYTES of memory."""
+    if count < 0 or image_size < 1 or count > max_synthetic_size(image_size):
+        raise DatasetError(f"A synthetic split of {count} images of {image_size}×{image_size} pixels is impossible or "
+                           f"would take {count * 3 * image_size ** 2 / 2 ** 30:.1f} GiB; ask for between 0 and "
+                           f"{max_synthetic_size(image_size)} images.")
 
 
 def _synthetic_patterns(seed: int, n_classes: int, size: int) -> torch.Tensor:

@@ -30,6 +30,7 @@ import torch
 from tqdm import tqdm
 
 from models import NORMALIZATION_HELP, has_reverse_attention, load_model, parse_normalization, read_checkpoint
+from models.loading import saved_args
 from utils import data as datasets
 from utils import recipe
 from utils.attacks import EPS, pgd
@@ -119,11 +120,11 @@ def load_analysis(checkpoint, dataset=None, data_dir=None, device="cpu", label=N
     ``normalization`` complete a foreign state dict (see ``models.load_model``).
 
     Synthetic data are regenerated as training made them: the checkpoint's image size and
-    ``data_seed`` (default 0); the data folder defaults to the one the checkpoint trained on."""
+    ``data_seed`` (default 0); the data folder is chosen by ``utils.data.resolve_data_dir``."""
     payload = read_checkpoint(checkpoint)
     model, config = load_model(payload, reverse_attention=reverse_attention, device=device, use_ema=use_ema,
                                normalization=normalization)
-    args = (payload.get("args") or {}) if isinstance(payload, dict) else {}
+    args = saved_args(payload)
     dataset = dataset or args.get("dataset")
     if not dataset:
         raise FeatureError(f"checkpoint {checkpoint} does not record its dataset; pass --dataset")
@@ -136,7 +137,8 @@ def load_analysis(checkpoint, dataset=None, data_dir=None, device="cpu", label=N
         side = datasets.image_size(dataset)
         raise FeatureError(f"checkpoint {checkpoint} expects {size}×{size} images but {dataset} has {side}×{side}; "
                            f"pass the --dataset it was trained on")
-    data = datasets.load_dataset(dataset, data_dir or args.get("data_dir"), "test", synthetic_image_size=size,
+    data_dir = datasets.resolve_data_dir(dataset, data_dir, args.get("data_dir"), source=f"checkpoint {checkpoint}")
+    data = datasets.load_dataset(dataset, data_dir, "test", synthetic_image_size=size,
                                  seed=int(args.get("data_seed") or 0))
     model.eval()
     label = label or method_label(args, config.get("reverse_attention"))
@@ -340,7 +342,8 @@ def add_common_arguments(parser):
     parser.add_argument("--ckpt", required=True, help="checkpoint (.pt) in this project's format or a state dict")
     parser.add_argument("--dataset", choices=sorted(datasets.DATASETS),
                         help="test set to analyse (default: the one recorded in the checkpoint)")
-    parser.add_argument("--data-dir", default=None, help="dataset folder (default: the checkpoint's, else ./data)")
+    parser.add_argument("--data-dir", default=None,
+                        help="dataset folder (default: ./data if it exists, else the checkpoint's; printed)")
     parser.add_argument("--n-examples", type=positive_int, default=None, help="analyse at most this many test images")
     parser.add_argument("--batch-size", type=positive_int, default=200)
     parser.add_argument("--eps", type=threat_eps, default=EPS,

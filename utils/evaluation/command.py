@@ -28,6 +28,7 @@ from models import (
     parse_normalization,
     read_checkpoint,
 )
+from models.loading import saved_args
 from utils import data as datasets
 from utils import recipe
 from utils.checkpoint import atomic_write_json, atomic_write_text
@@ -134,7 +135,8 @@ def parse_args(argv=None):
     data = parser.add_argument_group("data")
     data.add_argument("--dataset", choices=sorted(datasets.DATASETS), default=None,
                       help="default: the dataset in the checkpoint's saved args")
-    data.add_argument("--data-dir", default=None, help="dataset folder (default: the checkpoint's, else ./data)")
+    data.add_argument("--data-dir", default=None,
+                      help="dataset folder (default: ./data if it exists, else the checkpoint's; printed)")
     data.add_argument("--n-examples", type=positive_int, default=1000, help="size of the fixed test subset (default 1000)")
     data.add_argument("--subset-seed", type=int, default=0, help="seed of the fixed test subset (default 0)")
     _attack_arguments(parser)
@@ -169,8 +171,7 @@ def load_checkpoint(path, *, arch=None, num_classes=None, reverse_attention=None
     payload = read_checkpoint(path)
     model, config = load_model(payload, arch, num_classes, reverse_attention, device=device, use_ema=use_ema,
                                normalization=normalization)
-    saved = (payload.get("args") or {}) if isinstance(payload, dict) else {}
-    return model, config, saved
+    return model, config, saved_args(payload)
 
 
 def _checkpoint_from_args(args):
@@ -194,7 +195,7 @@ def _import_factory(spec):
 
 
 def _load_weights(model, path):
-    state = torch.load(path, map_location="cpu", weights_only=True)
+    state = read_checkpoint(path, what="--weights file")  # missing, empty, truncated, a folder: one sentence
     if isinstance(state, dict):
         for key in ("state_dict", "model"):
             if isinstance(state.get(key), dict):
@@ -246,10 +247,17 @@ def load_test_subset(config, saved, *, n_examples, dataset=None, data_dir=None, 
         raise EvaluationError(f"the model has {config['num_classes']} classes but {dataset} has "
                               f"{datasets.num_classes(dataset)}; pass the --dataset it was trained on")
     size = config.get("image_size") or saved.get("image_size") or datasets.image_size(dataset)
-    data_dir = data_dir or saved.get("data_dir")
+    if dataset == "synthetic" and n_examples > datasets.max_synthetic_size(size):
+        raise EvaluationError(f"--n-examples {n_examples} is more synthetic {size}×{size} images than fit in memory; "
+                              f"use at most {datasets.max_synthetic_size(size)}")
+    data_dir = datasets.resolve_data_dir(dataset, data_dir, saved.get("data_dir"), source=source)
+    # synthetic: example i is the same whatever the split's size (utils.data.make_synthetic)
     test = datasets.load_dataset(dataset, data_dir, "test", synthetic_image_size=size,
                                  synthetic_size=max(n_examples, datasets.SYNTHETIC_SIZES["test"]),
                                  seed=int(saved.get("data_seed") or 0))
+    if n_examples > len(test):
+        raise EvaluationError(f"--n-examples {n_examples} is more than the {len(test)} test images of {dataset}; "
+                              f"use at most {len(test)}")
     if config.get("image_size") and test.x.shape[-1] != size:
         raise EvaluationError(f"the model expects {size}×{size} images but {dataset} has "
                               f"{test.x.shape[-1]}×{test.x.shape[-1]}; pass the --dataset it was trained on")
