@@ -39,6 +39,10 @@ def workspace(tmp_path):
     torch.save({"model": {"w": torch.zeros(1)}}, real / "last.pt")  # not a training checkpoint
     (tmp_path / "a_file").write_text("not a folder")
     (tmp_path / "data").mkdir()
+    stray = tmp_path / "runs" / "not_ours"  # run-like names but no args.json: not a run of ours
+    stray.mkdir()
+    for name in ("log.txt", "best.pt", ".last.pt.ab12cd34.tmp", "notes.txt"):
+        (stray / name).write_text("someone else's")
     return tmp_path
 
 
@@ -68,6 +72,29 @@ BAD_INPUT = {
                            "disagrees"),
     "resume of a non-training checkpoint": ("resnet", ["--resume", "{w}/runs/real"],
                                             "is not a training checkpoint"),
+    "overwrite of a folder that is not a run": ("resnet", ["--dataset", "synthetic", "--out-dir", "{w}/runs",
+                                                           "--run-name", "not_ours", "--overwrite"], "not a run of"),
+    "smoke over a folder that is not a run": ("resnet", ["--smoke", "--out-dir", "{w}/runs", "--run-name", "not_ours"],
+                                              "not a run of"),
+    "run-name climbing out": ("resnet", ["--smoke", "--out-dir", "{w}/runs", "--run-name", "../x"], "plain folder name"),
+    "run-name empty": ("resnet", ["--smoke", "--out-dir", "{w}/runs", "--run-name", ""], "plain folder name"),
+    "run-name a path": ("resnet", ["--smoke", "--out-dir", "{w}/runs", "--run-name", "a/b"], "plain folder name"),
+    "resume outside a run folder": ("resnet", ["--resume", "{w}/a_file"], "is not a run folder"),
+    "milestones repeated": ("resnet", ["--smoke", "--milestones", "1", "1", "--out-dir", "{w}/runs"],
+                            "strictly increasing"),
+    # every float option refuses nan and inf (argparse's one line names the option)
+    **{f"{option} {value}": (kind, ["--smoke", option, value, "--out-dir", "{w}/runs"], f"argument {option}: expected a")
+       for kind, option, value in [
+           ("resnet", "--lr", "nan"), ("resnet", "--lr", "inf"), ("resnet", "--weight-decay", "nan"),
+           ("resnet", "--momentum", "nan"), ("resnet", "--awp-gamma", "nan"), ("resnet", "--awp-gamma", "inf"),
+           ("resnet", "--step-size", "nan"), ("resnet", "--eps", "nan"), ("resnet", "--eps", "inf"),
+           ("resnet", "--ema", "nan"), ("resnet", "--alpha", "nan"), ("resnet", "--zeta", "inf"),
+           ("resnet", "--zeta", "nan"), ("resnet", "--aux-weight", "nan"), ("resnet", "--beta", "nan"),
+           ("wideresnet", "--beta", "-inf"), ("tiny", "--lr", "nan"), ("baselines", "--lr", "inf"),
+           ("baselines", "--beta", "nan"), ("baselines", "--ema", "inf"), ("baselines", "--awp-gamma", "nan")]},
+    "zeta negative": ("resnet", ["--smoke", "--zeta", "-1", "--out-dir", "{w}/runs"], "--zeta is a loss weight"),
+    "beta negative": ("baselines", ["--smoke", "--beta", "-6", "--out-dir", "{w}/runs"], "--beta is a loss weight"),
+    "aux-weight negative": ("resnet", ["--smoke", "--aux-weight", "-2", "--out-dir", "{w}/runs"], "--aux-weight is a"),
 }
 
 
