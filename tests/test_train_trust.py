@@ -92,7 +92,7 @@ BAD_INPUT = {
     "milestones repeated": ("resnet", ["--smoke", "--milestones", "1", "1", "--out-dir", "{w}/runs"],
                             "strictly increasing"),
     # every float option refuses nan and inf (argparse's one line names the option)
-    **{f"{option} {value}": (kind, ["--smoke", option, value, "--out-dir", "{w}/runs"], f"argument {option}: expected a")
+    **{f"{kind} {option} {value}": (kind, ["--smoke", option, value, "--out-dir", "{w}/runs"], f"argument {option}: expected a")
        for kind, option, value in [
            ("resnet", "--lr", "nan"), ("resnet", "--lr", "inf"), ("resnet", "--weight-decay", "nan"),
            ("resnet", "--momentum", "nan"), ("resnet", "--awp-gamma", "nan"), ("resnet", "--awp-gamma", "inf"),
