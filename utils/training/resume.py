@@ -57,9 +57,10 @@ def refuse_split_changes(saved, args):
     if not held_out and not args.val_size:
         return
     if args.val_size != held_out:
-        raise ConfigError(f"cannot resume with --val-size {args.val_size}: the run holds out {held_out} training "
-                          f"images to choose best.pt and a new split would mix them with training data; drop "
-                          f"--val-size or start a new run (another --run-name)")
+        now = (f"holds out {held_out} training images to choose best.pt" if held_out else
+               "trains on all its images and chooses best.pt on the test subset")
+        raise ConfigError(f"cannot resume with --val-size {args.val_size}: the run {now}, and another split would "
+                          f"mix held-out and training images; drop --val-size or start a new run (another --run-name)")
     if "seed" in saved and saved["seed"] != args.seed:
         raise ConfigError(f"cannot resume with --seed {args.seed}: the run's validation split (--val-size "
                           f"{held_out}) was drawn with --seed {saved['seed']} and another seed would move held-out "
