@@ -2,6 +2,7 @@
 scripts, smoke never replacing a real run, resume overrides applied (checked on the lr the
 optimizer uses) or refused, and a resume with nothing to do writing nothing."""
 import errno
+import io
 import json
 import os
 import signal
@@ -304,15 +305,21 @@ def test_a_seed_change_is_refused_when_a_validation_split_exists(tmp_path, capsy
     assert call("wideresnet", ["--resume", str(plain), "--epochs", "2", "--seed", "1"], capsys)[0] == 0
 
 
-def _disk_full_at_epoch_2(monkeypatch):
-    """From the first batch of epoch 2 on (smoke: 2 batches per epoch), every fsync fails as on a full disk."""
-    full = [False]
-    real_fsync, real_loss = os.fsync, train_step.training_loss
+class _FullDisk(io.FileIO):
+    """A file that fails its first write as a full disk does."""
 
-    def fsync(fd):
-        if full[0]:
-            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
-        return real_fsync(fd)
+    def write(self, data):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+
+def _disk_full_at_epoch_2(monkeypatch):
+    """From the first batch of epoch 2 on (smoke: 2 batches per epoch), checkpoint files fail to
+    write as on a full disk (inside torch.save, which wraps the error in a RuntimeError of its own)."""
+    full = [False]
+    real_open, real_loss = open, train_step.training_loss
+
+    def checkpoint_open(path, mode="r", *args, **kwargs):
+        return _FullDisk(path, "w") if full[0] and "w" in mode else real_open(path, mode, *args, **kwargs)
 
     def loss(*args, **kwargs):
         loss.calls += 1
@@ -320,7 +327,7 @@ def _disk_full_at_epoch_2(monkeypatch):
         return real_loss(*args, **kwargs)
 
     loss.calls = 0
-    monkeypatch.setattr(checkpoint.os, "fsync", fsync)
+    monkeypatch.setattr(checkpoint, "open", checkpoint_open, raising=False)
     monkeypatch.setattr(train_step, "training_loss", loss)
 
 

@@ -1,5 +1,8 @@
 """The training engine: one step, evaluation, checkpoint files, RNG, schedule, curves, and a
 measured check that PGD-AT buys robustness that standard training does not."""
+import errno
+import io
+import os
 import random
 
 import numpy as np
@@ -8,7 +11,7 @@ import torch
 from torch import nn
 
 from models import create_model
-from utils import attacks, data
+from utils import attacks, checkpoint, data
 from utils.analysis.curves import plot_curves
 from utils.checkpoint import (
     RunDirError,
@@ -249,3 +252,30 @@ def test_resumed_records_take_the_checkpoints_own_record(tmp_path):
 def test_schedule_refuses_non_finite_values(field, value):
     with pytest.raises(ConfigError, match="finite"):
         Schedule(**{field: value})
+
+
+class _FullDisk(io.FileIO):
+    """A real file that takes ``room`` bytes and then fails as a full disk does."""
+
+    room = 4096
+
+    def write(self, data):
+        if self.tell() + len(data) > self.room:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return super().write(data)
+
+
+def test_a_full_disk_during_torch_save_raises_enospc_and_keeps_the_previous_files(tmp_path, monkeypatch):
+    last, best = tmp_path / "last.pt", tmp_path / "best.pt"
+    atomic_save_many({"epoch": 1}, [best, last])
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+    monkeypatch.setattr(checkpoint, "open", lambda path, mode: _FullDisk(path, "w"), raising=False)
+    big = {"epoch": 2, "w": torch.zeros(10_000)}
+    with pytest.raises(OSError) as failure:
+        atomic_save_many(big, [best, last])
+    assert failure.value.errno == errno.ENOSPC  # not torch's RuntimeError about stream positions
+    monkeypatch.setattr(checkpoint.os, "fdopen", lambda fd, mode: _FullDisk(fd, "w"))
+    with pytest.raises(OSError) as failure:
+        checkpoint.atomic_save(big, last)
+    assert failure.value.errno == errno.ENOSPC
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before  # no temporary file left either

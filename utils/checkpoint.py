@@ -52,9 +52,39 @@ def _atomic_write(path, write):
         raise
 
 
+class _WriteErrors:
+    """A file wrapper that keeps the first OSError of a write: ``torch.save`` reports a failed write
+    (a full disk) as a RuntimeError about stream positions, and the real cause is raised instead."""
+
+    def __init__(self, handle):
+        self.handle = handle
+        self.error = None
+
+    def write(self, data):
+        try:
+            return self.handle.write(data)
+        except OSError as err:
+            self.error = self.error or err
+            raise
+
+    def flush(self):
+        self.handle.flush()
+
+
+def _torch_save(obj, handle):
+    """``torch.save(obj, handle)``; a failed write raises its OSError (``No space left on device``)."""
+    writer = _WriteErrors(handle)
+    try:
+        torch.save(obj, writer)
+    except RuntimeError:
+        if writer.error is not None:
+            raise writer.error from None
+        raise
+
+
 def atomic_save(obj, path):
     """``torch.save`` to ``path`` atomically (temp file + rename)."""
-    _atomic_write(path, lambda handle: torch.save(obj, handle))
+    _atomic_write(path, lambda handle: _torch_save(obj, handle))
 
 
 def atomic_save_many(obj, paths):
@@ -67,7 +97,7 @@ def atomic_save_many(obj, paths):
     source = _temp_name(paths[-1])
     try:
         with open(source, "wb") as handle:
-            torch.save(obj, handle)
+            _torch_save(obj, handle)
             handle.flush()
             os.fsync(handle.fileno())
         os.chmod(source, FILE_MODE)
