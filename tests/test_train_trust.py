@@ -1,14 +1,24 @@
 """Options do what they log and bad input touches nothing: a bad-input matrix for the train
 scripts, smoke never replacing a real run, resume overrides applied (checked on the lr the
 optimizer uses) or refused, and a resume with nothing to do writing nothing."""
+import errno
+import io
 import json
+import os
+import signal
+import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
 import torch
 
+from utils import checkpoint
+from utils.locks import LOCK_NAME, read_lock
+from utils.training import records as records_module
+from utils.training import step as train_step
 from utils.training.cli import main
 
 REPO = Path(__file__).resolve().parents[1]
@@ -39,6 +49,10 @@ def workspace(tmp_path):
     torch.save({"model": {"w": torch.zeros(1)}}, real / "last.pt")  # not a training checkpoint
     (tmp_path / "a_file").write_text("not a folder")
     (tmp_path / "data").mkdir()
+    stray = tmp_path / "runs" / "not_ours"  # run-like names but no args.json: not a run of ours
+    stray.mkdir()
+    for name in ("log.txt", "best.pt", ".last.pt.ab12cd34.tmp", "notes.txt"):
+        (stray / name).write_text("someone else's")
     return tmp_path
 
 
@@ -68,6 +82,29 @@ BAD_INPUT = {
                            "disagrees"),
     "resume of a non-training checkpoint": ("resnet", ["--resume", "{w}/runs/real"],
                                             "is not a training checkpoint"),
+    "overwrite of a folder that is not a run": ("resnet", ["--dataset", "synthetic", "--out-dir", "{w}/runs",
+                                                           "--run-name", "not_ours", "--overwrite"], "not a run of"),
+    "smoke over a folder that is not a run": ("resnet", ["--smoke", "--out-dir", "{w}/runs", "--run-name", "not_ours"],
+                                              "not a run of"),
+    "run-name climbing out": ("resnet", ["--smoke", "--out-dir", "{w}/runs", "--run-name", "../x"], "plain folder name"),
+    "run-name empty": ("resnet", ["--smoke", "--out-dir", "{w}/runs", "--run-name", ""], "plain folder name"),
+    "run-name a path": ("resnet", ["--smoke", "--out-dir", "{w}/runs", "--run-name", "a/b"], "plain folder name"),
+    "resume outside a run folder": ("resnet", ["--resume", "{w}/a_file"], "is not a run folder"),
+    "milestones repeated": ("resnet", ["--smoke", "--milestones", "1", "1", "--out-dir", "{w}/runs"],
+                            "strictly increasing"),
+    # every float option refuses nan and inf (argparse's one line names the option)
+    **{f"{kind} {option} {value}": (kind, ["--smoke", option, value, "--out-dir", "{w}/runs"], f"argument {option}: expected a")
+       for kind, option, value in [
+           ("resnet", "--lr", "nan"), ("resnet", "--lr", "inf"), ("resnet", "--weight-decay", "nan"),
+           ("resnet", "--momentum", "nan"), ("resnet", "--awp-gamma", "nan"), ("resnet", "--awp-gamma", "inf"),
+           ("resnet", "--step-size", "nan"), ("resnet", "--eps", "nan"), ("resnet", "--eps", "inf"),
+           ("resnet", "--ema", "nan"), ("resnet", "--alpha", "nan"), ("resnet", "--zeta", "inf"),
+           ("resnet", "--zeta", "nan"), ("resnet", "--aux-weight", "nan"), ("resnet", "--beta", "nan"),
+           ("wideresnet", "--beta", "-inf"), ("tiny", "--lr", "nan"), ("baselines", "--lr", "inf"),
+           ("baselines", "--beta", "nan"), ("baselines", "--ema", "inf"), ("baselines", "--awp-gamma", "nan")]},
+    "zeta negative": ("resnet", ["--smoke", "--zeta", "-1", "--out-dir", "{w}/runs"], "--zeta is a loss weight"),
+    "beta negative": ("baselines", ["--smoke", "--beta", "-6", "--out-dir", "{w}/runs"], "--beta is a loss weight"),
+    "aux-weight negative": ("resnet", ["--smoke", "--aux-weight", "-2", "--out-dir", "{w}/runs"], "--aux-weight is a"),
 }
 
 
@@ -141,3 +178,219 @@ def test_resume_refuses_another_method_and_a_resume_with_nothing_to_do_writes_no
     code, err = call("wideresnet", [*same_launch, "--resume", str(run)], capsys)  # the original launch + --resume
     assert code == 0, err
     assert snapshot(tmp_path) == before
+
+
+# --------------------------------------------------------------------------- issue 19: run folders
+
+
+def _metrics(run):
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+def _train(tmp_path, capsys, name="r", *extra):
+    code, err = call("wideresnet", SMALL_WRN + ["--out-dir", str(tmp_path), "--run-name", name, *extra], capsys)
+    assert code == 0, err
+    return tmp_path / name
+
+
+def _write_lock(run, pid):
+    (run / LOCK_NAME).write_text(json.dumps({"pid": pid, "host": socket.gethostname(), "started": "earlier",
+                                             "command": "train_CIFAR10_WideResNet.py --smoke"}))
+
+
+@pytest.fixture
+def live_pid():
+    """The pid of a running process (a ``sleep`` child), killed afterwards."""
+    child = subprocess.Popen(["sleep", "60"])
+    yield child.pid
+    child.kill()
+    child.wait()
+
+
+def test_a_live_lock_refuses_a_second_writer_before_anything_is_touched(tmp_path, capsys, live_pid):
+    run = _train(tmp_path, capsys, "r", "--epochs", "1")
+    _write_lock(run, live_pid)
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    _write_lock(empty, live_pid)  # a training that has just taken its new folder
+    before = snapshot(tmp_path)
+    attempts = [["--resume", str(run), "--epochs", "2"],                                    # resume while it trains
+                SMALL_WRN + ["--out-dir", str(tmp_path), "--run-name", "r", "--overwrite"],  # overwrite its files
+                SMALL_WRN + ["--out-dir", str(tmp_path), "--run-name", "empty"]]            # a second new run
+    for argv in attempts:
+        code, err = call("wideresnet", argv, capsys)
+        assert code == 2 and err.count("\n") == 1 and err.startswith("error: ") and f"in use by pid {live_pid}" in err
+    assert snapshot(tmp_path) == before
+
+
+def test_a_stale_lock_is_reported_and_taken_over_and_the_lock_is_held_while_training(tmp_path, capsys, monkeypatch):
+    run = _train(tmp_path, capsys, "r", "--epochs", "1")
+    finished = subprocess.Popen(["true"])
+    finished.wait()
+    _write_lock(run, finished.pid)
+    seen = []
+    real = train_step.training_loss
+    monkeypatch.setattr(train_step, "training_loss", lambda *a, **k: (seen.append(read_lock(run)), real(*a, **k))[1])
+    code, err = call("wideresnet", ["--resume", str(run), "--epochs", "2"], capsys)
+    assert code == 0, err
+    assert f"removing the stale lock of pid {finished.pid}" in err
+    assert seen and all(record["pid"] == os.getpid() for record in seen)  # ours for the whole training
+    assert not (run / LOCK_NAME).exists()  # released at the end
+    assert [r["epoch"] for r in _metrics(run)] == [1, 2]
+
+
+@pytest.mark.slow
+def test_a_second_process_is_refused_while_a_training_runs(tmp_path, capsys):
+    """A real training process holds its folder; a resume from here is refused until it stops."""
+    run = tmp_path / "r"
+    child = subprocess.Popen([sys.executable, "train_baselines.py", "--smoke", "--arch", "wrn-16-1", "--epochs", "500",
+                              "--quiet", "--out-dir", str(tmp_path), "--run-name", "r"], cwd=REPO,
+                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.time() + 120
+        while not (run / "last.pt").exists() and child.poll() is None and time.time() < deadline:
+            time.sleep(0.2)
+        code, err = call("baselines", ["--resume", str(run)], capsys)
+        assert code == 2 and f"in use by pid {child.pid}" in err
+    finally:
+        child.send_signal(signal.SIGTERM)
+        child.wait(timeout=120)
+    assert child.returncode == 130 and not (run / LOCK_NAME).exists()
+    assert call("baselines", ["--resume", str(run), "--epochs", str(torch.load(
+        run / "last.pt", weights_only=True)["epoch"] + 1)], capsys)[0] == 0
+
+
+def test_resume_from_an_earlier_epoch_keeps_the_later_records_until_its_first_epoch_is_saved(tmp_path, capsys,
+                                                                                             monkeypatch):
+    run = _train(tmp_path, capsys, "r", "--epochs", "3", "--save-freq", "1", "--milestones", "2")
+    records = (run / "metrics.jsonl").read_bytes()
+    last = (run / "last.pt").read_bytes()
+
+    def fail(*args, **kwargs):
+        raise RuntimeError("simulated failure inside the resumed epoch")
+
+    monkeypatch.setattr(train_step, "training_loss", fail)
+    with pytest.raises(RuntimeError, match="simulated failure"):
+        main("wideresnet", ["--resume", str(run / "epoch_1.pt")])
+    assert (run / "metrics.jsonl").read_bytes() == records  # all 3 records, as last.pt (epoch 3) says
+    assert (run / "last.pt").read_bytes() == last
+    monkeypatch.undo()
+    assert call("wideresnet", ["--resume", str(run / "epoch_1.pt")], capsys)[0] == 0  # redoes epochs 2 and 3
+    strip = lambda r: {k: v for k, v in r.items() if k != "seconds"}
+    assert [strip(r) for r in _metrics(run)] == [strip(json.loads(line)) for line in records.decode().splitlines()]
+
+
+def test_stale_temporary_files_are_cleaned_when_a_run_resumes(tmp_path, capsys):
+    run = _train(tmp_path, capsys, "r", "--epochs", "1")
+    ours = [".last.pt.k2j4h5g6.tmp", ".metrics.jsonl.abc_1234.tmp", ".epoch_2.pt.zzzzzzzz.tmp"]
+    for name in [*ours, "notes.tmp", ".mine.txt.abcdefgh.tmp"]:
+        (run / name).write_text("left over")
+    code, err = call("wideresnet", ["--resume", str(run), "--epochs", "2"], capsys)
+    assert code == 0, err
+    assert "removed 3 temporary file(s)" in err
+    names = {p.name for p in run.iterdir()}
+    assert not names & set(ours) and {"notes.tmp", ".mine.txt.abcdefgh.tmp"} <= names  # others' files stay
+
+
+def test_a_seed_change_is_refused_when_a_validation_split_exists(tmp_path, capsys):
+    run = _train(tmp_path, capsys, "val", "--epochs", "1", "--val-size", "8")
+    before = snapshot(tmp_path)
+    for change, words in [(["--seed", "1"], "cannot resume with --seed 1: the run's validation split"),
+                          (["--val-size", "4"], "cannot resume with --val-size 4"),
+                          (["--val-size", "0"], "cannot resume with --val-size 0")]:
+        code, err = call("wideresnet", ["--resume", str(run), "--epochs", "2", *change], capsys)
+        assert code == 2 and words in err and err.count("\n") == 1, err
+    assert snapshot(tmp_path) == before
+    plain = _train(tmp_path, capsys, "plain", "--epochs", "1")  # no held-out split: the seed may change
+    assert call("wideresnet", ["--resume", str(plain), "--epochs", "2", "--seed", "1"], capsys)[0] == 0
+
+
+class _FullDisk(io.FileIO):
+    """A file that fails its first write as a full disk does."""
+
+    def write(self, data):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+
+def _disk_full_at_epoch_2(monkeypatch):
+    """From the first batch of epoch 2 on (smoke: 2 batches per epoch), checkpoint files fail to
+    write as on a full disk (inside torch.save, which wraps the error in a RuntimeError of its own)."""
+    full = [False]
+    real_open, real_loss = open, train_step.training_loss
+
+    def checkpoint_open(path, mode="r", *args, **kwargs):
+        return _FullDisk(path, "w") if full[0] and "w" in mode else real_open(path, mode, *args, **kwargs)
+
+    def loss(*args, **kwargs):
+        loss.calls += 1
+        full[0] = full[0] or loss.calls >= 3
+        return real_loss(*args, **kwargs)
+
+    loss.calls = 0
+    monkeypatch.setattr(checkpoint, "open", checkpoint_open, raising=False)
+    monkeypatch.setattr(train_step, "training_loss", loss)
+
+
+def test_a_full_disk_during_a_checkpoint_write_is_one_line_and_the_run_resumes(tmp_path, capsys, monkeypatch):
+    straight = _train(tmp_path, capsys, "straight", "--epochs", "2")
+    _disk_full_at_epoch_2(monkeypatch)
+    run = tmp_path / "r"
+    code, err = call("wideresnet", SMALL_WRN + ["--out-dir", str(tmp_path), "--run-name", "r"], capsys)
+    assert code == 2 and err.count("\n") == 1, err
+    assert err.startswith(f"error: could not write the checkpoint of epoch 2 into {run} (No space left on device); "
+                          f"the previous last.pt and metrics are intact")
+    assert torch.load(run / "last.pt", weights_only=True)["epoch"] == 1
+    assert [r["epoch"] for r in _metrics(run)] == [1]
+    assert sorted(p.name for p in run.iterdir()) == ["args.json", "best.pt", "curves.png", "last.pt", "log.txt",
+                                                     "metrics.jsonl"]  # no temporary file, no lock left
+    monkeypatch.undo()
+    assert call("wideresnet", ["--resume", str(run)], capsys)[0] == 0
+    resumed, reference = (torch.load(p / "last.pt", weights_only=True) for p in (run, straight))
+    assert resumed["epoch"] == 2 and all(torch.equal(resumed["model"][k], reference["model"][k]) for k in reference["model"])
+
+
+def test_records_that_could_not_be_written_are_restored_from_the_checkpoint(tmp_path, capsys, monkeypatch):
+    real = records_module.write_metrics
+
+    def write_metrics(run_dir, records):
+        if records[-1]["epoch"] == 2:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        real(run_dir, records)
+
+    monkeypatch.setattr(records_module, "write_metrics", write_metrics)
+    code, err = call("wideresnet", SMALL_WRN + ["--out-dir", str(tmp_path), "--run-name", "r"], capsys)
+    run = tmp_path / "r"
+    assert code == 2 and err.count("\n") == 1 and f"epoch 2 is saved in {run / 'last.pt'}" in err
+    assert [r["epoch"] for r in _metrics(run)] == [1]
+    monkeypatch.undo()
+    assert call("wideresnet", ["--resume", str(run), "--epochs", "3"], capsys)[0] == 0
+    records = _metrics(run)
+    assert [r["epoch"] for r in records] == [1, 2, 3]
+    assert records[1] == torch.load(run / "epoch_2.pt", weights_only=True)["metrics"]
+
+
+def test_a_damaged_metrics_file_is_refused_before_args_json_is_rewritten(tmp_path, capsys):
+    run = _train(tmp_path, capsys, "r", "--epochs", "1")
+    with open(run / "metrics.jsonl", "a") as handle:
+        handle.write('{"epoch": 2, "lr": 0.0\n')  # a record cut short
+    before = snapshot(tmp_path)
+    code, err = call("wideresnet", ["--resume", str(run), "--epochs", "2", "--lr", "0.05"], capsys)
+    assert code == 2 and err.count("\n") == 1
+    assert err.startswith(f"error: {run / 'metrics.jsonl'} is damaged (line 2 is not an epoch record)")
+    assert snapshot(tmp_path) == before
+
+
+def test_resumed_args_holding_nan_are_refused(tmp_path, capsys):
+    run = _train(tmp_path, capsys, "r", "--epochs", "1")
+    payload = torch.load(run / "last.pt", weights_only=True)
+    payload["args"]["awp_gamma"] = float("nan")  # args.json of an older version that took nan
+    torch.save(payload, run / "last.pt")
+    before = snapshot(tmp_path)
+    code, err = call("wideresnet", ["--resume", str(run), "--epochs", "2"], capsys)
+    assert code == 2 and "--awp-gamma must be a finite number, got nan" in err
+    assert snapshot(tmp_path) == before
+
+
+def test_milestones_beyond_the_epochs_are_noted_in_the_log(tmp_path, capsys):
+    run = _train(tmp_path, capsys, "r", "--epochs", "1", "--milestones", "2", "5")
+    assert "note: milestone(s) 2 5 lie beyond --epochs 1" in (run / "log.txt").read_text()

@@ -1,5 +1,8 @@
 """The training engine: one step, evaluation, checkpoint files, RNG, schedule, curves, and a
 measured check that PGD-AT buys robustness that standard training does not."""
+import errno
+import io
+import os
 import random
 
 import numpy as np
@@ -8,15 +11,18 @@ import torch
 from torch import nn
 
 from models import create_model
-from utils import attacks, data
+from utils import attacks, checkpoint, data
 from utils.checkpoint import (
     RunDirError,
     atomic_save_many,
     capture_rng,
     load_scheduler_state,
     prepare_run_dir,
+    read_metrics,
+    remove_stale_temp_files,
     restore_rng,
     scheduler_state,
+    write_metrics,
 )
 from utils.training import negatives
 from utils.training import step as train_step
@@ -24,7 +30,7 @@ from utils.training.config import PLAIN_SPEED, EvalConfig, MethodConfig, SpeedCo
 from utils.training.curves import plot_curves
 from utils.training.errors import ConfigError
 from utils.training.monitor import monitor_accuracy
-from utils.training.records import RunInfo
+from utils.training.records import RunInfo, resumed_records
 from utils.training.schedule import Schedule, build_optimizer, build_scheduler
 from utils.training.step import TrainStep
 from utils.training.trainer import Trainer
@@ -198,3 +204,78 @@ def test_pgd_at_is_clearly_more_robust_than_standard_training():
     print(results)
     assert results["pgd-at"]["nat"] > 0.8
     assert results["pgd-at"]["pgd"] >= results["standard"]["pgd"] + 0.15
+
+
+def test_overwrite_replaces_only_a_run_of_ours_and_stale_temp_files_are_ours_only(tmp_path):
+    folder = tmp_path / "stray"
+    folder.mkdir()
+    names = ["log.txt", "best.pt", ".last.pt.ab12cd34.tmp", "notes.txt"]
+    for name in names:
+        (folder / name).write_text("x")
+    with pytest.raises(RunDirError, match=r"\(\.last\.pt\.ab12cd34\.tmp, best\.pt, log\.txt\) but no readable args\.json"):
+        prepare_run_dir(folder, overwrite=True)
+    (folder / "args.json").write_text("[1, 2]")  # not an args object either
+    with pytest.raises(RunDirError, match="not a run of this project"):
+        prepare_run_dir(folder, overwrite=True)
+    assert sorted(p.name for p in folder.iterdir()) == sorted([*names, "args.json"])
+    (folder / "args.json").write_text("{}")
+    for name in (".metrics.jsonl.k_9x8y7z.tmp", ".epoch_20.pt.aaaaaaaa.tmp", ".notes.txt.abcdefgh.tmp", "x.tmp"):
+        (folder / name).write_text("x")
+    assert remove_stale_temp_files(folder) == [".epoch_20.pt.aaaaaaaa.tmp", ".last.pt.ab12cd34.tmp",
+                                               ".metrics.jsonl.k_9x8y7z.tmp"]
+    assert sorted(p.name for p in folder.iterdir()) == [".notes.txt.abcdefgh.tmp", "args.json", "best.pt", "log.txt",
+                                                        "notes.txt", "x.tmp"]
+
+
+def test_read_metrics_refuses_a_damaged_line_and_keeps_records_up_to_an_epoch(tmp_path):
+    (tmp_path / "metrics.jsonl").write_text('{"epoch": 1}\n\n{"epoch": 2}\n{"epoch": 3}\n')
+    assert [r["epoch"] for r in read_metrics(tmp_path, 2)] == [1, 2]
+    assert [r["epoch"] for r in read_metrics(tmp_path)] == [1, 2, 3]
+    for damaged in ('{"epoch": 1}\n{"epoch": 2', '{"epoch": 1}\n["epoch", 2]\n', '{"epoch": 1}\n{"epoch": "2"}\n'):
+        (tmp_path / "metrics.jsonl").write_text(damaged)
+        with pytest.raises(RunDirError, match="is damaged \\(line 2 is not an epoch record\\)"):
+            read_metrics(tmp_path)
+
+
+def test_resumed_records_take_the_checkpoints_own_record(tmp_path):
+    write_metrics(tmp_path, [{"epoch": 1, "v": "file"}, {"epoch": 2, "v": "old"}, {"epoch": 3, "v": "old"}])
+    payload = {"epoch": 2, "metrics": {"epoch": 2, "v": "checkpoint"}}
+    assert resumed_records(tmp_path, payload) == [{"epoch": 1, "v": "file"}, {"epoch": 2, "v": "checkpoint"}]
+    write_metrics(tmp_path, [{"epoch": 1, "v": "file"}])  # the metrics write of epoch 2 failed
+    assert resumed_records(tmp_path, payload)[-1] == {"epoch": 2, "v": "checkpoint"}
+    assert resumed_records(tmp_path, {"epoch": 0, "metrics": None}) == []
+    assert len((tmp_path / "metrics.jsonl").read_text().splitlines()) == 1  # reading writes nothing
+
+
+@pytest.mark.parametrize("field", ["lr", "momentum", "weight_decay"])
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+def test_schedule_refuses_non_finite_values(field, value):
+    with pytest.raises(ConfigError, match="finite"):
+        Schedule(**{field: value})
+
+
+class _FullDisk(io.FileIO):
+    """A real file that takes ``room`` bytes and then fails as a full disk does."""
+
+    room = 4096
+
+    def write(self, data):
+        if self.tell() + len(data) > self.room:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return super().write(data)
+
+
+def test_a_full_disk_during_torch_save_raises_enospc_and_keeps_the_previous_files(tmp_path, monkeypatch):
+    last, best = tmp_path / "last.pt", tmp_path / "best.pt"
+    atomic_save_many({"epoch": 1}, [best, last])
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+    monkeypatch.setattr(checkpoint, "open", lambda path, mode: _FullDisk(path, "w"), raising=False)
+    big = {"epoch": 2, "w": torch.zeros(10_000)}
+    with pytest.raises(OSError) as failure:
+        atomic_save_many(big, [best, last])
+    assert failure.value.errno == errno.ENOSPC  # not torch's RuntimeError about stream positions
+    monkeypatch.setattr(checkpoint.os, "fdopen", lambda fd, mode: _FullDisk(fd, "w"))
+    with pytest.raises(OSError) as failure:
+        checkpoint.atomic_save(big, last)
+    assert failure.value.errno == errno.ENOSPC
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before  # no temporary file left either

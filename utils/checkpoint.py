@@ -24,10 +24,16 @@ LAST, BEST = "last.pt", "best.pt"
 RUN_FILES = ("args.json", "metrics.jsonl", "log.txt", "curves.png", LAST, BEST)
 FILE_MODE = 0o644  # mkstemp makes 0600 files; run outputs are ordinary readable files
 _EPOCH_FILE = re.compile(r"^epoch_\d+\.pt$")
+_TEMP_FILE = re.compile(r"^\.(?P<target>.+)\.[A-Za-z0-9_]+\.tmp$")  # tempfile.mkstemp names
 
 
 class RunDirError(RuntimeError):
     """The run directory cannot be used as asked (exists already, not a run, ...)."""
+
+
+class RunWriteError(RunDirError):
+    """Writing into the run directory failed (disk full, permissions); the message says which
+    files are intact and how to continue."""
 
 
 def _atomic_write(path, write):
@@ -47,9 +53,39 @@ def _atomic_write(path, write):
         raise
 
 
+class _WriteErrors:
+    """A file wrapper that keeps the first OSError of a write: ``torch.save`` reports a failed write
+    (a full disk) as a RuntimeError about stream positions, and the real cause is raised instead."""
+
+    def __init__(self, handle):
+        self.handle = handle
+        self.error = None
+
+    def write(self, data):
+        try:
+            return self.handle.write(data)
+        except OSError as err:
+            self.error = self.error or err
+            raise
+
+    def flush(self):
+        self.handle.flush()
+
+
+def _torch_save(obj, handle):
+    """``torch.save(obj, handle)``; a failed write raises its OSError (``No space left on device``)."""
+    writer = _WriteErrors(handle)
+    try:
+        torch.save(obj, writer)
+    except RuntimeError:
+        if writer.error is not None:
+            raise writer.error from None
+        raise
+
+
 def atomic_save(obj, path):
     """``torch.save`` to ``path`` atomically (temp file + rename)."""
-    _atomic_write(path, lambda handle: torch.save(obj, handle))
+    _atomic_write(path, lambda handle: _torch_save(obj, handle))
 
 
 def atomic_save_many(obj, paths):
@@ -62,7 +98,7 @@ def atomic_save_many(obj, paths):
     source = _temp_name(paths[-1])
     try:
         with open(source, "wb") as handle:
-            torch.save(obj, handle)
+            _torch_save(obj, handle)
             handle.flush()
             os.fsync(handle.fileno())
         os.chmod(source, FILE_MODE)
@@ -164,13 +200,19 @@ def load_scheduler_state(scheduler, state):
 
 def check_run_dir(run_dir, overwrite=False, smoke=False):
     """Refuse, before anything is created or deleted, a ``run_dir`` that cannot take a new run:
-    a file, an existing run without ``overwrite``, or (for a smoke run) a run that is not a smoke run.
+    a file, an existing run without ``overwrite``, a folder with run-named files that is not a run
+    of ours (no ``args.json``), or (for a smoke run) a run that is not a smoke run.
     Returns the run files that :func:`prepare_run_dir` would delete."""
     run_dir = Path(run_dir)
     for parent in [run_dir, *run_dir.parents]:
         if parent.exists() and not parent.is_dir():
             raise RunDirError(f"{parent} exists and is not a directory; choose another --run-name or --out-dir")
-    existing = [p for p in run_dir.iterdir() if _is_run_file(p.name)] if run_dir.is_dir() else []
+    existing = sorted(p for p in run_dir.iterdir() if _is_run_file(p.name)) if run_dir.is_dir() else []
+    if existing and not is_run_dir(run_dir):
+        names = ", ".join(p.name for p in existing[:3]) + (", ..." if len(existing) > 3 else "")
+        raise RunDirError(f"{run_dir} holds files named like a run's ({names}) but no readable args.json, so it is "
+                          f"not a run of this project and nothing there is replaced; choose another --run-name "
+                          f"or --out-dir")
     if existing and smoke and not _is_smoke_run(run_dir):
         raise RunDirError(f"run directory {run_dir} holds a run that is not a smoke run, and a --smoke run never "
                           f"replaces one; choose another --run-name")
@@ -181,12 +223,23 @@ def check_run_dir(run_dir, overwrite=False, smoke=False):
     return existing
 
 
+def _read_args(run_dir):
+    """The run's ``args.json`` as a dict, or None when it is missing or not a JSON object."""
+    try:
+        args = json.loads((Path(run_dir) / "args.json").read_text())
+    except (OSError, ValueError):
+        return None
+    return args if isinstance(args, dict) else None
+
+
+def is_run_dir(run_dir):
+    """Whether ``run_dir`` is a run folder of this project: it holds an ``args.json`` object."""
+    return _read_args(run_dir) is not None
+
+
 def _is_smoke_run(run_dir):
     """Whether the run's ``args.json`` says it was a ``--smoke`` run."""
-    try:
-        return json.loads((Path(run_dir) / "args.json").read_text()).get("smoke") is True
-    except (OSError, ValueError, AttributeError):
-        return False
+    return (_read_args(run_dir) or {}).get("smoke") is True
 
 
 def prepare_run_dir(run_dir, overwrite=False, smoke=False):
@@ -200,21 +253,44 @@ def prepare_run_dir(run_dir, overwrite=False, smoke=False):
 
 
 def _is_run_file(name):
-    return name in RUN_FILES or bool(_EPOCH_FILE.match(name)) or name.endswith(".tmp")
+    return name in RUN_FILES or bool(_EPOCH_FILE.match(name)) or _is_temp_file(name)
+
+
+def _is_temp_file(name):
+    """Whether ``name`` is a temporary file of our atomic writes of a run file (``.last.pt.ab12cd34.tmp``)."""
+    match = _TEMP_FILE.match(name)
+    return bool(match) and (match["target"] in RUN_FILES or bool(_EPOCH_FILE.match(match["target"])))
+
+
+def remove_stale_temp_files(run_dir):
+    """Delete the temporary files that interrupted atomic writes left in ``run_dir`` (call it
+    only while holding the run folder's lock: a live writer's temporary file is not stale).
+    Returns the names removed."""
+    stale = sorted(p for p in Path(run_dir).iterdir() if _is_temp_file(p.name) and p.is_file())
+    for path in stale:
+        path.unlink(missing_ok=True)
+    return [p.name for p in stale]
 
 
 def resolve_resume(path):
-    """``(run_dir, checkpoint_path)`` for ``--resume PATH``: a run directory (its last.pt) or a .pt file."""
+    """``(run_dir, checkpoint_path)`` for ``--resume PATH``: a run directory (its last.pt) or a .pt
+    file inside one. A resumed run writes into its folder, so the folder must be a run of ours."""
     path = Path(path)
     if path.is_dir():
         checkpoint = path / LAST
         if not checkpoint.is_file():
             raise CheckpointError(f"{path} holds no {LAST}, so there is nothing to resume; "
                                   f"pass a run directory that trained at least one epoch, or a .pt file")
-        return path, checkpoint
-    if path.is_file():
-        return path.parent, path
-    raise CheckpointError(f"--resume {path}: no such run directory or checkpoint file")
+        run_dir = path
+    elif path.is_file():
+        run_dir, checkpoint = path.parent, path
+    else:
+        raise CheckpointError(f"--resume {path}: no such run directory or checkpoint file")
+    if not (run_dir / "args.json").is_file():
+        raise CheckpointError(f"--resume {path}: {run_dir} is not a run folder (no args.json beside {checkpoint.name}) "
+                              f"and a resumed run writes into its folder; resume a run folder or a checkpoint "
+                              f"inside one")
+    return run_dir, checkpoint
 
 
 def load_training_checkpoint(path):
@@ -231,9 +307,10 @@ def load_training_checkpoint(path):
     return payload
 
 
-def read_metrics(run_dir, up_to_epoch):
+def read_metrics(run_dir, up_to_epoch=None):
     """Epoch records of ``metrics.jsonl`` with ``epoch <= up_to_epoch`` (later ones belong to a
-    future that a resume from an earlier checkpoint discards)."""
+    future that a resume from an earlier checkpoint discards; None: all of them). A damaged file
+    (a line that is not a JSON record with an integer ``epoch``) is a :class:`RunDirError`."""
     path = Path(run_dir) / "metrics.jsonl"
     if not path.is_file():
         return []
@@ -243,14 +320,13 @@ def read_metrics(run_dir, up_to_epoch):
             continue
         try:
             record = json.loads(line)
-            epoch = record["epoch"]
-            if not isinstance(epoch, int) or isinstance(epoch, bool):
-                raise TypeError("epoch is not an integer")
-        except (ValueError, KeyError, TypeError) as err:
-            raise CheckpointError(f"{path} line {number} is not an epoch record ({type(err).__name__}: "
-                                  f"{str(err)[:80]}); repair or delete that line, then resume again") from None
+        except ValueError:
+            record = None
+        if not isinstance(record, dict) or type(record.get("epoch")) is not int:
+            raise RunDirError(f"{path} is damaged (line {number} is not an epoch record); repair or delete that "
+                              f"line, or move the file aside (its records are then lost), and resume again")
         records.append(record)
-    return [r for r in records if r["epoch"] <= up_to_epoch]
+    return [r for r in records if up_to_epoch is None or r["epoch"] <= up_to_epoch]
 
 
 def write_metrics(run_dir, records):

@@ -7,7 +7,7 @@ import re
 import sys
 from fractions import Fraction
 
-_NEGATIVE_VALUE = re.compile(r"^-(\d|\.\d)")
+_NEGATIVE_VALUE = re.compile(r"^-(\d|\.\d|inf$|infinity$)", re.IGNORECASE)  # -inf: refused by the type, not misread
 
 
 class OneLineArgumentParser(argparse.ArgumentParser):

@@ -9,6 +9,8 @@ repeating. Every option is checked before any folder is created or deleted.
 from __future__ import annotations
 
 import argparse
+import math
+import os
 import re
 import sys
 from dataclasses import dataclass
@@ -16,7 +18,8 @@ from dataclasses import dataclass
 from models import CheckpointError, arch_help, arch_info, canonical_arch
 from utils import data, distributed, recipe
 from utils.checkpoint import RunDirError, load_training_checkpoint, resolve_resume
-from utils.cli import OneLineArgumentParser, add_speed_arguments, eps_fraction, eps_type
+from utils.cli import OneLineArgumentParser, add_speed_arguments, eps_fraction, eps_type, finite_float
+from utils.locks import LockError
 from utils.training import resume
 from utils.training.config import DEVICES
 from utils.training.errors import ConfigError, NonFiniteLossError, TrainingInterrupted
@@ -87,15 +90,15 @@ def _model_arguments(parser, kind):
         model.add_argument("--strategy", choices=STRATEGIES, default="random_adv",
                            help=f"negative (other-class example) strategy; non-random ones use random for "
                                 f"epochs <= {recipe.NEGATIVE_WARMUP_EPOCHS}")
-        model.add_argument("--alpha", type=float, default=recipe.ALPHA, help="ANC asymmetry (1: only the negative moves)")
-        model.add_argument("--zeta", type=float, default=recipe.ZETA, help="weight of the ANC term")
-        model.add_argument("--aux-weight", type=float, default=recipe.AUX_WEIGHT,
+        model.add_argument("--alpha", type=finite_float, default=recipe.ALPHA, help="ANC asymmetry (1: only the negative moves)")
+        model.add_argument("--zeta", type=finite_float, default=recipe.ZETA, help="weight of the ANC term")
+        model.add_argument("--aux-weight", type=finite_float, default=recipe.AUX_WEIGHT,
                            help="lambda: weight of the RA heads in losses and training attacks")
         if kind in ("wideresnet", "tiny"):
             model.add_argument("--separate-bn", action="store_true",
                                help="ablation: each RA block gets its own BatchNorm instead of sharing the "
                                     "network's final one (the reference shares it)")
-    model.add_argument("--beta", type=float, default=None, help="TRADES/MART robust-term weight (default 6 / 5)")
+    model.add_argument("--beta", type=finite_float, default=None, help="TRADES/MART robust-term weight (default 6 / 5)")
     model.add_argument("--attack-loss", choices=("ce", "kl"), default=None,
                        help="loss of the training adversarial examples (default: kl for vanilla TRADES, else ce)")
 
@@ -104,28 +107,28 @@ def _recipe_arguments(parser):
     group = parser.add_argument_group("training recipe (defaults: the paper's, docs/protocol.md section 5)")
     group.add_argument("--epochs", type=int, default=recipe.EPOCHS)
     group.add_argument("--batch-size", type=int, default=recipe.BATCH_SIZE)
-    group.add_argument("--lr", type=float, default=recipe.LR,
+    group.add_argument("--lr", type=finite_float, default=recipe.LR,
                        help="initial learning rate (the paper's 0.01 for every dataset; the reference "
                             "Tiny-ImageNet script used 0.1)")
-    group.add_argument("--momentum", type=float, default=recipe.MOMENTUM)
-    group.add_argument("--weight-decay", type=float, default=None,
+    group.add_argument("--momentum", type=finite_float, default=recipe.MOMENTUM)
+    group.add_argument("--weight-decay", type=finite_float, default=None,
                        help="default: the architecture's (2e-4 for ResNet-18 and WRNs, 5e-4 for "
                             "PreActResNet-18) and 5e-4 on Tiny-ImageNet")
     group.add_argument("--milestones", type=int, nargs="*", default=list(recipe.MILESTONES),
                        help="epochs after which the lr is multiplied by 0.1")
     group.add_argument("--eps", type=eps_type, default=recipe.EPS,
                        help="L-inf radius: 8/255 (default), 0.031 or 8 (pixel units); at most 255 pixel units")
-    group.add_argument("--step-size", type=float, default=recipe.STEP_SIZE,
+    group.add_argument("--step-size", type=finite_float, default=recipe.STEP_SIZE,
                        help="PGD step of training attacks and evaluation")
     group.add_argument("--attack-steps", type=int, default=recipe.TRAIN_ATTACK_STEPS,
                        help="PGD steps of the training attacks")
     update = parser.add_argument_group("weight update (beyond the paper; both off by default)")
-    update.add_argument("--awp-gamma", type=float, default=0.0,
+    update.add_argument("--awp-gamma", type=finite_float, default=0.0,
                         help="adversarial weight perturbation (Wu et al. 2020) of relative size gamma; 0 = off; "
                              "their defaults: 5e-3 for TRADES, 1e-2 for PGD-AT")
     update.add_argument("--awp-warmup", type=int, default=None,
                         help="AWP starts after this many epochs (default as in their code: 10 for TRADES, else 0)")
-    update.add_argument("--ema", type=float, default=0.0, metavar="DECAY",
+    update.add_argument("--ema", type=finite_float, default=0.0, metavar="DECAY",
                         help="keep an exponential moving average of the weights with this decay (e.g. 0.999); "
                              "0 = off. When on, the per-epoch check and best.pt use the averaged weights")
 
@@ -229,15 +232,42 @@ def check_arch_fits(kind, arch, resumed=None):
                       f"for other architectures")
 
 
+FLOAT_OPTIONS = ("lr", "momentum", "weight_decay", "step_size", "eps", "awp_gamma", "ema", "alpha", "zeta",
+                 "aux_weight", "beta")
+NON_NEGATIVE = ("zeta", "aux_weight", "beta")
+
+
+def _check_floats(args):
+    """Every float option is a finite number (also those a resumed run's args.json supplies) and
+    the loss weights are >= 0; the other ranges are checked where the values are used."""
+    for name in FLOAT_OPTIONS:
+        value = getattr(args, name, None)
+        if value is not None and not (isinstance(value, (int, float)) and math.isfinite(value)):
+            raise ConfigError(f"--{name.replace('_', '-')} must be a finite number, got {value!r}")
+        if name in NON_NEGATIVE and value is not None and value < 0:
+            raise ConfigError(f"--{name.replace('_', '-')} is a loss weight and must be >= 0, got {value}")
+
+
+def check_run_name(name):
+    """A run name is one plain folder name: not empty, no path separator, not ``.`` or ``..``."""
+    separators = [sep for sep in (os.sep, os.altsep, "/") if sep]
+    if not name or name in (".", "..") or any(sep in name for sep in separators) or name != name.strip():
+        raise ConfigError(f"--run-name {name!r} is not a plain folder name; give a name such as my_run "
+                          f"(no '/', not empty, '.' or '..'): the run folder is --out-dir/NAME")
+
+
 def _check_ranges(args):
     """Option ranges; each message names the option and what it accepts."""
+    _check_floats(args)
     for name in ("batch_size", "epochs", "attack_steps", "eval_steps"):
         if getattr(args, name) < 1:
             raise ConfigError(f"--{name.replace('_', '-')} must be at least 1")
     if args.eval_size < 0 or args.val_size < 0 or (args.train_size is not None and args.train_size < 1):
         raise ConfigError("--eval-size and --val-size must be >= 0 and --train-size >= 1")
-    if sorted(args.milestones) != list(args.milestones) or any(m < 1 for m in args.milestones):
-        raise ConfigError(f"--milestones must be increasing positive epochs, got {args.milestones}")
+    milestones = list(args.milestones)
+    if any(b <= a for a, b in zip(milestones, milestones[1:])) or any(m < 1 for m in milestones):
+        raise ConfigError(f"--milestones must be strictly increasing positive epochs (each decays the lr once), "
+                          f"got {' '.join(map(str, milestones))}")
     if args.awp_gamma < 0 or (args.awp_warmup is not None and args.awp_warmup < 0):
         raise ConfigError("--awp-gamma and --awp-warmup must be >= 0 (0 turns AWP off)")
     if not 0 <= args.ema < 1:
@@ -285,6 +315,7 @@ def resolve_args(kind, args):
         prefix = "smoke_" if args.smoke else ""
         suffix = "_sepbn" if args.separate_bn else ""
         args.run_name = f"{prefix}{args.dataset}_{args.arch}_{args.method_name}{suffix}_s{args.seed}"
+    check_run_name(args.run_name)
     return args
 
 
@@ -299,7 +330,8 @@ def main(kind, argv=None):
         check_arch_fits(kind, args.arch, args.resume)
         run(args, payload, run_dir)
         finished = True
-    except (data.DatasetError, CheckpointError, RunDirError, ConfigError, distributed.DistributedError) as err:
+    except (data.DatasetError, CheckpointError, RunDirError, ConfigError, LockError,
+            distributed.DistributedError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     except NonFiniteLossError as err:

@@ -9,9 +9,11 @@ from models import unwrap
 from utils.checkpoint import (
     BEST,
     LAST,
+    RunWriteError,
     atomic_save_many,
     capture_rng,
     load_scheduler_state,
+    read_metrics,
     scheduler_state,
     write_metrics,
 )
@@ -71,15 +73,45 @@ def load_training_state(step, scheduler, payload):
 
 
 def save_epoch_files(run: RunInfo, records, payload, *, is_best, save_freq):
-    """Metrics, curves and the checkpoints of the epoch ``payload`` ends: ``best.pt`` when
-    ``is_best``, ``epoch_N.pt`` every ``save_freq`` epochs, and ``last.pt``, replaced last."""
-    write_metrics(run.run_dir, records)
-    plot_curves(records, run.run_dir / "curves.png", run.title)
+    """The checkpoints of the epoch ``payload`` ends (``best.pt`` when ``is_best``, ``epoch_N.pt``
+    every ``save_freq`` epochs, and ``last.pt``, replaced last), then metrics and curves. A failed
+    write (disk full) is a :class:`RunWriteError` that leaves the previous ``last.pt`` whole; the
+    checkpoint carries its epoch's record, so a resume repairs metrics that lag behind it."""
     epoch = payload["epoch"]
     targets = [run.run_dir / BEST] if is_best else []
     if save_freq and epoch % save_freq == 0:
         targets.append(run.run_dir / f"epoch_{epoch}.pt")
-    atomic_save_many(payload, [*targets, run.run_dir / LAST])
+    try:
+        atomic_save_many(payload, [*targets, run.run_dir / LAST])
+    except OSError as err:
+        raise RunWriteError(f"could not write the checkpoint of epoch {epoch} into {run.run_dir} ({write_reason(err)}); "
+                            f"the previous {LAST} and metrics are intact: free space and continue with "
+                            f"--resume {run.run_dir}") from err
+    try:
+        write_metrics(run.run_dir, records)
+        plot_curves(records, run.run_dir / "curves.png", run.title)
+    except OSError as err:
+        raise RunWriteError(f"epoch {epoch} is saved in {run.run_dir / LAST} but metrics.jsonl and curves.png could "
+                            f"not be updated ({write_reason(err)}); free space and continue with --resume "
+                            f"{run.run_dir}, which restores the record from the checkpoint") from err
+
+
+def write_reason(err):
+    """The short reason of an OSError (``No space left on device``)."""
+    return err.strerror or str(err)
+
+
+def resumed_records(run_dir, payload):
+    """The epoch records a run resumed from ``payload`` continues: those of ``metrics.jsonl``
+    before the checkpoint's epoch, then the checkpoint's own record (saved with it, so it also
+    survives a failure between the checkpoint and the metrics writes). Nothing is written here:
+    ``metrics.jsonl`` keeps its later records until the first resumed epoch is saved."""
+    epoch = payload["epoch"]
+    records = read_metrics(run_dir, epoch)
+    own = payload.get("metrics")
+    if isinstance(own, dict) and own.get("epoch") == epoch:
+        records = [r for r in records if r["epoch"] < epoch] + [own]
+    return records
 
 
 def summary_line(record, epochs):

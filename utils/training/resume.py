@@ -49,6 +49,24 @@ def refuse_identity_changes(saved, args):
                               f"trained with {saved[key]!r}; start a new run (another --run-name) to change it")
 
 
+def refuse_split_changes(saved, args):
+    """A run with a validation split (``--val-size``) keeps its seed and split size: the held-out
+    images are drawn with ``--seed``, so a change would move held-out images into training while
+    best.pt is still said to be chosen on held-out data."""
+    held_out = saved.get("val_size", 0) or 0
+    if not held_out and not args.val_size:
+        return
+    if args.val_size != held_out:
+        now = (f"holds out {held_out} training images to choose best.pt" if held_out else
+               "trains on all its images and chooses best.pt on the test subset")
+        raise ConfigError(f"cannot resume with --val-size {args.val_size}: the run {now}, and another split would "
+                          f"mix held-out and training images; drop --val-size or start a new run (another --run-name)")
+    if "seed" in saved and saved["seed"] != args.seed:
+        raise ConfigError(f"cannot resume with --seed {args.seed}: the run's validation split (--val-size "
+                          f"{held_out}) was drawn with --seed {saved['seed']} and another seed would move held-out "
+                          f"images into training; drop --seed or start a new run (another --run-name)")
+
+
 def schedule_changed(saved, args):
     """Whether lr, momentum, weight decay or milestones differ from the resumed run's."""
     return any(key in saved and _plain(saved[key]) != _plain(getattr(args, key)) for key in SCHEDULE)

@@ -1,5 +1,6 @@
 """The optimiser and its learning-rate schedule (docs/protocol.md §5): SGD with momentum and a
 step decay at milestone epochs, and the rebuild that lets a resumed run change them."""
+import math
 from collections import Counter
 from dataclasses import dataclass
 
@@ -20,6 +21,8 @@ class Schedule:
     gamma: float = recipe.LR_GAMMA
 
     def __post_init__(self):
+        if not all(math.isfinite(v) for v in (self.lr, self.momentum, self.weight_decay, self.gamma)):
+            raise ConfigError("--lr, --momentum and --weight-decay must be finite numbers")
         if self.lr <= 0 or self.weight_decay < 0:
             raise ConfigError("need --lr > 0 and --weight-decay >= 0")
         if not 0 <= self.momentum < 1:

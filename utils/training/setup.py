@@ -1,6 +1,8 @@
 """Setting up a training run from resolved options: every check first (outputs, data, memory,
-architecture), only then the run folder; then the model, the step, the trainer and the loop."""
+architecture), only then the run folder, locked for the whole run (one writer per folder); then
+the model, the step, the trainer and the loop."""
 import sys
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -8,11 +10,15 @@ import torch
 from models import CheckpointError, create_model, unwrap
 from utils import data, distributed, recipe
 from utils.checkpoint import (
+    RunWriteError,
     atomic_write_json,
     check_run_dir,
     prepare_run_dir,
+    read_metrics,
+    remove_stale_temp_files,
     seed_everything,
 )
+from utils.locks import FolderLock, check_unlocked
 from utils.training import resume
 from utils.training.config import (
     EvalConfig,
@@ -22,7 +28,7 @@ from utils.training.config import (
     resolve_device,
 )
 from utils.training.errors import ConfigError
-from utils.training.records import RunInfo
+from utils.training.records import RunInfo, write_reason
 from utils.training.schedule import (
     Schedule,
     build_optimizer,
@@ -64,6 +70,7 @@ def check_resume(payload, args):
                               f"options build {_describe(wanted)}; resume it with the script and options that "
                               f"created it")
     resume.refuse_identity_changes(payload["args"], args)
+    resume.refuse_split_changes(payload["args"], args)
 
 
 def available_memory():
@@ -93,15 +100,55 @@ def check_inputs(args):
 
 
 def check_outputs(args, context, payload, run_dir):
-    """The run directory to write, checked (nothing created or deleted yet)."""
-    if payload is not None:
-        return Path(run_dir)
-    out_dir = Path(args.out_dir)
-    if out_dir.exists() and not out_dir.is_dir():
-        raise ConfigError(f"--out-dir {out_dir} is a file, not a folder; pass the folder that should hold the runs")
-    run_dir = out_dir / args.run_name
-    distributed.run_on_main(context, lambda: check_run_dir(run_dir, overwrite=args.overwrite, smoke=args.smoke))
+    """The run directory to write, checked (nothing created or deleted yet): not in use by another
+    training, and for a resume a readable ``metrics.jsonl``."""
+    if payload is None:
+        out_dir = Path(args.out_dir)
+        if out_dir.exists() and not out_dir.is_dir():
+            raise ConfigError(f"--out-dir {out_dir} is a file, not a folder; pass the folder that should hold the runs")
+        run_dir = out_dir / args.run_name
+    run_dir = Path(run_dir)
+
+    def check():
+        if run_dir.is_dir():
+            check_unlocked(run_dir, "a training run")
+        if payload is None:
+            check_run_dir(run_dir, overwrite=args.overwrite, smoke=args.smoke)
+        else:
+            read_metrics(run_dir)
+
+    distributed.run_on_main(context, check)
     return run_dir
+
+
+@contextmanager
+def claimed_run_dir(context, run_dir, args, payload):
+    """Rank 0 creates ``run_dir`` (if new), takes its lock for the duration, and only then deletes
+    an overwritten run's files and the temporary files of interrupted writes. Other ranks wait
+    for it and share its refusal (:class:`~utils.locks.LockError` when another process holds the lock)."""
+    lock = FolderLock(run_dir, "a training run")
+
+    def claim():
+        if payload is None:
+            check_run_dir(run_dir, overwrite=args.overwrite, smoke=args.smoke)
+            run_dir.mkdir(parents=True, exist_ok=True)
+        lock.acquire()
+        try:
+            if payload is None:
+                prepare_run_dir(run_dir, args.overwrite, args.smoke)
+            removed = remove_stale_temp_files(run_dir)
+        except BaseException:
+            lock.release()
+            raise
+        if removed:
+            print(f"note: removed {len(removed)} temporary file(s) of interrupted writes in {run_dir}: "
+                  f"{', '.join(removed)}", file=sys.stderr)
+
+    distributed.run_on_main(context, claim)
+    try:
+        yield run_dir
+    finally:
+        lock.release()
 
 
 def load_splits(args):
@@ -214,6 +261,10 @@ def _log_start(trainer, args, splits, device, context, run_dir, payload):
     trainer.log(f"{args.method_name} | {args.arch} on {args.dataset} ({len(train)} train, "
                 f"{len(val) if val is not None else 0} val, {len(test)} test images) | device {device} "
                 f"({trainer.step.speed.describe()}){processes} | run {run_dir}")
+    beyond = [m for m in args.milestones if m > args.epochs]
+    if beyond:
+        trainer.log(f"note: milestone(s) {' '.join(map(str, beyond))} lie beyond --epochs {args.epochs}: they decay "
+                    f"the lr only if the run is resumed with a larger --epochs")
     if payload is not None:
         changed = resume.changed_options(payload["args"], args)
         trainer.log(f"resuming {args.resume} (epoch {payload['epoch']}; the next epoch starts from this "
@@ -239,15 +290,23 @@ def run(args, payload=None, run_dir=None):
     model = build_model(args, device)  # the architecture is checked before any data is decoded
     splits = distributed.run_on_main(context, lambda: load_splits(args))  # rank 0 downloads first
     splits = splits if context.is_main else load_splits(args)
-    if payload is None:
-        distributed.run_on_main(context, lambda: prepare_run_dir(run_dir, args.overwrite, args.smoke))
-    trainer = build_trainer(args, model, splits, device, context, run_dir)
-    if context.is_main:
+    with claimed_run_dir(context, run_dir, args, payload):
+        trainer = build_trainer(args, model, splits, device, context, run_dir)
+        if context.is_main:
+            write_args(run_dir, args)
+        _log_start(trainer, args, splits, device, context, run_dir, payload)
+        start = 1
+        if payload is not None:
+            start = trainer.restore(payload)
+            if resume.schedule_changed(payload["args"], args):
+                trainer.scheduler = reschedule(trainer.optimizer, schedule_of(args), payload["epoch"])
+        return trainer.fit(start)
+
+
+def write_args(run_dir, args):
+    """``args.json`` of the run (a disk-full failure leaves the previous one whole)."""
+    try:
         atomic_write_json(run_dir / "args.json", dict(vars(args)))
-    _log_start(trainer, args, splits, device, context, run_dir, payload)
-    start = 1
-    if payload is not None:
-        start = trainer.restore(payload)
-        if resume.schedule_changed(payload["args"], args):
-            trainer.scheduler = reschedule(trainer.optimizer, schedule_of(args), payload["epoch"])
-    return trainer.fit(start)
+    except OSError as err:
+        raise RunWriteError(f"could not write {run_dir / 'args.json'} ({write_reason(err)}); nothing was trained: "
+                            f"free space and run the command again") from err

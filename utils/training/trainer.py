@@ -14,10 +14,9 @@ from models import unwrap
 from utils import distributed
 from utils.checkpoint import (
     LAST,
+    RunWriteError,
     atomic_save,
-    read_metrics,
     restore_rng,
-    write_metrics,
 )
 from utils.training.config import RECIPE_CHECK, EvalConfig
 from utils.training.errors import ConfigError, NonFiniteLossError, TrainingInterrupted
@@ -27,8 +26,10 @@ from utils.training.records import (
     RunInfo,
     checkpoint_payload,
     load_training_state,
+    resumed_records,
     save_epoch_files,
     summary_line,
+    write_reason,
 )
 from utils.training.step import TrainStep
 from utils.training.stop import StopControl
@@ -70,8 +71,13 @@ class Trainer:
             return
         tqdm.write(message, file=sys.stdout)
         if self.run.run_dir is not None:
-            with open(self.run.run_dir / "log.txt", "a", encoding="utf-8") as handle:
-                handle.write(message + "\n")
+            try:
+                with open(self.run.run_dir / "log.txt", "a", encoding="utf-8") as handle:
+                    handle.write(message + "\n")
+            except OSError as err:
+                raise RunWriteError(f"could not append to {self.run.run_dir / 'log.txt'} ({write_reason(err)}); "
+                                    f"{self._last_good()}: free space and continue with --resume "
+                                    f"{self.run.run_dir}") from err
 
     # --- checkpoints
 
@@ -88,8 +94,7 @@ class Trainer:
             self.best = BestSoFar(**best)
         self.completed_epochs = payload["epoch"]
         if self.run.run_dir is not None:
-            self.records = read_metrics(self.run.run_dir, self.completed_epochs)
-            write_metrics(self.run.run_dir, self.records)
+            self.records = resumed_records(self.run.run_dir, payload)  # metrics.jsonl is rewritten at the next save
         restore_rng(payload["rng"])
         if payload.get("interrupted_epoch"):  # written by versions that saved at the interruption
             self.log(f"resuming interrupted epoch {payload['interrupted_epoch']}: it restarts from the weights "
@@ -199,7 +204,12 @@ class Trainer:
             self.log(f"nothing to do: the run already finished {self.epochs} epochs (pass a larger --epochs to go on)")
             return self.records
         if start_epoch == 1 and self.run.run_dir is not None:
-            atomic_save(self.checkpoint(0), self.run.run_dir / LAST)
+            try:
+                atomic_save(self.checkpoint(0), self.run.run_dir / LAST)
+            except OSError as err:
+                raise RunWriteError(f"could not write the starting checkpoint {self.run.run_dir / LAST} "
+                                    f"({write_reason(err)}); no epoch was trained: free space and start it again "
+                                    f"with --overwrite") from err
         self.log(f"{self.best.describe()}; epochs {start_epoch}..{self.epochs}")
         device = next(unwrap(self.model).parameters()).device
         with self.stop.handling_signals():
