@@ -392,7 +392,7 @@ def _has_attacks(request):
 
 
 def _load(args):
-    """The model (clean logits checked finite) and the fixed test subset."""
+    """The model and the fixed test subset."""
     if args.ckpt:
         model, config, saved = _checkpoint_from_args(args)
     else:
@@ -400,7 +400,6 @@ def _load(args):
     subset = load_test_subset(config, saved, n_examples=args.n_examples, dataset=args.dataset, data_dir=args.data_dir,
                               subset_seed=args.subset_seed, source=args.ckpt or args.model_factory)
     _check_classes(model, subset.x, subset.dataset, args.device)
-    check_finite_logits(model, subset.x, args.device, args.batch_size if isinstance(args.batch_size, int) else 256)
     return model, config, subset
 
 
@@ -437,6 +436,7 @@ def run(args, progress=None):
     model, config, subset = _load(args)
     choose_attacks(model, subset.x, args.attacks, Settings(eps=args.eps, budget=BUDGETS[args.budget]), args.device,
                    args.full_set)
+    check_finite_logits(model, subset.x, args.device, args.batch_size if isinstance(args.batch_size, int) else 256)
     meta = _meta(args, config, subset.dataset, subset.indices, subset.data_dir, started)
     if previous:
         _finished_attacks(previous, meta["resume_key"])  # refuse a mismatch before anything is created
