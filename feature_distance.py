@@ -47,13 +47,12 @@ def run(args):
         check_output_dir(args.out_dir)
     analysis = analysis_from_args(args)
     attack = attack_from_args(args, analysis)
-    create_output_dir(Path(args.output).parent if args.output else args.out_dir)
     result = feature_distances(analysis, args.target_label, strategy=args.strategy, n_examples=args.n_examples,
                                batch_size=args.batch_size, attack=attack, seed=args.seed, device=args.device,
                                progress=not args.quiet, save_features=args.save_features)
+    create_output_dir(Path(args.output).parent if args.output else args.out_dir)  # checked above; made once there is a result
     name = f"features_{safe_name(analysis.label)}_class{args.target_label}_{args.strategy}.npz"
-    path = Path(args.output) if args.output else Path(args.out_dir) / name
-    save_npz(path, result)
+    path = save_npz(Path(args.output) if args.output else Path(args.out_dir) / name, result)
     print(f"{analysis.label} on {analysis.dataset}, class {args.target_label} "
           f"({result['n_examples']} images), NP strategy {args.strategy}")
     print(stats_table(result))

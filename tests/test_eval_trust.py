@@ -1,13 +1,20 @@
 """Trust in the evaluation's figures and files: the worst case covers only the threat model,
 upper-bound rows and empty rows say so, outputs are checked before any work, results are saved
 per attack and resumed, bad options are one line, and the report names the weights used."""
+import datetime
+import errno
+import hashlib
 import json
 import os
+import socket
+import subprocess
+import sys
 
 import numpy as np
 import pytest
 import torch
 
+import draw_hist
 import draw_umap
 import feature_distance
 import test_white_attack
@@ -15,7 +22,9 @@ from models import create_model
 from tests.test_adaptive import result_like
 from tests.test_evaluation import prototype_data, trained_tiny
 from utils import data as datasets
-from utils.evaluation import runner
+from utils import locks
+from utils.analysis.features import METRIC_KEYS, save_npz
+from utils.evaluation import command, options, runner
 from utils.evaluation.results import Evaluation
 from utils.evaluation.suite import (
     BUDGETS,
@@ -118,18 +127,25 @@ def ckpt(tmp_path_factory):
     return _checkpoint(tmp_path_factory.mktemp("trust") / "run")
 
 
+NOT_FINITE = ("nan", "inf", "-inf", "1e400")
 BAD_EVAL = [["--device", "foo"], ["--attacks", ""], ["--attacks", "natural"], ["--eps", "300"], ["--eps", "-8/255"],
             ["--eps", "0"], ["--n-examples", "0"], ["--batch-size", "0"], ["--out-dir", "FILE"],
             ["--out-dir", "FILE/sub"], ["--resume"], ["--weights", "w.pt"], ["--model-factory", "x.py:build"],
-            ["--attacks", "pgd41"], ["--resume", "--out-dir", "EMPTY"], ["--full-set", "autoatack"]]
+            ["--attacks", "pgd41"], ["--resume", "--out-dir", "EMPTY"], ["--full-set", "autoatack"],
+            *[[option, value] for option in ("--aux-weight", "--eps", "--taus", "--joint-weights") for value in NOT_FINITE],
+            ["--aux-weight", "0"], ["--aux-weight", "-2"], ["--taus", "0.1,nan,10"], ["--taus", "0"],
+            ["--joint-weights", "0.5,-2"], ["--joint-weights", ","]]
 BAD_FEATURES = [["--device", "foo"], ["--eps", "300"], ["--eps", "-8/255"], ["--n-examples", "0"],
                 ["--out-dir", "FILE"], ["--batch-size", "x"], ["--normalize", "cifar11"],
-                ["--reverse-attention", "maybe"]]
+                ["--reverse-attention", "maybe"],
+                *[[option, value] for option in ("--aux-weight", "--eps", "--step-size") for value in NOT_FINITE],
+                ["--aux-weight", "-1"], ["--step-size", "-0.1"]]
 
 
 @pytest.mark.parametrize("script, argv", [(test_white_attack, a) for a in BAD_EVAL]
                          + [(feature_distance, a) for a in BAD_FEATURES]
-                         + [(draw_umap, a) for a in [*BAD_FEATURES, ["--n-examples", "1"]]])
+                         + [(draw_umap, a) for a in [*BAD_FEATURES, ["--n-examples", "1"], ["--min-dist", "nan"],
+                                                      ["--min-dist", "inf"], ["--min-dist", "-0.1"], ["--min-dist", "2"]]])
 def test_bad_input_is_one_line_and_changes_nothing(script, argv, ckpt, tmp_path, capsys):
     (tmp_path / "FILE").write_text("not a folder")
     (tmp_path / "EMPTY").mkdir()
@@ -168,8 +184,10 @@ def test_results_are_saved_per_attack_and_resumed(tmp_path, capsys, monkeypatch)
         return real(model, spec, *args, **kwargs)
 
     monkeypatch.setattr(runner, "run_attack", stop_after_first)
-    with pytest.raises(KeyboardInterrupt):
-        test_white_attack.main(argv)
+    code, err = _call(test_white_attack.main, argv, capsys)               # Ctrl-C: one line, as training does
+    assert code == 130 and err.count("\n") == 1 and "Traceback" not in err
+    assert err.startswith("interrupted: 1 finished attack(s) are saved in") and f"--resume --out-dir {out}" in err
+    assert not (out / ".lock").exists()
     partial = json.loads((out / test_white_attack.PARTIAL).read_text())
     assert [a["name"] for a in partial["attacks"]] == ["fgsm"] and not (out / "results.json").exists()
 
@@ -202,3 +220,221 @@ def test_report_names_the_weights_and_reuses_the_checkpoints_data_dir(tmp_path, 
         assert json.loads((out / "results.json").read_text())["meta"]["weights"] == weights.split()[0]
     capsys.readouterr()
     assert seen == [None] * 2  # synthetic data read no folder; the folder rule is tested in tests/test_data_trust.py
+
+
+# ---------------------------------------------------------------- issue 19: resume, locks, NaN, full disk
+
+def _finish(out, argv, capsys):
+    code, err = _call(test_white_attack.main, argv, capsys)
+    assert code == 0, err
+    return json.loads((out / "results.json").read_text())
+
+
+def test_resume_is_keyed_on_the_checkpoints_content_and_every_model_option(tmp_path, capsys):
+    path = _checkpoint(tmp_path / "run")
+    out = tmp_path / "eval"
+    argv = ["--ckpt", str(path), *FAST, "--attacks", "fgsm", "--out-dir", str(out)]
+    key = _finish(out, argv, capsys)["meta"]["resume_key"]
+    assert key["checkpoint_sha256"] == hashlib.sha256(path.read_bytes()).hexdigest() and key["normalize"] is None
+    assert key["n_examples"] == 6 and key["dataset"] == "synthetic" and key["no_ema"] is False
+    before = _snapshot(out)
+    refusals = [([*argv, "--resume", "--normalize", "cifar10"], "cannot resume: --normalize differs"),
+                ([*argv, "--resume", "--reverse-attention", "on"], "cannot resume: --reverse-attention differs"),
+                ([*argv, "--resume", "--no-ema"], "cannot resume: --no-ema differs"),
+                ([*argv, "--resume", "--subset-seed", "1"], "cannot resume: the test subset differs")]
+    for bad, message in refusals:
+        code, err = _call(test_white_attack.main, bad, capsys)
+        assert code == 2 and err.startswith(f"error: {message}") and err.count("\n") == 1, err
+    torch.manual_seed(1)  # another model saved over the same path: the path is the same, the content is not
+    payload = torch.load(path, weights_only=True)
+    payload["model"] = {k: v + 0.01 if v.is_floating_point() else v for k, v in payload["model"].items()}
+    torch.save(payload, path)
+    code, err = _call(test_white_attack.main, [*argv, "--resume"], capsys)
+    assert code == 2 and err.startswith("error: cannot resume: the checkpoint file's content (SHA-256) differs"), err
+    assert _snapshot(out) == before
+
+
+def test_resume_of_a_file_without_the_new_keys_is_refused(tmp_path, capsys):
+    path = _checkpoint(tmp_path / "run")
+    out = tmp_path / "eval"
+    argv = ["--ckpt", str(path), *FAST, "--attacks", "fgsm", "--out-dir", str(out)]
+    report = _finish(out, argv, capsys)
+    for name in ("checkpoint_sha256", "normalize", "data_dir", "n_examples"):  # what older versions wrote
+        del report["meta"]["resume_key"][name]
+    (out / "results.json").write_text(json.dumps(report))
+    before = _snapshot(out)
+    code, err = _call(test_white_attack.main, [*argv, "--resume"], capsys)
+    assert code == 2 and "written by an older version" in err and "another --out-dir" in err and err.count("\n") == 1
+    assert _snapshot(out) == before
+
+
+def test_a_folder_locked_by_a_live_process_is_refused(tmp_path, capsys):
+    path = _checkpoint(tmp_path / "run")
+    out = tmp_path / "eval"
+    out.mkdir()
+    other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        (out / ".lock").write_text(json.dumps({"pid": other.pid, "host": socket.gethostname(),
+                                               "started": "now", "command": "test_white_attack.py"}))
+        before = _snapshot(tmp_path)
+        code, err = _call(test_white_attack.main, ["--ckpt", str(path), *FAST, "--attacks", "fgsm", "--out-dir",
+                                                   str(out)], capsys)
+    finally:
+        other.kill()
+        other.wait()
+    assert code == 2 and err.startswith("error: ") and f"pid {other.pid}" in err and err.count("\n") == 1, err
+    assert _snapshot(tmp_path) == before
+
+
+def test_the_lock_is_taken_for_the_whole_evaluation(tmp_path, capsys, monkeypatch):
+    """A second writer that passed the early check (the first had not created the folder yet) is
+    refused when it takes the lock; the lock is held while the attacks run and released after."""
+    path = _checkpoint(tmp_path / "run")
+    out = tmp_path / "eval"
+    held, real = [], runner.run_attack
+
+    def run_while_checking(*args, **kwargs):
+        held.append(locks.read_lock(out)["pid"] == os.getpid())
+        with pytest.raises(locks.LockError, match="in use by pid"):
+            locks.FolderLock(out).acquire()
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(runner, "run_attack", run_while_checking)
+    _finish(out, ["--ckpt", str(path), *FAST, "--attacks", "fgsm", "--out-dir", str(out)], capsys)
+    assert held == [True] and not (out / ".lock").exists()
+
+
+def test_two_evaluations_started_in_the_same_second_get_their_own_folders(tmp_path, capsys, monkeypatch):
+    path = _checkpoint(tmp_path / "run")
+    frozen = datetime.datetime(2026, 1, 2, 3, 4, 5)
+    monkeypatch.setattr(command, "datetime", type("Frozen", (datetime.datetime,), {"now": staticmethod(lambda: frozen)}))
+    for _ in range(2):
+        code, err = _call(test_white_attack.main, ["--ckpt", str(path), *FAST, "--attacks", "fgsm"], capsys)
+        assert code == 0, err
+    folders = sorted(p.name for p in path.parent.glob("eval_*"))
+    assert folders == ["eval_20260102_030405", "eval_20260102_030405_2"]
+    assert all((path.parent / name / "results.json").is_file() for name in folders)
+    assert options.create_unique_dir(tmp_path / "x").name == "x" and options.create_unique_dir(tmp_path / "x").name == "x_2"
+
+
+class _Logits(torch.nn.Module):
+    """Logits given per example (first pixel picks the row)."""
+
+    def __init__(self, table):
+        super().__init__()
+        self.table = torch.tensor(table)
+
+    def forward(self, x):
+        return self.table[x[:, 0, 0, 0].long()]
+
+
+def test_nan_or_infinite_clean_logits_are_refused_up_front():
+    table = [[1.0, 0.0], [0.0, float("inf")], [float("nan"), 0.0], [2.0, 1.0]]
+    x = torch.arange(4.0).view(4, 1, 1, 1)
+    with pytest.raises(command.EvaluationError, match="NaN or infinite on 2 of 4 test examples .first: subset position 1"):
+        command.check_finite_logits(_Logits(table), x, "cpu", batch_size=3)
+    command.check_finite_logits(_Logits(table), x[[0, 3]], "cpu")  # finite rows pass
+
+
+def _broken_checkpoint(folder):
+    path = _checkpoint(folder)
+    payload = torch.load(path, weights_only=True)
+    name = next(k for k, v in payload["model"].items() if k.endswith("weight") and v.dim() == 4)
+    payload["model"][name][0, 0, 0, 0] = float("nan")
+    torch.save(payload, path)
+    return path
+
+
+@pytest.mark.parametrize("script", [test_white_attack, feature_distance, draw_umap])
+def test_a_model_with_nan_weights_is_refused_and_nothing_is_written(script, tmp_path, capsys):
+    path = _broken_checkpoint(tmp_path / "run")
+    before = _snapshot(tmp_path)
+    extra = FAST + ["--attacks", "fgsm"] if script is test_white_attack else ["--steps", "1", "--quiet",
+                                                                               "--n-examples", "12"]
+    code, err = _call(script.main, ["--ckpt", str(path), "--device", "cpu", "--out-dir", str(tmp_path / "out"),
+                                    *extra], capsys)
+    assert code == 2 and err.startswith("error: ") and "NaN or infinite" in err and err.count("\n") == 1, err
+    assert _snapshot(tmp_path) == before
+
+
+def test_draw_hist_refuses_a_file_with_nan(tmp_path, capsys):
+    run = {key: np.linspace(0, 1, 5) for key in METRIC_KEYS}
+    run.update(checkpoint="a.pt", label="A", target_label=0, dataset="synthetic", strategy="random", attack="{}",
+               seed=0, n_examples=5)
+    save_npz(tmp_path / "good.npz", run)
+    run["np_l2"] = np.array([0.1, np.nan, 0.3, 0.4, 0.5])
+    save_npz(tmp_path / "bad.npz", run)
+    before = _snapshot(tmp_path)
+    code, err = _call(draw_hist.main, [str(tmp_path / "good.npz"), str(tmp_path / "bad.npz"), "--out-dir",
+                                       str(tmp_path / "fig")], capsys)
+    assert code == 2 and err.startswith("error: ") and "np_l2 holds NaN" in err and err.count("\n") == 1
+    assert _snapshot(tmp_path) == before
+
+
+def _disk_full_after(monkeypatch, n_ok):
+    """os.fsync succeeds ``n_ok`` times, then fails as a full disk does."""
+    calls, real = [], os.fsync
+
+    def fsync(fd):
+        calls.append(fd)
+        if len(calls) > n_ok:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return real(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+
+
+def _no_temp_files(folder):
+    return not [p for p in folder.rglob("*.tmp")]
+
+
+def test_write_bytes_keeps_the_previous_file_on_a_full_disk(tmp_path, monkeypatch):
+    target = tmp_path / "a.json"
+    options.write_text(target, "old")
+    _disk_full_after(monkeypatch, 0)
+    with pytest.raises(options.OutputError, match="cannot write .*a.json .No space left on device.; the previous"):
+        options.write_text(target, "new")
+    assert target.read_text() == "old" and _no_temp_files(tmp_path)
+
+
+def test_feature_distance_on_a_full_disk_keeps_the_previous_npz(ckpt, tmp_path, capsys, monkeypatch):
+    out = tmp_path / "r.npz"
+    argv = ["--ckpt", str(ckpt), "--device", "cpu", "--steps", "1", "--quiet", "--n-examples", "3", "--output",
+            str(out)]
+    code, err = _call(feature_distance.main, argv, capsys)
+    assert code == 0, err
+    previous = out.read_bytes()
+    _disk_full_after(monkeypatch, 0)
+    code, err = _call(feature_distance.main, [*argv, "--seed", "1"], capsys)
+    assert code == 2 and err.startswith("error: cannot write") and "No space left" in err and err.count("\n") == 1
+    assert out.read_bytes() == previous and _no_temp_files(tmp_path)
+
+
+def test_draw_hist_on_a_full_disk_keeps_the_previous_figures(tmp_path, capsys, monkeypatch):
+    run = {key: np.linspace(0, 1, 5) for key in METRIC_KEYS}
+    run.update(checkpoint="a.pt", label="A", target_label=0, dataset="synthetic", strategy="random", attack="{}",
+               seed=0, n_examples=5)
+    npz = save_npz(tmp_path / "a.npz", run)
+    argv = [str(npz), "--out-dir", str(tmp_path / "fig"), "--bins", "4"]
+    code, err = _call(draw_hist.main, argv, capsys)
+    assert code == 0, err
+    previous = {p.name: p.read_bytes() for p in (tmp_path / "fig").iterdir()}
+    _disk_full_after(monkeypatch, 0)
+    code, err = _call(draw_hist.main, argv[:-1] + ["5"], capsys)
+    assert code == 2 and err.startswith("error: cannot write") and err.count("\n") == 1
+    assert {p.name: p.read_bytes() for p in (tmp_path / "fig").iterdir()} == previous and _no_temp_files(tmp_path)
+
+
+def test_evaluation_on_a_full_disk_keeps_the_finished_attacks_and_resumes(tmp_path, capsys, monkeypatch):
+    path = _checkpoint(tmp_path / "run")
+    out = tmp_path / "eval"
+    argv = ["--ckpt", str(path), *FAST, "--attacks", "fgsm,pgd10", "--out-dir", str(out)]
+    with monkeypatch.context() as patch:
+        _disk_full_after(patch, 1)  # fgsm's partial save works, pgd10's fails
+        code, err = _call(test_white_attack.main, argv, capsys)
+    assert code == 2 and err.startswith("error: cannot write") and "No space left" in err and err.count("\n") == 1
+    assert f"1 finished attack(s) are saved in {out / test_white_attack.PARTIAL}" in err and "--resume" in err
+    partial = json.loads((out / test_white_attack.PARTIAL).read_text())
+    assert [a["name"] for a in partial["attacks"]] == ["fgsm"] and _no_temp_files(out)
+    assert not (out / "results.json").exists() and not (out / ".lock").exists()
+    assert [a["name"] for a in _finish(out, [*argv, "--resume"], capsys)["attacks"]] == ["fgsm", "pgd10"]

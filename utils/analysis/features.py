@@ -21,7 +21,9 @@ mode (RA models use argmax masks, as at inference). Saved ``.npz`` files (load w
 ``feat_nat|adv|neg``       float32 (N, R), only with ``save_features``: the features themselves
 ========================== ======================================================================
 """
+import io
 import json
+import math
 import sys
 from dataclasses import asdict, dataclass
 
@@ -34,7 +36,7 @@ from models.loading import saved_args
 from utils import data as datasets
 from utils import recipe
 from utils.attacks import EPS, pgd
-from utils.evaluation.options import device_type, positive_int, threat_eps
+from utils.evaluation.options import device_type, nonnegative_float, positive_int, threat_eps, write_bytes
 from utils.training.methods import get_method, method_names, split_method_suffix
 from utils.training.methods import method_label as registry_label
 from utils.training.negatives import STRATEGIES, choose_negatives, effective_strategy
@@ -165,6 +167,21 @@ def features_of(model, x):
     return feat.float().cpu()
 
 
+def check_finite(values, what):
+    """Refuse NaN / ±inf values (a broken model or file) instead of drawing or saving them."""
+    finite = torch.isfinite(torch.as_tensor(values))
+    if not bool(finite.all()):
+        bad = int((~finite).reshape(len(finite), -1).any(1).sum())
+        raise FeatureError(f"{what} hold NaN or infinite values ({bad} of {len(finite)} rows); the model's weights or "
+                           "--normalize are broken: check the checkpoint")
+    return values
+
+
+def finite_features(model, x, what):
+    """:func:`features_of`, refused when a feature is NaN or infinite."""
+    return check_finite(features_of(model, x), what)
+
+
 def pair_metrics(a, b):
     """Row-wise cosine similarity and L2 distance of two N×R feature arrays, as float64 numpy."""
     a = torch.as_tensor(a, dtype=torch.float64)
@@ -247,8 +264,8 @@ def feature_distances(analysis, target_label=0, *, strategy="random_adv", n_exam
             x_adv = adversarial(model, x, y, attack, generator)
             x_o, picked = other_class_examples(model, strategy, x, y, images(pool), data.y[pool].to(device),
                                                len(data.classes), attack, generator)
-            for key, batch in zip(FEATURE_KEYS, (x, x_adv, x_o)):
-                feats[key].append(features_of(model, batch))
+            for key, batch, what in zip(FEATURE_KEYS, (x, x_adv, x_o), ("natural", "adversarial", "other-class")):
+                feats[key].append(finite_features(model, batch, f"the features of {what} examples"))
             negative_index.append(pool[picked.cpu()])
             bar.update(len(idx))
     feats = {key: torch.cat(value).numpy() for key, value in feats.items()}
@@ -281,8 +298,9 @@ def umap_inputs(analysis, n_examples=500, *, batch_size=200, attack=AttackSettin
         for start in range(0, len(chosen), batch_size):
             idx = chosen[start:start + batch_size]
             x, y = data.x[idx].to(device).float().div_(255), data.y[idx].to(device)
-            natural.append(features_of(model, x))
-            adv.append(features_of(model, adversarial(model, x, y, attack, generator)))
+            natural.append(finite_features(model, x, "the features of natural examples"))
+            adv.append(finite_features(model, adversarial(model, x, y, attack, generator),
+                                       "the features of adversarial examples"))
             bar.update(len(idx))
     labels = data.y[chosen].numpy()
     n = len(chosen)
@@ -306,13 +324,18 @@ def stats_table(result):
 
 
 def save_npz(path, result):
-    """Write ``result`` with numpy-native types only (strings as str arrays): no pickle needed."""
+    """Write ``result`` with numpy-native types only (strings as str arrays): no pickle needed.
+    The file is replaced atomically (a full disk leaves the previous one intact: ``OutputError``);
+    ``.npz`` is appended to a name without it, as ``np.savez`` does. Returns the path written."""
     arrays = {}
     for key, value in result.items():
         arrays[key] = np.array(value) if isinstance(value, (str, int, float)) else np.asarray(value)
         if arrays[key].dtype == object:
             raise TypeError(f"{key} is not numpy-native")
-    np.savez(path, **arrays)
+    buffer = io.BytesIO()
+    np.savez(buffer, **arrays)
+    path = str(path)
+    return write_bytes(path if path.endswith(".npz") else path + ".npz", buffer.getvalue())
 
 
 def load_npz(path):
@@ -325,6 +348,10 @@ def load_npz(path):
     missing = [key for key in METRIC_KEYS + META_KEYS if key not in raw]
     if missing:
         raise FeatureError(f"{path} lacks {', '.join(missing)}; pass files written by feature_distance.py")
+    for key in METRIC_KEYS:
+        if raw[key].dtype.kind != "f" or not np.isfinite(raw[key]).all():
+            raise FeatureError(f"{path}: {key} holds NaN, infinite or non-numeric values; recompute the file with "
+                               "feature_distance.py from a working checkpoint")
     return {key: value.item() if value.ndim == 0 else value for key, value in raw.items()}
 
 
@@ -349,8 +376,8 @@ def add_common_arguments(parser):
     parser.add_argument("--eps", type=threat_eps, default=EPS,
                         help="L∞ budget: 8/255 (default), 0.031 or 8 (pixel units)")
     parser.add_argument("--steps", type=int, default=recipe.TRAIN_ATTACK_STEPS, help="PGD steps (default 10)")
-    parser.add_argument("--step-size", type=float, default=recipe.STEP_SIZE, help="PGD step size (default 0.007)")
-    parser.add_argument("--aux-weight", type=float, default=None,
+    parser.add_argument("--step-size", type=nonnegative_float, default=recipe.STEP_SIZE, help="PGD step size (default 0.007)")
+    parser.add_argument("--aux-weight", type=nonnegative_float, default=None,
                         help="λ on the RA heads' CE in the attacks, as in training (default: the checkpoint's, "
                              "else 2.0; unused for plain models)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the attack noise and sampling")
@@ -387,4 +414,6 @@ def analysis_from_args(args):
 def attack_from_args(args, analysis):
     """:class:`AttackSettings` from the options; λ defaults to the one the checkpoint trained with."""
     aux_weight = args.aux_weight if args.aux_weight is not None else float(analysis.args.get("aux_weight", 2.0))
+    if not math.isfinite(aux_weight) or aux_weight < 0:
+        raise FeatureError(f"the checkpoint's aux_weight is {aux_weight}; pass --aux-weight (e.g. 2.0)")
     return AttackSettings(args.eps, args.step_size, args.steps, aux_weight)

@@ -1,5 +1,6 @@
 """Figures of the feature analysis (docs/protocol.md §6): the paper's four overlaid histograms (Fig. 1, 3)
 and a UMAP scatter of natural / adversarial features. Headless (Agg backend)."""
+import io
 import warnings
 from pathlib import Path
 
@@ -9,6 +10,9 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import numpy as np
 from matplotlib.lines import Line2D
+
+from utils.analysis.features import FeatureError, check_finite
+from utils.evaluation.options import write_bytes
 
 # (array key, panel title, x-axis label, file stem), in the paper's panel order
 PANELS = (
@@ -57,14 +61,17 @@ def _draw_panel(ax, key, title, xlabel, runs, labels, n_bins, legend):
 
 
 def _save(fig, stem):
-    """Write ``stem``.png and ``stem``.pdf; returns the paths."""
-    paths = []
-    for fmt in FORMATS:
-        path = Path(f"{stem}.{fmt}")
-        fig.savefig(path, dpi=150, bbox_inches="tight")
-        paths.append(path)
-    plt.close(fig)
-    return paths
+    """Write ``stem``.png and ``stem``.pdf, each replaced atomically (a full disk leaves the previous
+    file intact: ``OutputError``); returns the paths."""
+    try:
+        images = []
+        for fmt in FORMATS:
+            buffer = io.BytesIO()
+            fig.savefig(buffer, format=fmt, dpi=150, bbox_inches="tight")
+            images.append((Path(f"{stem}.{fmt}"), buffer.getvalue()))
+    finally:
+        plt.close(fig)
+    return [write_bytes(path, data) for path, data in images]
 
 
 def combined_histogram(runs, labels, n_bins=20):
@@ -87,6 +94,9 @@ def panel_histogram(panel, runs, labels, n_bins=20):
 
 def histogram_figures(runs, labels, out_dir, n_bins=20):
     """``hist_all`` plus one file per panel (``hist_np_cos``, ...), PNG and PDF; returns the paths."""
+    for run in runs:
+        for key, title, _, _ in PANELS:
+            check_finite(np.asarray(run[key], dtype=np.float64), f"the {title} values of {run.get('label', 'a run')}")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = _save(combined_histogram(runs, labels, n_bins), out_dir / "hist_all")
@@ -99,12 +109,15 @@ def umap_embedding(features, seed=0, n_neighbors=15, min_dist=0.1):
     """2-D UMAP of an N×R array; a fixed ``seed`` makes it deterministic (single-threaded)."""
     import umap  # heavy import (numba), only when a UMAP is drawn
 
-    features = np.asarray(features, dtype=np.float32)
+    features = np.asarray(check_finite(np.asarray(features, dtype=np.float32), "the features to embed"))
     reducer = umap.UMAP(n_neighbors=min(n_neighbors, len(features) - 1), min_dist=min_dist,
                         random_state=seed, n_jobs=1)
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*n_jobs value.*", category=UserWarning)
-        return reducer.fit_transform(features).astype(np.float32)
+        embedding = reducer.fit_transform(features).astype(np.float32)
+    if not np.isfinite(embedding).all():
+        raise FeatureError("UMAP returned NaN or infinite coordinates; try other --n-neighbors / --min-dist")
+    return embedding
 
 
 def umap_figure(embedding, labels, is_adv, class_names, title, stem):

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import hashlib
 import importlib.util
 import json
 import sys
@@ -31,7 +32,6 @@ from models import (
 from models.loading import saved_args
 from utils import data as datasets
 from utils import recipe
-from utils.checkpoint import atomic_write_json, atomic_write_text
 from utils.cli import OneLineArgumentParser, run_cli
 from utils.evaluation import compare, review
 from utils.evaluation.autoattack_adapter import AutoAttackUnavailable
@@ -41,9 +41,14 @@ from utils.evaluation.options import (
     batch_size_type,
     check_output_dir,
     create_output_dir,
+    create_unique_dir,
     device_type,
+    positive_float,
+    positive_float_list,
     positive_int,
     threat_eps,
+    write_json,
+    write_text,
 )
 from utils.evaluation.report import eps_text
 from utils.evaluation.results import AttackResult
@@ -53,6 +58,7 @@ from utils.evaluation.suite import (
     default_attack_dtype,
     evaluate_model,
 )
+from utils.locks import FolderLock, LockError, check_unlocked
 
 DESCRIPTION = """Robust accuracy of a checkpoint, or of any model built by a Python function: the paper's
 white-box protocol (docs/protocol.md §2) and an adaptive evaluation that sees through reverse
@@ -64,7 +70,16 @@ up an interrupted run), and prints the markdown report.
 """
 PARTIAL = "results.partial.json"
 RESUME_KEYS = ("model", "weights", "indices", "seed", "eps", "budget", "aux_weight", "joint_weights", "taus",
-               "cascade", "full_set", "attack_dtype", "attacks_requested")
+               "cascade", "full_set", "attack_dtype", "attacks_requested",
+               # what changes the model or the data (the content of the files, not their paths)
+               "checkpoint_sha256", "factory_sha256", "weights_sha256", "normalize", "reverse_attention_option",
+               "arch_option", "num_classes_option", "no_ema", "dataset", "data_dir", "n_examples", "subset_seed")
+KEY_TEXT = {"checkpoint_sha256": "the checkpoint file's content (SHA-256)",
+            "factory_sha256": "the --model-factory file's content (SHA-256)",
+            "weights_sha256": "the --weights file's content (SHA-256)", "normalize": "--normalize",
+            "reverse_attention_option": "--reverse-attention", "arch_option": "--arch",
+            "num_classes_option": "--num-classes", "no_ema": "--no-ema", "data_dir": "the data folder",
+            "indices": "the test subset", "attacks_requested": "--attacks"}
 
 
 def name_list(text):
@@ -109,12 +124,13 @@ def _attack_arguments(parser):
                              "preset; they reproduce the reference code and never enter the worst case)")
     attack.add_argument("--eps", type=threat_eps, default=recipe.EPS,
                         help="L∞ budget: 8/255 (default), 0.031 or 8 (pixel units)")
-    attack.add_argument("--aux-weight", type=float, default=recipe.AUX_WEIGHT, help="λ of the 'with p' attacks (default 2.0)")
+    attack.add_argument("--aux-weight", type=positive_float, default=recipe.AUX_WEIGHT,
+                        help="λ of the 'with p' attacks (default 2.0)")
     attack.add_argument("--budget", choices=sorted(BUDGETS), default="full",
                         help="strength of the adaptive/sanity attacks: full (default) or small (CPU smoke runs)")
-    attack.add_argument("--joint-weights", type=number_list, default=recipe.JOINT_AUX_WEIGHTS,
+    attack.add_argument("--joint-weights", type=positive_float_list, default=recipe.JOINT_AUX_WEIGHTS,
                         help="aux weights of the joint attacks (default 0.5,2,8)")
-    attack.add_argument("--taus", type=number_list, default=recipe.ST_TAUS,
+    attack.add_argument("--taus", type=positive_float_list, default=recipe.ST_TAUS,
                         help="temperatures of the straight-through attacks (default 0.1,1,10)")
     attack.add_argument("--seed", type=int, default=0, help="seed of the attacks' random starts (default 0)")
     attack.add_argument("--cascade", action=argparse.BooleanOptionalAction, default=True,
@@ -278,28 +294,101 @@ def _check_classes(model, x, dataset, device):
                               "classes; pass the --dataset it was trained on")
 
 
-def _check_outputs(args, started):
-    out_dir = Path(args.out_dir) if args.out_dir else (
-        Path(args.ckpt).parent if args.ckpt else Path(".")) / f"eval_{started:%Y%m%d_%H%M%S}"
-    check_output_dir(out_dir)
+@torch.no_grad()
+def check_finite_logits(model, x, device, batch_size=256):
+    """Refuse, before any attack, a model whose clean logits hold NaN or ±inf on the subset: every
+    comparison with NaN is False, so such a model would read as never broken."""
+    bad = []
+    for start in range(0, len(x), batch_size):
+        logits = model.eval()(x[start:start + batch_size].to(device)).float()
+        bad.append((~torch.isfinite(logits)).any(dim=1).cpu())
+    bad = torch.cat(bad) if bad else torch.zeros(0, dtype=torch.bool)
+    if bad.any():
+        raise EvaluationError(f"the model's logits are NaN or infinite on {int(bad.sum())} of {len(x)} test examples "
+                              f"(first: subset position {int(bad.nonzero()[0])}), so no attack can be judged; its "
+                              "weights or --normalize are broken: check the checkpoint")
+
+
+def _default_out_dir(args, started):
+    return (Path(args.ckpt).parent if args.ckpt else Path(".")) / f"eval_{started:%Y%m%d_%H%M%S}"
+
+
+def _previous_results(out_dir, resume):
+    """The file of the run to resume in ``out_dir`` (None without ``resume``); refuses a folder that
+    holds an evaluation when ``resume`` is not asked for, and one that holds none when it is."""
     previous = out_dir / PARTIAL if (out_dir / PARTIAL).exists() else out_dir / "results.json"
-    if args.resume and not previous.exists():
+    if resume and not previous.exists():
         raise EvaluationError(f"nothing to resume in {out_dir} (no results.json or {PARTIAL}); drop --resume")
-    if not args.resume and previous.exists():
+    if not resume and previous.exists():
         raise EvaluationError(f"{out_dir} already holds an evaluation; pass --resume to continue it or another --out-dir")
-    return out_dir, previous if args.resume else None
+    return previous if resume else None
+
+
+def _check_outputs(args, started):
+    """``(out_dir, previous)`` checked before any work; creates nothing. The default folder
+    (``eval_<timestamp>``) is made unique when it is created, so it is never refused here."""
+    if not args.out_dir:
+        return check_output_dir(_default_out_dir(args, started)), None
+    out_dir = check_output_dir(Path(args.out_dir))
+    if out_dir.is_dir():
+        check_unlocked(out_dir, "an evaluation")
+    return out_dir, _previous_results(out_dir, args.resume)
+
+
+def _shown(value):
+    """A resume-key value short enough for a one-line message."""
+    if isinstance(value, str) and len(value) == 64:
+        return value[:12] + "…"
+    if isinstance(value, list) and len(value) > 6:
+        return f"{len(value)} values"
+    return repr(value)
 
 
 def _finished_attacks(previous, key):
-    """Results of the run being resumed, after checking it used the same settings."""
-    saved = json.loads(previous.read_text())
-    saved_key = saved.get("meta", {}).get("resume_key", {})
+    """Results of the run being resumed, after checking it used the same model, data and settings."""
+    try:
+        saved = json.loads(previous.read_text())
+        saved_key = saved.get("meta", {}).get("resume_key", {})
+    except (OSError, ValueError, AttributeError) as err:
+        raise EvaluationError(f"cannot resume: {previous} is unreadable ({err}); start again in another --out-dir") \
+            from None
+    missing = [name for name in RESUME_KEYS if name not in saved_key]
+    if missing:
+        raise EvaluationError(f"cannot resume: {previous} was written by an older version that did not record "
+                              f"{KEY_TEXT.get(missing[0], missing[0])} (and {len(missing) - 1} more), so it cannot be "
+                              "shown to come from the same model and data; evaluate again into another --out-dir")
     for name in RESUME_KEYS:
-        if saved_key.get(name) != key[name]:
-            raise EvaluationError(f"cannot resume: {name.replace('_', ' ')} differs from the saved run "
-                                  f"({saved_key.get(name)!r} there, {key[name]!r} now); use the same settings or "
-                                  "another --out-dir")
+        if saved_key[name] != key[name]:
+            what = KEY_TEXT.get(name, name.replace("_", " "))
+            raise EvaluationError(f"cannot resume: {what} differs from the saved run ({_shown(saved_key[name])} there, "
+                                  f"{_shown(key[name])} now); use the same model, data and settings or another "
+                                  "--out-dir")
     return {record["name"]: AttackResult.from_json(record) for record in saved.get("attacks", [])}
+
+
+def file_sha256(path):
+    """Hex SHA-256 of a file's content, read in 1 MiB blocks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def resume_key(args, meta):
+    """What a resumed run must share with the saved one: the settings of :data:`RESUME_KEYS`, the
+    content of every model file, and every option that changes the model or the data (JSON values)."""
+    factory = args.model_factory.rpartition(":")[0] if args.model_factory else None
+    source = _source(args)
+    key = {"model": source + (f" + {args.weights}" if args.weights else ""),
+           **{k: meta[k] for k in RESUME_KEYS if k in meta},
+           "checkpoint_sha256": file_sha256(args.ckpt) if args.ckpt else None,
+           "factory_sha256": file_sha256(factory) if factory else None,
+           "weights_sha256": file_sha256(args.weights) if args.weights else None,
+           "normalize": args.normalize, "reverse_attention_option": args.reverse_attention,
+           "arch_option": args.arch, "num_classes_option": args.num_classes, "no_ema": args.no_ema,
+           "data_dir": str(Path(meta["data_dir"]).resolve()) if meta["data_dir"] else None}
+    return json.loads(json.dumps(key))  # tuples become lists, as in the saved file
 
 
 def _source(args):
@@ -309,7 +398,6 @@ def _source(args):
 
 
 def _meta(args, config, dataset, indices, data_dir, started):
-    source = _source(args)
     meta = {"checkpoint": str(args.ckpt or args.model_factory or args.robustbench), **config, "dataset": dataset,
             "data_dir": data_dir,
             "n_examples": len(indices), "indices": indices, "subset_seed": args.subset_seed, "eps": args.eps,
@@ -319,8 +407,7 @@ def _meta(args, config, dataset, indices, data_dir, started):
             "torch": torch.__version__, "started": started.isoformat(timespec="seconds"), "arguments": vars(args),
             "cascade": args.cascade, "full_set": list(args.full_set),
             "attack_dtype": args.attack_dtype or default_attack_dtype(args.device)}
-    meta["resume_key"] = {"model": source + (f" + {args.weights}" if args.weights else ""),
-                          **{k: meta[k] for k in RESUME_KEYS if k not in ("model",)}}
+    meta["resume_key"] = resume_key(args, meta)
     return meta
 
 
@@ -328,14 +415,8 @@ def _has_attacks(request):
     return any(t.strip() and t.strip() != "natural" for t in request.split(","))
 
 
-def run(args):
-    """Check every input and the output folder, load, attack (saving each attack), report."""
-    started = datetime.now()
-    if not _has_attacks(args.attacks):
-        raise EvaluationError(f"--attacks {args.attacks!r} names no attack; give names or a preset "
-                              f"({', '.join(PRESETS)})")
-    out_dir, previous = _check_outputs(args, started)
-    review.check_outputs(args, out_dir)
+def _load(args):
+    """The model and the fixed test subset."""
     if args.ckpt:
         model, config, saved = _checkpoint_from_args(args)
     elif args.robustbench:
@@ -344,48 +425,102 @@ def run(args):
         model, config, saved = build_factory_model(args.model_factory, args.weights, args.device)
     subset = load_test_subset(config, saved, n_examples=args.n_examples, dataset=args.dataset, data_dir=args.data_dir,
                               subset_seed=args.subset_seed, source=args.ckpt or args.model_factory or args.robustbench)
-    dataset, x, y, indices, data_dir = subset.dataset, subset.x, subset.y, subset.indices, subset.data_dir
-    _check_classes(model, x, dataset, args.device)
-    choose_attacks(model, x, args.attacks, Settings(eps=args.eps, budget=BUDGETS[args.budget]), args.device,
+    _check_classes(model, subset.x, subset.dataset, args.device)
+    return model, config, subset
+
+
+class Progress:
+    """Where an evaluation saves its finished attacks (``results.partial.json`` in ``out_dir``), so
+    an interruption or a failed write can say what is kept and how to resume."""
+
+    def __init__(self):
+        self.out_dir, self.saved = None, 0
+
+    def resume_hint(self):
+        if self.out_dir is None or not self.saved:
+            return "no attack had finished, so nothing is saved: rerun the same command"
+        kept = self.out_dir / PARTIAL if (self.out_dir / PARTIAL).exists() else self.out_dir / "results.json"
+        return (f"{self.saved} finished attack(s) are saved in {kept}: continue with the same options plus "
+                f"--resume --out-dir {self.out_dir}")
+
+    def write(self, name, write, content):
+        """``write(out_dir / name, content)``; a failed write says what is kept and how to resume."""
+        try:
+            write(self.out_dir / name, content)
+        except OutputError as err:
+            raise OutputError(f"{err}; {self.resume_hint()}") from None
+
+
+def run(args, progress=None):
+    """Check every input and the output folder, load, attack (saving each attack), report."""
+    started = datetime.now()
+    progress = progress if progress is not None else Progress()
+    if not _has_attacks(args.attacks):
+        raise EvaluationError(f"--attacks {args.attacks!r} names no attack; give names or a preset "
+                              f"({', '.join(PRESETS)})")
+    out_dir, previous = _check_outputs(args, started)
+    review.check_outputs(args, out_dir)
+    model, config, subset = _load(args)
+    choose_attacks(model, subset.x, args.attacks, Settings(eps=args.eps, budget=BUDGETS[args.budget]), args.device,
                    args.full_set)
-    meta = _meta(args, config, dataset, indices, data_dir, started)
-    finished = _finished_attacks(previous, meta["resume_key"]) if previous else {}
-    create_output_dir(out_dir)
+    check_finite_logits(model, subset.x, args.device, args.batch_size if isinstance(args.batch_size, int) else 256)
+    meta = _meta(args, config, subset.dataset, subset.indices, subset.data_dir, started)
+    if previous:
+        _finished_attacks(previous, meta["resume_key"])  # refuse a mismatch before anything is created
+    out_dir = create_output_dir(out_dir) if args.out_dir else create_unique_dir(out_dir)
+    with FolderLock(out_dir, "an evaluation"):
+        previous = _previous_results(out_dir, args.resume)  # again, now that no one else can write here
+        finished = _finished_attacks(previous, meta["resume_key"]) if previous else {}
+        return _evaluate(args, model, subset, meta, out_dir, finished, progress, started)
+
+
+def _evaluate(args, model, subset, meta, out_dir, finished, progress, started):
     done = list(finished.values())
+    progress.out_dir, progress.saved = out_dir, len(done)
 
     def save_progress(result):
         done.append(result)
-        atomic_write_json(out_dir / PARTIAL, {"meta": meta, "status": "partial", "attacks": [r.to_json() for r in done]})
+        progress.write(PARTIAL, write_json, {"meta": meta, "status": "partial", "attacks": [r.to_json() for r in done]})
+        progress.saved = len(done)
         if not args.quiet:
             figure = "cascade" if result.accuracy is None else f"{100 * result.accuracy:.2f} %"
             print(f"{result.name}: {figure}, broke {result.n_broken}/{result.n_received} ({result.seconds:.1f} s)",
                   file=sys.stderr)
 
-    evaluation = evaluate_model(model, x, y, args.attacks, args.eps, aux_weight=args.aux_weight, budget=args.budget,
-                                batch_size=args.batch_size, seed=args.seed, device=args.device, cascade=args.cascade,
-                                attack_dtype=meta["attack_dtype"], joint_weights=args.joint_weights, taus=args.taus,
+    evaluation = evaluate_model(model, subset.x, subset.y, args.attacks, args.eps, aux_weight=args.aux_weight,
+                                budget=args.budget, batch_size=args.batch_size, seed=args.seed, device=args.device,
+                                cascade=args.cascade, attack_dtype=meta["attack_dtype"],
+                                joint_weights=args.joint_weights, taus=args.taus,
                                 progress=not args.quiet and sys.stderr.isatty(), on_result=save_progress,
                                 finished=finished, meta=meta, full_set=args.full_set)
-    evaluation.indicators = review.run_indicators(args, model, x, y, evaluation)
+    evaluation.indicators = review.run_indicators(args, model, subset.x, subset.y, evaluation)
     evaluation.meta["seconds"] = (datetime.now() - started).total_seconds()
     report = evaluation.markdown()
-    atomic_write_text(out_dir / "report.md", report)
-    atomic_write_json(out_dir / "results.json", evaluation.to_json())
+    progress.write("report.md", write_text, report)
+    progress.write("results.json", write_json, evaluation.to_json())
     (out_dir / PARTIAL).unlink(missing_ok=True)
-    report = review.after_report(args, model, x, y, evaluation, out_dir, report)
+    report = review.after_report(args, model, subset.x, subset.y, evaluation, out_dir, report)
     print(report)
     print(f"saved {out_dir / 'report.md'} and {out_dir / 'results.json'}")
     return out_dir
 
 
 def main(argv=None):
-    errors = (EvaluationError, CheckpointError, datasets.DatasetError, AutoAttackUnavailable, OutputError)
-    return run_cli(_run_one_or_compare, parse_args, errors, argv)
+    """Command line of ``test_white_attack.py``: 0 done, 2 refused (one line), 130 interrupted (one
+    line saying what is saved and how to resume, as training's Ctrl-C does)."""
+    errors = (EvaluationError, CheckpointError, datasets.DatasetError, AutoAttackUnavailable, OutputError, LockError)
+    progress = Progress()
+    try:
+        return run_cli(lambda args: _run_one_or_compare(args, progress), parse_args, errors, argv)
+    except KeyboardInterrupt:
+        print(f"interrupted: {progress.resume_hint()}", file=sys.stderr)
+        return 130
 
 
-def _run_one_or_compare(args):
+def _run_one_or_compare(args, progress):
     if not args.compare:
-        return run(args)
+        return run(args, progress)
+
     def load(path):
         return _checkpoint_from_args(argparse.Namespace(**dict(vars(args), ckpt=path)))
     return compare.run_compare(args, run, load=load)
