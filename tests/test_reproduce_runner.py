@@ -21,7 +21,7 @@ from utils.reproduce.cli import make_plan
 from utils.reproduce.commands import EvaluationTool
 from utils.reproduce.launcher import Launcher
 from utils.reproduce.plan import Plan
-from utils.reproduce.runner import StudyRun, row_lock
+from utils.reproduce.runner import StudyRun, describe_slots, row_lock
 from utils.reproduce.schedule import device_slots, run_concurrently
 from utils.reproduce.state import evaluates_checkpoint, record_evaluated_checkpoint
 from utils.reproduce.studies import STUDIES, select_rows
@@ -49,6 +49,12 @@ def test_device_slots_can_share_a_device():
         device_slots("0", 1, rows_per_gpu=0)
     with pytest.raises(ValueError, match="names a GPU twice"):
         device_slots("0,0", 2)
+
+
+def test_describe_slots():
+    assert describe_slots(("0", "1", "0", "1")) == "2 on GPU 0, 2 on GPU 1"
+    assert describe_slots(("0,1", "0,1")) == "2 on GPUs 0,1"
+    assert describe_slots((None, None)) == "2 on the default device"
 
 
 def test_rows_per_gpu_comes_from_the_option_else_the_study(tmp_path, monkeypatch):
@@ -95,7 +101,8 @@ def test_three_rows_share_one_gpu_in_the_runner(tmp_path):
             return result
 
     children = Timed(delay=0.3)
-    code, _ = _run(plan, children)
+    code, lines = _run(plan, children)
+    assert "up to 3 rows at a time: 3 on GPU 0" in lines
     assert code == 0 and [r["status"] for r in _table(tmp_path)] == ["done"] * 3
     assert {device for _, device in children.devices} == {"0"}
     starts, ends = zip(*spans.values())

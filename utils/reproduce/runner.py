@@ -276,6 +276,8 @@ class StudyRun:
         """Run the plan; returns the exit code (0 done, 1 a row failed, 130 stopped)."""
         self.plan.study_dir.mkdir(parents=True, exist_ok=True)
         self.write_table()
+        if len(self.plan.slots) > 1 and len(self.plan.rows) > 1:
+            self.echo(f"up to {len(self.plan.slots)} rows at a time: {describe_slots(self.plan.slots)}")
         with forward_stop_signals(self):
             if self.tool is None and self.plan.study.evaluate:
                 self.tool = commands.EvaluationTool.probe()
@@ -344,6 +346,15 @@ class StudyRun:
                 text = render_figures_markdown(table)
             atomic_write_json(study_dir / "table.json", table)
             atomic_write_text(study_dir / "table.md", text)
+
+
+def describe_slots(slots):
+    """The devices of the concurrent rows in words: "3 on GPU 0, 3 on GPU 1", "2 on the default device"."""
+    counts = {}
+    for slot in slots:
+        counts[slot] = counts.get(slot, 0) + 1
+    return ", ".join(f"{n} on " + ("the default device" if slot is None else f"GPU{'s' if ',' in slot else ''} {slot}")
+                     for slot, n in counts.items())
 
 
 def _trained_epochs(run_dir):
