@@ -295,6 +295,16 @@ def test_an_evaluation_of_another_best_pt_is_never_reported(tmp_path):
     assert evaluates_checkpoint(eval_dir, run_dir / "best.pt")
 
 
+def test_an_evaluation_is_kept_while_its_best_pt_is_missing(tmp_path):
+    plan = _plan(tmp_path, "pgd-at")
+    _run(plan, FakeChildren())
+    run_dir, eval_dir = plan.run_dir(plan.rows[0]), plan.eval_dir(plan.rows[0])
+    os.replace(run_dir / "best.pt", tmp_path / "elsewhere.pt")
+    os.replace(eval_dir / "results.json", eval_dir / "results.partial.json")
+    _run(plan, FakeChildren())  # (the real evaluation would fail on the missing checkpoint; the fake ignores it)
+    assert (eval_dir / "results.partial.json").exists() and not list(run_dir.glob("*other-checkpoint*"))
+
+
 def test_the_evaluated_checkpoint_is_its_content(tmp_path):
     ckpt, eval_dir = tmp_path / "best.pt", tmp_path / "eval"
     eval_dir.mkdir()

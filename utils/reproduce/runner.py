@@ -138,7 +138,7 @@ class StudyRun:
             moved = move_aside(path, "unreadable")
             self.echo(f"{prefix} note: {path.name} was cut off or unreadable (an unfinished evaluation); moved to "
                       f"{moved.name}, evaluating again")
-        if has_results(eval_dir) and not evaluates_checkpoint(eval_dir, checkpoint):
+        if checkpoint.is_file() and has_results(eval_dir) and not evaluates_checkpoint(eval_dir, checkpoint):
             moved = move_aside(eval_dir, "other-checkpoint")
             self.echo(f"{prefix} note: {eval_dir.name} holds an evaluation of another {checkpoint.name}; moved to "
                       f"{moved.name}, evaluating the current one")
