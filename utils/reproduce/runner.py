@@ -59,7 +59,7 @@ class Phase:
     describe: Callable[[], str]
     finish: Callable[[], None] | None = None
     problem: Callable[[], str | None] = lambda: None
-    prepare: Callable[[], None] | None = None   # runs just before the command (may move stale files aside)
+    prepare: Callable[[str], None] | None = None  # given the row's prefix, runs just before the command
 
 
 class RowFailed(RuntimeError):
@@ -126,14 +126,13 @@ class StudyRun:
         return Phase("evaluation", done, lambda: commands.evaluate_command(plan, row, self.tool, resume=resume()),
                      lambda: f"evaluating {plan.n_examples} test examples ({plan.budget} budget"
                              f"{', resuming' if resume() else ''})",
-                     prepare=lambda: self.prepare_evaluation(row, eval_dir, checkpoint))
+                     prepare=lambda prefix: self.prepare_evaluation(prefix, eval_dir, checkpoint))
 
-    def prepare_evaluation(self, row, eval_dir, checkpoint):
+    def prepare_evaluation(self, prefix, eval_dir, checkpoint):
         """Before an evaluation: move aside what it could not use (never delete), with a note: results
         cut off while being written, or an evaluation of another best.pt; then record which best.pt it
         measures. An evaluation stopped before its first attack finished left only the folder: it
         starts afresh (``--resume`` needs results to continue)."""
-        prefix = f"[{row.name}]"
         for path in unreadable_results(eval_dir):
             moved = move_aside(path, "unreadable")
             self.echo(f"{prefix} note: {path.name} was cut off or unreadable (an unfinished evaluation); moved to "
@@ -202,7 +201,7 @@ class StudyRun:
         if reason:
             raise RowFailed(f"{phase.name}: {reason}")
         if phase.prepare is not None:
-            phase.prepare()
+            phase.prepare(prefix)
         self.echo(f"{prefix} {phase.describe()} | {self.left()}")
         code, tail = self.launcher.run(phase.command(), child_environment(slot, ROOT), log, prefix, keep_fds)
         if self.stop.is_set():
