@@ -29,7 +29,11 @@ def parse_args(argv=None):
                         help="test examples evaluated (default 1000; smoke 16)")
     parser.add_argument("--seed", type=int, default=0, help="training and attack seed (default 0)")
     parser.add_argument("--gpus", default=None, metavar="0,1,...",
-                        help="run independent rows concurrently, one per GPU (or per group of --nproc-per-row)")
+                        help="run independent rows concurrently, one per GPU (or per group of --nproc-per-row); "
+                             "a GPU named twice takes two rows")
+    parser.add_argument("--rows-per-gpu", type=int, default=None, metavar="K",
+                        help="run K rows at once on each GPU (or group; without --gpus, on the default device): "
+                             "for rows that use a fraction of a device (default 1, or the study's own)")
     parser.add_argument("--nproc-per-row", type=int, default=1,
                         help="train each row with this many processes through torchrun (default 1)")
     return parser.parse_args(argv)

@@ -87,7 +87,9 @@ def test_bad_options_are_refused_before_anything_is_created(tmp_path, capsys):
     for argv, message in ((["table1", "--only", "nope"], "no row nope"),
                           (["tiny-imagenet", "--dataset", "cifar10"], "not accepted by"),
                           (["table1", "--epochs", "0"], "--epochs"),
-                          (["table1", "--gpus", "0,0"], "distinct"),
+                          (["table1", "--gpus", "0,0", "--nproc-per-row", "2"], "names a GPU twice"),
+                          (["table1", "--smoke", "--dataset", "cifar10"], "--smoke trains"),
+                          (["table1", "--rows-per-gpu", "0"], "--rows-per-gpu"),
                           (["table1", "--gpus", "0,1,2", "--nproc-per-row", "2"], "groups"),
                           ([], "name a study")):
         assert reproduce.main(reproduce.parse_args(argv + ["--out-dir", str(out)])) == 2
@@ -191,9 +193,12 @@ def test_table_puts_paper_and_ours_side_by_side_and_never_numbers_for_pending_ro
     for line in ours[1:]:
         cells = [c.strip() for c in line.strip(" |").split("|")][1:]
         assert not any(c.replace(".", "").isdigit() for c in cells), line
-    assert ("| TRADES | pending (trained 3/15 epochs) | pending (trained 3/15 epochs) | pending (trained 3/15 "
-            "epochs) | n/a | n/a | 4 |") in markdown
-    assert "failed: evaluation: error: boom" in markdown
+    assert "| TRADES | pending (trained 3/15 epochs) | — | — | n/a | n/a | 4 |" in markdown
+    # a failed row's reason is written once, in the summary's status column; elsewhere one short cell
+    assert markdown.count("error: boom") == 1
+    assert "| MART | failed: evaluation: error: boom | — | — | n/a | n/a | 4 |" in markdown
+    assert "|  | ours | failed (reason below) | — | — |" in markdown
+    assert markdown.count("pending (trained 3/15 epochs)") == 3  # once per section
     assert "15 epochs with lr x0.1 after epochs 9 11 13 (the paper: 120 epochs, 75 90 100)" in markdown
 
 
@@ -252,6 +257,16 @@ class FakeChildren:
             out = Path(command[command.index("--out-dir") + 1])
             if out.parent.name.split("_")[2] in self.fail_eval_of:
                 return 2, ["error: boom in the evaluation"]
+            previous = out / "results.partial.json" if (out / "results.partial.json").exists() else out / "results.json"
+            if "--resume" in command and not previous.exists():  # test_white_attack.py's own rules
+                return 2, [f"error: nothing to resume in {out} (no results.json or results.partial.json); drop --resume"]
+            if "--resume" not in command and previous.exists():
+                return 2, [f"error: {out} already holds an evaluation; pass --resume to continue it"]
+            if "--resume" in command:
+                try:
+                    json.loads(previous.read_text())
+                except ValueError as err:
+                    return 1, ["Traceback (most recent call last):", f"json.decoder.JSONDecodeError: {err}"]
             out.mkdir(parents=True, exist_ok=True)
             (out / "results.json").write_text(json.dumps(_results(0.5, [("pgd40", 0.25, 0.5)], n=4)))
             return 0, []

@@ -37,7 +37,7 @@ def check_dataset(study, rows, dataset):
 
 def check_gpus(slots):
     """Refuse GPU indices this machine does not have."""
-    if slots == (None,):
+    if None in slots:
         return
     highest = max(int(g) for slot in slots for g in slot.split(","))
     if highest >= torch.cuda.device_count():
@@ -51,13 +51,17 @@ def make_plan(args):
         raise ValueError("name a study (or pass --list to see them)")
     study = STUDIES[args.study]
     rows = select_rows(study, args.only)
+    if args.smoke and args.dataset not in (None, "synthetic"):
+        raise ValueError("--smoke trains and evaluates on synthetic data; drop --dataset, or drop --smoke to use "
+                         f"{args.dataset}")
     dataset = args.dataset or ("synthetic" if args.smoke else study.dataset)
     check_dataset(study, rows, dataset)
     epochs, milestones = schedule(args)
     n_examples = args.n_examples if args.n_examples is not None else (SMOKE_EXAMPLES if args.smoke else 1000)
     if n_examples < 1:
         raise ValueError("--n-examples must be at least 1")
-    slots = device_slots(args.gpus, args.nproc_per_row)
+    rows_per_gpu = args.rows_per_gpu if args.rows_per_gpu is not None else getattr(study, "rows_per_device", 1)
+    slots = device_slots(args.gpus, args.nproc_per_row, rows_per_gpu)
     check_gpus(slots)
     out_dir = Path(args.out_dir).resolve()
     if out_dir.exists() and not out_dir.is_dir():

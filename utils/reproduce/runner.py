@@ -3,15 +3,19 @@ evaluate, BatchNorm check, features / UMAP), each a child process; then the stud
 the table after every phase. Rerunning the same command continues where the last one stopped."""
 from __future__ import annotations
 
+import json
 import os
 import signal
+import socket
 import threading
+import time
 from collections.abc import Callable
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from utils.checkpoint import atomic_write_json, atomic_write_text
+from utils.checkpoint import BEST, atomic_write_json, atomic_write_text
+from utils.locks import LOCK_NAME, lock_is_stale, read_lock
 from utils.reproduce import commands
 from utils.reproduce.launcher import STOP_SIGNALS, Launcher, child_environment
 from utils.reproduce.plan import ROOT
@@ -19,10 +23,16 @@ from utils.reproduce.schedule import run_concurrently
 from utils.reproduce.state import (
     RunStateError,
     StateFile,
+    evaluates_checkpoint,
     finished_results,
     git_commit,
+    has_results,
+    move_aside,
     read_json,
+    record_evaluated_checkpoint,
+    trained_files,
     training_progress,
+    unreadable_results,
 )
 from utils.reproduce.table import (
     RowInput,
@@ -49,10 +59,15 @@ class Phase:
     describe: Callable[[], str]
     finish: Callable[[], None] | None = None
     problem: Callable[[], str | None] = lambda: None
+    prepare: Callable[[str], None] | None = None  # given the row's prefix, runs just before the command
 
 
 class RowFailed(RuntimeError):
     """A phase of a row failed; the message is the one-line reason shown in the table."""
+
+
+class RowBusy(RuntimeError):
+    """Another process still writes the row's run folder; the message says which and what to do."""
 
 
 class StudyRun:
@@ -68,6 +83,7 @@ class StudyRun:
         self.commit = git_commit(ROOT)
         self._table_lock = threading.Lock()
         self.failed = []
+        self.busy = []
 
     # ---------------------------------------------------------------- phases
 
@@ -77,6 +93,11 @@ class StudyRun:
 
         def problem():
             progress = training_progress(run_dir)
+            kept = trained_files(run_dir) if progress is None else []
+            if kept:
+                return (f"{run_dir} holds {', '.join(kept)} but no last.pt, and a new run would delete them; "
+                        f"resume it by hand from its newest epoch_N.pt (--resume RUN/epoch_N.pt) or move the folder "
+                        f"away, then rerun")
             if progress and progress[1] != plan.epochs:
                 return (f"{run_dir} was started for {progress[1]} epochs, not {plan.epochs}; move it away or "
                         f"choose another --out-dir")
@@ -96,16 +117,37 @@ class StudyRun:
                      describe, problem=problem)
 
     def evaluation_phase(self, row):
-        """test_white_attack.py on best.pt; done when its results.json is complete."""
+        """test_white_attack.py on best.pt; done when its results.json is complete and of best.pt as it
+        is now (its size and mtime, else its sha256, recorded in the folder when the evaluation started)."""
         plan, eval_dir = self.plan, self.plan.eval_dir(row)
-        partial = lambda: eval_dir.exists()
-        return Phase("evaluation", lambda: finished_results(eval_dir) is not None,
-                     lambda: commands.evaluate_command(plan, row, self.tool, resume=partial()),
+        checkpoint = plan.run_dir(row) / BEST
+        done = lambda: finished_results(eval_dir) is not None and evaluates_checkpoint(eval_dir, checkpoint)
+        resume = lambda: has_results(eval_dir) and self.tool.resume
+        return Phase("evaluation", done, lambda: commands.evaluate_command(plan, row, self.tool, resume=resume()),
                      lambda: f"evaluating {plan.n_examples} test examples ({plan.budget} budget"
-                             f"{', resuming' if partial() and self.tool.resume else ''})")
+                             f"{', resuming' if resume() else ''})",
+                     prepare=lambda prefix: self.prepare_evaluation(prefix, eval_dir, checkpoint))
+
+    def prepare_evaluation(self, prefix, eval_dir, checkpoint):
+        """Before an evaluation: move aside what it could not use (never delete), with a note: results
+        cut off while being written, or an evaluation of another best.pt; then record which best.pt it
+        measures. An evaluation stopped before its first attack finished left only the folder: it
+        starts afresh (``--resume`` needs results to continue)."""
+        for path in unreadable_results(eval_dir):
+            moved = move_aside(path, "unreadable")
+            self.echo(f"{prefix} note: {path.name} was cut off or unreadable (an unfinished evaluation); moved to "
+                      f"{moved.name}, evaluating again")
+        if checkpoint.is_file() and has_results(eval_dir) and not evaluates_checkpoint(eval_dir, checkpoint):
+            moved = move_aside(eval_dir, "other-checkpoint")
+            self.echo(f"{prefix} note: {eval_dir.name} holds an evaluation of another {checkpoint.name}; moved to "
+                      f"{moved.name}, evaluating the current one")
+        if checkpoint.is_file() and not has_results(eval_dir):
+            eval_dir.mkdir(parents=True, exist_ok=True)
+            record_evaluated_checkpoint(eval_dir, checkpoint)
 
     def batchnorm_phase(self, row):
-        """Clean accuracy with running vs batch BatchNorm statistics (utils/reproduce/bn.py)."""
+        """Clean accuracy with running vs batch BatchNorm statistics (utils/reproduce/bn.py); it lives in
+        the evaluation's folder, so it goes with it when that is moved aside."""
         return Phase("BatchNorm check", lambda: read_json(self.plan.bn_file(row)) is not None,
                      lambda: commands.batchnorm_command(self.plan, row),
                      lambda: "BatchNorm check (running vs batch statistics)")
@@ -158,6 +200,8 @@ class StudyRun:
         reason = phase.problem()
         if reason:
             raise RowFailed(f"{phase.name}: {reason}")
+        if phase.prepare is not None:
+            phase.prepare(prefix)
         self.echo(f"{prefix} {phase.describe()} | {self.left()}")
         code, tail = self.launcher.run(phase.command(), child_environment(slot, ROOT), log, prefix, keep_fds)
         if self.stop.is_set():
@@ -175,10 +219,8 @@ class StudyRun:
         prefix = f"[row {index}/{len(plan.rows)} {row.name}]"
         phases = self.row_phases(row)
         with row_lock(plan.runs_dir(row), plan.run_dir(row).name) as lock:
-            if lock is None:
-                self.echo(f"{prefix} skipped: another reproduce.py is working on {plan.run_dir(row)}")
-                return
             try:
+                check_not_busy(plan.run_dir(row), lock is None)
                 if all(p.done() for p in phases):
                     self.echo(f"{prefix} already done ({plan.run_dir(row)})")
                     self.state.update(row.name, status="done", error=None)
@@ -197,6 +239,10 @@ class StudyRun:
                 self.state.update(row.name, status=status)
                 if status == "done":
                     self.echo(f"{prefix} done")
+            except RowBusy as err:
+                self.busy.append(row.name)
+                self.state.update(row.name, status="busy", error=str(err))
+                self.echo(f"{prefix} not started: {err}")
             except Exception as err:  # noqa: BLE001  (a row's failure must not stop the other rows)
                 if not isinstance(err, (RowFailed, RunStateError, OSError)):
                     err = f"{type(err).__name__}: {err}"
@@ -229,6 +275,8 @@ class StudyRun:
         """Run the plan; returns the exit code (0 done, 1 a row failed, 130 stopped)."""
         self.plan.study_dir.mkdir(parents=True, exist_ok=True)
         self.write_table()
+        if len(self.plan.slots) > 1 and len(self.plan.rows) > 1:
+            self.echo(f"up to {len(self.plan.slots)} rows at a time: {describe_slots(self.plan.slots)}")
         with forward_stop_signals(self):
             if self.tool is None and self.plan.study.evaluate:
                 self.tool = commands.EvaluationTool.probe()
@@ -240,8 +288,12 @@ class StudyRun:
         if self.stop.is_set():
             self.echo(f"stopped; run the same command again to continue. Table so far: {table}")
             return INTERRUPTED
-        self.echo(f"table: {table}" + (f" ({len(self.failed)} failed: {', '.join(self.failed)})" if self.failed else ""))
-        return FAILED if self.failed else 0
+        notes = [f"{len(self.failed)} failed: {', '.join(self.failed)}"] if self.failed else []
+        if self.busy:
+            notes.append(f"{len(self.busy)} still running in another process: {', '.join(self.busy)}; rerun when "
+                         f"they finish")
+        self.echo(f"table: {table}" + (f" ({'; '.join(notes)})" if notes else ""))
+        return FAILED if self.failed or self.busy else 0
 
     # ---------------------------------------------------------------- table
 
@@ -257,6 +309,8 @@ class StudyRun:
             entry, finished = {"status": "failed", "error": str(err)}, False
         if entry.get("status") == "failed":
             status = "failed: " + (entry.get("error") or "unknown error").splitlines()[0]
+        elif entry.get("status") == "busy":
+            status = "running in another process (rerun when it finishes)"
         elif finished:
             status = "done"
         elif 0 < trained < plan.epochs:
@@ -293,6 +347,15 @@ class StudyRun:
             atomic_write_text(study_dir / "table.md", text)
 
 
+def describe_slots(slots):
+    """The devices of the concurrent rows in words: "3 on GPU 0, 3 on GPU 1", "2 on the default device"."""
+    counts = {}
+    for slot in slots:
+        counts[slot] = counts.get(slot, 0) + 1
+    return ", ".join(f"{n} on " + ("the default device" if slot is None else f"GPU{'s' if ',' in slot else ''} {slot}")
+                     for slot, n in counts.items())
+
+
 def _trained_epochs(run_dir):
     """Completed epochs of a run (0 when it has none or its last.pt cannot be read)."""
     try:
@@ -313,7 +376,8 @@ def failure_line(code, tail):
 @contextmanager
 def row_lock(folder, name):
     """An exclusive lock on ``folder/name.lock`` (yields its file descriptor), or None when another
-    process holds it. Children inherit the descriptor, so a row stays locked while they live."""
+    process holds it. Children inherit the descriptor, so a row stays locked while they live, even
+    after the reproduce.py that started them is gone. The file names the reproduce.py that took it."""
     if fcntl is None:
         yield -1
         return
@@ -325,9 +389,28 @@ def row_lock(folder, name):
         except OSError:
             yield None
             return
+        owner = {"pid": os.getpid(), "host": socket.gethostname(), "started": time.strftime("%Y-%m-%dT%H:%M:%S")}
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, json.dumps(owner).encode(), 0)
         yield fd
     finally:
         os.close(fd)
+
+
+def check_not_busy(run_dir, row_locked):
+    """Raise RowBusy when another process still works on ``run_dir``: its reproduce row lock is held
+    (``row_locked``: by another reproduce.py, or by a step it started that outlived it), or a live
+    process holds the run folder's own lock (a training run, utils/locks.py)."""
+    run_dir = Path(run_dir)
+    owner = read_lock(run_dir)
+    if (run_dir / LOCK_NAME).exists() and not lock_is_stale(owner):
+        who = f"pid {owner.get('pid')} on {owner.get('host')} since {owner.get('started')}" if owner else "a process"
+        raise RowBusy(f"{run_dir} is being written by {who}; wait for it to finish (or stop it), then rerun")
+    if row_locked:
+        starter = read_json(run_dir.parent / f"{run_dir.name}.lock") or {}
+        raise RowBusy(f"another process still works on {run_dir} (a step started by reproduce.py pid "
+                      f"{starter.get('pid', '?')} at {starter.get('started', '?')}; its log: "
+                      f"{run_dir.name}.reproduce.log); wait for it to finish (or stop it), then rerun")
 
 
 @contextmanager

@@ -1,8 +1,12 @@
 """What a study's folders already hold (trained epochs, finished evaluations) and the small
 state file where reproduce.py records failures and commits; the files themselves stay the truth."""
+import hashlib
 import json
+import os
+import re
 import subprocess
 import threading
+import time
 from datetime import datetime
 from pathlib import Path
 
@@ -11,6 +15,9 @@ import torch
 from utils.checkpoint import LAST, atomic_write_json
 
 _CACHE = {}
+RESULTS, PARTIAL = "results.json", "results.partial.json"  # test_white_attack.py's finished and partial files
+EVALUATED = "checkpoint.json"   # which best.pt an evaluation folder's results are of (size, mtime, sha256)
+_WEIGHTS = re.compile(r"^(best\.pt|epoch_\d+\.pt)$")
 
 
 class RunStateError(RuntimeError):
@@ -62,10 +69,93 @@ def read_json(path):
 def finished_results(eval_dir):
     """``results.json`` of a finished evaluation in ``eval_dir`` (whose name holds the requested size and
     budget), else None. A results.json marked ``"complete": false`` is a partial one."""
-    results = read_json(Path(eval_dir) / "results.json")
+    results = read_json(Path(eval_dir) / RESULTS)
     if not isinstance(results, dict) or any(k not in results for k in ("clean", "attacks", "worst_case")):
         return None
     return None if results.get("complete") is False else results
+
+
+def unreadable_results(eval_dir):
+    """The evaluation's results files in ``eval_dir`` that exist but hold no JSON object (cut off
+    while being written, or emptied): test_white_attack.py could neither resume nor replace them."""
+    broken = []
+    for name in (RESULTS, PARTIAL):
+        path = Path(eval_dir) / name
+        if path.exists() and not isinstance(read_json(path), dict):
+            broken.append(path)
+    return broken
+
+
+def has_results(eval_dir):
+    """Whether ``eval_dir`` holds results of test_white_attack.py (finished or partial) to resume."""
+    return any((Path(eval_dir) / name).is_file() for name in (RESULTS, PARTIAL))
+
+
+_HASHES = {}
+
+
+def fingerprint(path):
+    """``{"size", "mtime_ns", "sha256"}`` of a file (the hash cached per file version)."""
+    stat = Path(path).stat()
+    key = (str(path), stat.st_ino, stat.st_size, stat.st_mtime_ns)
+    with _CACHE_LOCK:
+        digest = _HASHES.get(key)
+    if digest is None:
+        sha = hashlib.sha256()
+        with open(path, "rb") as handle:
+            for block in iter(lambda: handle.read(1 << 20), b""):
+                sha.update(block)
+        digest = sha.hexdigest()
+        with _CACHE_LOCK:
+            _HASHES[key] = digest
+    return {"size": stat.st_size, "mtime_ns": stat.st_mtime_ns, "sha256": digest}
+
+
+def record_evaluated_checkpoint(eval_dir, checkpoint):
+    """Write which checkpoint the evaluation in ``eval_dir`` is about to measure."""
+    atomic_write_json(Path(eval_dir) / EVALUATED, {"checkpoint": str(checkpoint), **fingerprint(checkpoint)})
+
+
+def evaluates_checkpoint(eval_dir, checkpoint):
+    """Whether the results in ``eval_dir`` are of ``checkpoint`` as it is now: same size and mtime as
+    recorded, else the same sha256. An evaluation without a record (written before records existed)
+    counts only when its results are newer than the checkpoint. False when the checkpoint is missing."""
+    try:
+        stat = Path(checkpoint).stat()
+    except OSError:
+        return False
+    record = read_json(Path(eval_dir) / EVALUATED)
+    if not isinstance(record, dict):
+        results = [Path(eval_dir) / name for name in (RESULTS, PARTIAL) if (Path(eval_dir) / name).exists()]
+        return bool(results) and all(p.stat().st_mtime_ns >= stat.st_mtime_ns for p in results)
+    if record.get("size") == stat.st_size and record.get("mtime_ns") == stat.st_mtime_ns:
+        return True
+    return record.get("sha256") == fingerprint(checkpoint)["sha256"]
+
+
+def move_aside(path, why):
+    """Rename ``path`` to ``<name>.<why>-<time>`` beside it (never deleted); returns the new path."""
+    path = Path(path)
+    target = path.with_name(f"{path.name}.{why}-{time.strftime('%Y%m%d_%H%M%S')}")
+    counter = 1
+    while target.exists():
+        counter += 1
+        target = path.with_name(f"{path.name}.{why}-{time.strftime('%Y%m%d_%H%M%S')}-{counter}")
+    os.replace(path, target)
+    return target
+
+
+def trained_files(run_dir):
+    """Files of ``run_dir`` that a new run started over it would delete and that hold training:
+    best.pt, epoch_N.pt, a non-empty metrics.jsonl."""
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        return []
+    found = sorted(p.name for p in run_dir.iterdir() if _WEIGHTS.match(p.name))
+    metrics = run_dir / "metrics.jsonl"
+    if metrics.is_file() and metrics.stat().st_size > 0:
+        found.append(metrics.name)
+    return found
 
 
 def git_commit(root):

@@ -108,6 +108,14 @@ def _paper_cells(record):
     return [_pct_plain(paper["figures"].get(name)) for name in COLUMNS]
 
 
+def _waiting(record, width):
+    """Cells of a row without numbers: a short status once (a failure's reason is in the summary's
+    status column), then dashes."""
+    status = record["status"]
+    short = "failed (reason below)" if status.startswith("failed") else status
+    return [short] + ["—"] * (width - 1)
+
+
 def _pct_plain(value):
     return "—" if value is None else f"{value:.2f}"
 
@@ -122,7 +130,7 @@ def _protocol_section(table):
         source = f"{r['paper']['source']} ({r['paper']['dataset']})" if r["paper"] else "paper"
         lines.append(_line([r["label"], source] + _paper_cells(r)))
         if r["ours"] is None:
-            lines.append(_line(["", "ours"] + [r["status"]] * len(COLUMNS)))
+            lines.append(_line(["", "ours"] + _waiting(r, len(COLUMNS))))
             continue
         lines.append(_line(["", "ours"] + [r["ours"][c]["text"] for c in COLUMNS]))
         lines.append(_line(["", "ours, paper's count"] + [
@@ -144,7 +152,7 @@ def _reference_section(table):
               _line(["row"] + names), _line(["---"] * (len(names) + 1))]
     for r in table["rows"]:
         if r["reference"] is None:
-            lines.append(_line([r["label"]] + [r["status"]] * len(names)))
+            lines.append(_line([r["label"]] + _waiting(r, len(names))))
         else:
             lines.append(_line([r["label"]] + [r["reference"].get(n, {}).get("text", "not run") for n in names]))
     return lines
@@ -155,7 +163,7 @@ def _batchnorm_cells(record):
     if bn == "n/a":
         return ["n/a", "n/a"]
     if bn is None:
-        return [record["status"] if record["status"] != "done" else "pending"] * 2
+        return ["—" if record["status"] != "done" else "pending"] * 2
     return [_pct(bn.get("eval")), _pct(bn.get("batch_stats"))]
 
 
@@ -166,8 +174,8 @@ def _summary_section(table):
              _line(["---"] * 11)]
     for r in table["rows"]:
         worst = r["worst_case"]
-        worst_text = r["status"] if worst is None else f"{_pct(worst['accuracy'])} ({worst['attacks']})"
-        flags = r["status"] if r["flags"] is None else (", ".join(r["flags"]) or "none")
+        worst_text = "—" if worst is None else f"{_pct(worst['accuracy'])} ({worst['attacks']})"
+        flags = "—" if r["flags"] is None else (", ".join(r["flags"]) or "none")
         schedule = f"{r['epochs']} ({' '.join(map(str, r['milestones']))})"
         lines.append(_line([r["label"], r["status"], worst_text, flags, *_batchnorm_cells(r), r["n_examples"],
                             schedule, r["seed"], f"`{r['run_dir']}`", (r["commit"] or "—")[:12]]))
