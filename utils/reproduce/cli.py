@@ -14,7 +14,8 @@ from utils.reproduce.studies import (
 
 
 def schedule(args):
-    """``(epochs, milestones)``: the paper's, the smoke runs', or ``--epochs`` with scaled milestones."""
+    """``(epochs, milestones)``: the paper's, the study's own shortened default, the smoke runs', or
+    ``--epochs`` with scaled milestones."""
     if args.epochs is not None:
         if args.epochs < 1:
             raise ValueError("--epochs must be at least 1")
@@ -22,7 +23,28 @@ def schedule(args):
     if args.smoke:
         from utils.training.cli import SMOKE_DEFAULTS
         return SMOKE_DEFAULTS["epochs"], tuple(SMOKE_DEFAULTS["milestones"])
+    default = getattr(STUDIES.get(args.study), "default_epochs", None)
+    if default is not None:
+        return default, scale_milestones(default)
     return recipe.EPOCHS, tuple(recipe.MILESTONES)
+
+
+def check_verdict_options(args, plan):
+    """Refuse ``--time-budget`` and ``--record`` where they cannot apply (nothing is created yet)."""
+    time_budget, record = getattr(args, "time_budget", None), getattr(args, "record", None)
+    if (time_budget is not None or record) and not plan.study.verdict:
+        raise ValueError("--time-budget and --record belong to the verdict study (python reproduce.py verdict)")
+    if time_budget is not None and time_budget <= 0:
+        raise ValueError("--time-budget takes a number of seconds above 0")
+    if record:
+        import torch
+
+        from utils.reproduce.verdict import record_refusal
+        refusal = record_refusal(plan.smoke, plan.dataset, torch.cuda.is_available())
+        if refusal:
+            raise ValueError(refusal)
+        if Path(record).is_dir() or not Path(record).resolve().parent.is_dir():
+            raise ValueError(f"--record {record} must be a file in an existing folder")
 
 
 def check_dataset(study, rows, dataset):
@@ -66,16 +88,20 @@ def make_plan(args):
                 slots, args.nproc_per_row)
 
 
-def main(args):
-    """Run reproduce.py's parsed ``args``; returns the exit code."""
+def main(args, command=None):
+    """Run reproduce.py's parsed ``args`` (``command``: the command line, for --record); returns the exit code."""
     if args.list:
         print(describe_studies())
         return 0
     try:
         plan = make_plan(args)
+        check_verdict_options(args, plan)
     except ValueError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    if plan.study.verdict:
+        from utils.reproduce.verdict import run_verdict
+        return run_verdict(plan, args, command or ["python", "reproduce.py"])
     from utils.reproduce.runner import StudyRun
     print(f"{plan.study.name}: {len(plan.rows)} rows, {plan.dataset}, {plan.schedule_text()}, "
           f"{plan.n_examples} test examples ({plan.budget} budget), out {plan.study_dir}", flush=True)
