@@ -7,13 +7,13 @@ redone. `python reproduce.py --list` shows the studies and their rows.
 import argparse
 import sys
 
-from utils.cli import finite_float
+from utils.cli import OneLineArgumentParser, finite_float
 from utils.reproduce.cli import main
 from utils.reproduce.studies import STUDIES
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = OneLineArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("study", nargs="?", choices=sorted(STUDIES), help="which table or figures")
     parser.add_argument("--list", action="store_true", help="print the studies and their rows, then exit")
     parser.add_argument("--out-dir", default="results", help="parent of OUT/STUDY (default results)")
