@@ -289,7 +289,8 @@ def test_time_budget_probes_once_then_keeps_its_plan(tmp_path):
 
     def run_study(probe):
         probes.append(probe)
-        assert probe.epochs == 1 and "--train-size" in probe.rows[0].options and probe.n_examples == 32
+        assert probe.epochs == 1 and probe.n_examples == 32
+        assert probe.rows[2].options[-4:] == ("--train-size", "10000", "--eval-size", "200")  # a fifth of each
         assert str(probe.study_dir).startswith(str(plan.study_dir / "probe"))
         _write_probe(probe, epoch_seconds=8.0, eval_seconds=1.6)
         return 0
@@ -307,6 +308,13 @@ def test_time_budget_probes_once_then_keeps_its_plan(tmp_path):
     assert "shortened epochs 15 →" in verdict.budget_text(budget)
     again, _ = verdict.plan_within_budget(plan, 600.0, 0.0, run_study, clock, echo=lambda _: None)
     assert len(probes) == 1 and (again.epochs, again.n_examples) == (chosen.epochs, chosen.n_examples)
+
+
+def test_smoke_probe_trains_on_all_smoke_images(tmp_path):
+    plan = make_plan(reproduce.parse_args(["verdict", "--smoke", "--out-dir", str(tmp_path)]))
+    probe = verdict.probe_plan(plan)
+    assert probe.rows[0].options[-4:] == ("--train-size", "32", "--eval-size", "32") and probe.n_examples == 4
+    assert probe.dataset == "synthetic" and probe.smoke and not probe.study.verdict
 
 
 def test_phase_times_from_the_rows_files(tmp_path):

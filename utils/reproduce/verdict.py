@@ -272,6 +272,7 @@ def finish(plan, study_run, started, budget=None, clock=None):
 
 TRAIN_IMAGES = {"cifar10": 50000, "cifar100": 50000}
 PROBE_FRACTION = 5          # the probe epoch trains on 1/5 of the training set (and checks on 1/5 of eval-size)
+SMOKE_PROBE_FRACTION = 1    # smoke runs' 32 training images are too few to split
 PROBE_EXAMPLES = {False: 32, True: 4}   # test examples the probe evaluation attacks (by smoke)
 EVAL_SAFETY = 2.0           # a 1-epoch model loses examples early, so the cascade does less work than later
 MARGIN = 0.9                # plan for 90 % of what is left
@@ -283,8 +284,13 @@ class BudgetError(RuntimeError):
     """The time budget cannot hold even the smallest verdict; the message says what it would need."""
 
 
+def probe_fraction(plan):
+    """The probe trains on 1/this of the training set."""
+    return SMOKE_PROBE_FRACTION if plan.smoke else PROBE_FRACTION
+
+
 def probe_plan(plan):
-    """One epoch of every row on 1/PROBE_FRACTION of the training set, side by side like the real
+    """One epoch of every row on 1/probe_fraction of the training set, side by side like the real
     rows, then a small evaluation, in OUT/verdict/probe/ (never mixed with the real runs)."""
     from dataclasses import replace
 
@@ -292,14 +298,15 @@ def probe_plan(plan):
     from utils.training.cli import SMOKE_DEFAULTS
     full = SMOKE_DEFAULTS["train_size"] if plan.smoke else TRAIN_IMAGES[plan.dataset]
     eval_size = SMOKE_DEFAULTS["eval_size"] if plan.smoke else 1000
-    extra = ("--train-size", str(max(1, full // PROBE_FRACTION)), "--eval-size", str(max(1, eval_size // PROBE_FRACTION)))
+    fraction = probe_fraction(plan)
+    extra = ("--train-size", str(max(1, full // fraction)), "--eval-size", str(max(1, eval_size // fraction)))
     rows = tuple(replace(row, options=row.options + extra) for row in plan.rows)
     study = replace(plan.study, rows=rows, verdict=False)
     return replace(plan, study=study, rows=rows, out_dir=plan.study_dir / "probe", epochs=1,
                    milestones=scale_milestones(1), n_examples=PROBE_EXAMPLES[plan.smoke])
 
 
-def measure_probe(probe, wall_seconds):
+def measure_probe(probe, wall_seconds, fraction=PROBE_FRACTION):
     """``{"epoch_seconds", "example_seconds", "overhead_seconds"}`` of a finished probe: the slowest
     row's epoch scaled to the whole training set, its evaluation per example (times EVAL_SAFETY),
     and what the probe's wall time spent outside both (process start, data loading)."""
@@ -307,7 +314,7 @@ def measure_probe(probe, wall_seconds):
     if times["epoch_seconds"] is None or times["evaluate_seconds"] is None:
         raise BudgetError(f"the probe in {probe.study_dir} did not finish; see its table.md")
     overhead = max(0.0, wall_seconds - times["epoch_seconds"] - times["evaluate_seconds"])
-    return {"epoch_seconds": times["epoch_seconds"] * PROBE_FRACTION,
+    return {"epoch_seconds": times["epoch_seconds"] * fraction,
             "example_seconds": EVAL_SAFETY * times["evaluate_seconds"] / probe.n_examples,
             "overhead_seconds": overhead, "probe_seconds": wall_seconds}
 
@@ -369,13 +376,13 @@ def plan_within_budget(plan, seconds, started, run_study, clock, echo=print):
     saved = read_json(path)
     if not (isinstance(saved, dict) and all(saved.get(k) == v for k, v in key.items())):
         probe = probe_plan(plan)
-        echo(f"time budget {seconds:.0f} s: probing one epoch on 1/{PROBE_FRACTION} of the data and "
+        echo(f"time budget {seconds:.0f} s: probing one epoch on 1/{probe_fraction(plan)} of the training data and "
              f"{probe.n_examples} test examples (in {probe.study_dir})")
         probe_started = clock()
         code = run_study(probe)
         if code != 0:
             raise BudgetError(f"the probe stopped or failed (exit code {code}); rerun the same command to continue it")
-        measured = measure_probe(probe, clock() - probe_started)
+        measured = measure_probe(probe, clock() - probe_started, probe_fraction(plan))
         usable = MARGIN * (seconds - (clock() - started) - TABLE_RESERVE)
         epochs, n = choose_schedule(usable, measured, plan.epochs, plan.n_examples)
         saved = dict(key, measured=measured, chosen={"epochs": epochs, "n_examples": n})
