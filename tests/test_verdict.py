@@ -5,6 +5,7 @@ import json
 import math
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -282,7 +283,8 @@ def _write_probe(probe, epoch_seconds, eval_seconds):
 
 
 def test_time_budget_probes_once_then_keeps_its_plan(tmp_path):
-    plan = make_plan(reproduce.parse_args(["verdict", "--out-dir", str(tmp_path)]))
+    side_by_side = replace(make_plan(reproduce.parse_args(["verdict", "--out-dir", str(tmp_path)])), slots=(None,) * 3)
+    plan = side_by_side
     ticks = iter(range(0, 1000, 5))
     clock = lambda: float(next(ticks))
     probes = []
@@ -298,7 +300,7 @@ def test_time_budget_probes_once_then_keeps_its_plan(tmp_path):
     started = clock()  # 0; the probe starts at 5 and is measured at 10 (5 s); planning at 15
     chosen, budget = verdict.plan_within_budget(plan, 600.0, started, run_study, clock, echo=lambda _: None)
     measured = budget["measured"]
-    assert measured["epoch_seconds"] == 8.0 * verdict.PROBE_FRACTION
+    assert measured["waves"] == 1 and measured["epoch_seconds"] == 8.0 * verdict.PROBE_FRACTION
     assert measured["example_seconds"] == pytest.approx(verdict.EVAL_SAFETY * 1.6 / 32)
     assert measured["overhead_seconds"] == 0.0  # 5 s of probe wall, 9.6 s measured inside it
     usable = verdict.MARGIN * (600 - 15 - verdict.TABLE_RESERVE)
@@ -308,6 +310,11 @@ def test_time_budget_probes_once_then_keeps_its_plan(tmp_path):
     assert "shortened epochs 15 →" in verdict.budget_text(budget)
     again, _ = verdict.plan_within_budget(plan, 600.0, 0.0, run_study, clock, echo=lambda _: None)
     assert len(probes) == 1 and (again.epochs, again.n_examples) == (chosen.epochs, chosen.n_examples)
+    # with one slot the rows run one after the other: three waves, and the probe's wall time holds all three
+    one_slot = verdict.measure_probe(verdict.probe_plan(replace(plan, slots=(None,))), 30.0)
+    assert one_slot["waves"] == 3 and one_slot["epoch_seconds"] == 3 * 8.0 * verdict.PROBE_FRACTION
+    assert one_slot["example_seconds"] == pytest.approx(3 * 2 * 1.6 / 32)
+    assert one_slot["overhead_seconds"] == pytest.approx(30 - 3 * 9.6)
 
 
 def test_smoke_probe_trains_on_all_smoke_images(tmp_path):

@@ -309,14 +309,17 @@ def probe_plan(plan):
 def measure_probe(probe, wall_seconds, fraction=PROBE_FRACTION):
     """``{"epoch_seconds", "example_seconds", "overhead_seconds"}`` of a finished probe: the slowest
     row's epoch scaled to the whole training set, its evaluation per example (times EVAL_SAFETY),
-    and what the probe's wall time spent outside both (process start, data loading)."""
+    both times the waves of rows the device slots need (one when every row has its own slot), and
+    what the probe's wall time spent outside them (process start, data loading)."""
+    import math
     times = phase_times(probe)
     if times["epoch_seconds"] is None or times["evaluate_seconds"] is None:
         raise BudgetError(f"the probe in {probe.study_dir} did not finish; see its table.md")
-    overhead = max(0.0, wall_seconds - times["epoch_seconds"] - times["evaluate_seconds"])
-    return {"epoch_seconds": times["epoch_seconds"] * fraction,
-            "example_seconds": EVAL_SAFETY * times["evaluate_seconds"] / probe.n_examples,
-            "overhead_seconds": overhead, "probe_seconds": wall_seconds}
+    waves = math.ceil(len(probe.rows) / len(probe.slots))
+    overhead = max(0.0, wall_seconds - waves * (times["epoch_seconds"] + times["evaluate_seconds"]))
+    return {"epoch_seconds": waves * times["epoch_seconds"] * fraction,
+            "example_seconds": waves * EVAL_SAFETY * times["evaluate_seconds"] / probe.n_examples,
+            "overhead_seconds": overhead, "probe_seconds": wall_seconds, "waves": waves}
 
 
 def choose_schedule(usable, measured, epochs, n_examples):
