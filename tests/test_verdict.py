@@ -310,6 +310,11 @@ def test_time_budget_probes_once_then_keeps_its_plan(tmp_path):
     assert "shortened epochs 15 →" in verdict.budget_text(budget)
     again, _ = verdict.plan_within_budget(plan, 600.0, 0.0, run_study, clock, echo=lambda _: None)
     assert len(probes) == 1 and (again.epochs, again.n_examples) == (chosen.epochs, chosen.n_examples)
+    # a budget that shortens nothing keeps the request's schedule (here the smoke runs' milestones)
+    smoke = make_plan(reproduce.parse_args(["verdict", "--smoke", "--out-dir", str(tmp_path / "smoke")]))
+    kept, _ = verdict.plan_within_budget(smoke, 1e6, 0.0, lambda probe: _write_probe(probe, 1.0, 1.0) or 0, clock,
+                                         echo=lambda _: None)
+    assert (kept.epochs, kept.milestones, kept.n_examples) == (smoke.epochs, smoke.milestones, smoke.n_examples)
     # with one slot the rows run one after the other: three waves, and the probe's wall time holds all three
     one_slot = verdict.measure_probe(verdict.probe_plan(replace(plan, slots=(None,))), 30.0)
     assert one_slot["waves"] == 3 and one_slot["epoch_seconds"] == 3 * 8.0 * verdict.PROBE_FRACTION

@@ -393,8 +393,8 @@ def plan_within_budget(plan, seconds, started, run_study, clock, echo=print):
         atomic_write_json(path, saved)
     chosen = saved["chosen"]
     echo(budget_text(saved))
-    return replace(plan, epochs=chosen["epochs"], milestones=scale_milestones(chosen["epochs"]),
-                   n_examples=chosen["n_examples"]), saved
+    milestones = plan.milestones if chosen["epochs"] == plan.epochs else scale_milestones(chosen["epochs"])
+    return replace(plan, epochs=chosen["epochs"], milestones=milestones, n_examples=chosen["n_examples"]), saved
 
 
 # ---------------------------------------------------------------- RESULTS.md
