@@ -235,8 +235,8 @@ def _seconds(value):
 def timing_lines(timing):
     """The time-per-phase section of table.md."""
     lines = ["## Time per phase", "",
-             (f"Training {_seconds(timing['train_seconds'])} (slowest row; epoch {_seconds(timing['epoch_seconds'])} "
-              f"with the rows side by side), evaluation {_seconds(timing['evaluate_seconds'])} (slowest row), table "
+             (f"Training {_seconds(timing['train_seconds'])} (slowest row; its mean epoch "
+              f"{_seconds(timing['epoch_seconds'])}), evaluation {_seconds(timing['evaluate_seconds'])} (slowest row), table "
               f"{timing['table_seconds']:.1f} s; this invocation {timing['invocation_seconds']:.0f} s from start to "
               f"end. Expected wall time for E epochs: about E x epoch + evaluation + start-up "
               "(docs/reproduce.md, \"The verdict\").")]
@@ -264,7 +264,9 @@ def finish(plan, study_run, started, budget=None, clock=None):
     from utils.reproduce.table import render_markdown
     atomic_write_json(table_file, table)
     atomic_write_text(plan.study_dir / "table.md", render_markdown(table))
-    study_run.echo(" | ".join(timing_lines(timing)[2:]).replace("\n", " "))
+    for line in timing_lines(timing)[2:]:
+        if line:
+            study_run.echo(line)
     return timing
 
 
