@@ -12,7 +12,7 @@ from types import SimpleNamespace
 import pytest
 
 import reproduce
-from utils.reproduce import verdict
+from utils.reproduce import verdict, verdict_run
 from utils.reproduce.cli import main, make_plan
 from utils.reproduce.stats import Z95, paired_counts, paired_difference_interval, wilson_interval
 from utils.reproduce.studies import STUDIES
@@ -298,7 +298,7 @@ def test_time_budget_probes_once_then_keeps_its_plan(tmp_path):
         return 0
 
     started = clock()  # 0; the probe starts at 5 and is measured at 10 (5 s); planning at 15
-    chosen, budget = verdict.plan_within_budget(plan, 600.0, started, run_study, clock, echo=lambda _: None)
+    chosen, budget = verdict_run.plan_within_budget(plan, 600.0, started, run_study, clock, echo=lambda _: None)
     measured = budget["measured"]
     assert measured["waves"] == 1 and measured["epoch_seconds"] == 8.0 * verdict.PROBE_FRACTION
     assert measured["example_seconds"] == pytest.approx(verdict.EVAL_SAFETY * 1.6 / 32)
@@ -308,15 +308,15 @@ def test_time_budget_probes_once_then_keeps_its_plan(tmp_path):
     # 0.9 x 575 = 517.5 s: 40 s per epoch and 0.1 s per example leave 10 epochs for 1000 examples
     assert (chosen.epochs, chosen.n_examples, chosen.milestones) == (10, 1000, (6, 8, 9))
     assert "shortened epochs 15 →" in verdict.budget_text(budget)
-    again, _ = verdict.plan_within_budget(plan, 600.0, 0.0, run_study, clock, echo=lambda _: None)
+    again, _ = verdict_run.plan_within_budget(plan, 600.0, 0.0, run_study, clock, echo=lambda _: None)
     assert len(probes) == 1 and (again.epochs, again.n_examples) == (chosen.epochs, chosen.n_examples)
     # a budget that shortens nothing keeps the request's schedule (here the smoke runs' milestones)
     smoke = make_plan(reproduce.parse_args(["verdict", "--smoke", "--out-dir", str(tmp_path / "smoke")]))
-    kept, _ = verdict.plan_within_budget(smoke, 1e6, 0.0, lambda probe: _write_probe(probe, 1.0, 1.0) or 0, clock,
+    kept, _ = verdict_run.plan_within_budget(smoke, 1e6, 0.0, lambda probe: _write_probe(probe, 1.0, 1.0) or 0, clock,
                                          echo=lambda _: None)
     assert (kept.epochs, kept.milestones, kept.n_examples) == (smoke.epochs, smoke.milestones, smoke.n_examples)
     # with one slot the rows run one after the other: three waves, and the probe's wall time holds all three
-    one_slot = verdict.measure_probe(verdict.probe_plan(replace(plan, slots=(None,))), 30.0)
+    one_slot = verdict_run.measure_probe(verdict_run.probe_plan(replace(plan, slots=(None,))), 30.0)
     assert one_slot["waves"] == 3 and one_slot["epoch_seconds"] == 3 * 8.0 * verdict.PROBE_FRACTION
     assert one_slot["example_seconds"] == pytest.approx(3 * 2 * 1.6 / 32)
     assert one_slot["overhead_seconds"] == pytest.approx(30 - 3 * 9.6)
@@ -324,7 +324,7 @@ def test_time_budget_probes_once_then_keeps_its_plan(tmp_path):
 
 def test_smoke_probe_trains_on_all_smoke_images(tmp_path):
     plan = make_plan(reproduce.parse_args(["verdict", "--smoke", "--out-dir", str(tmp_path)]))
-    probe = verdict.probe_plan(plan)
+    probe = verdict_run.probe_plan(plan)
     assert probe.rows[0].options[-4:] == ("--train-size", "32", "--eval-size", "32") and probe.n_examples == 4
     assert probe.dataset == "synthetic" and probe.smoke and not probe.study.verdict
 
@@ -336,7 +336,7 @@ def test_phase_times_from_the_rows_files(tmp_path):
         run.mkdir(parents=True)
         (run / "metrics.jsonl").write_text("".join(json.dumps({"epoch": e, "seconds": 10.0 * (i + 1)}) + "\n"
                                                    for e in (1, 2)))
-    times = verdict.phase_times(plan)
+    times = verdict_run.phase_times(plan)
     assert times["train_seconds"] == 60.0 and times["epoch_seconds"] == 30.0 and times["evaluate_seconds"] is None
     assert times["rows"]["pgd-at"] == {"train_seconds": 20.0, "epoch_seconds": 10.0, "epochs_timed": 2,
                                        "evaluate_seconds": None}
@@ -382,5 +382,5 @@ def test_run_verdict_records_nothing_after_a_failed_study(tmp_path, capsys):
 
     record = tmp_path / "RESULTS.md"
     args = SimpleNamespace(time_budget=None, record=str(record))
-    assert verdict.run_verdict(plan, args, ["python", "reproduce.py"], make_run=Failing) == 1
+    assert verdict_run.run_verdict(plan, args, ["python", "reproduce.py"], make_run=Failing) == 1
     assert not record.exists() and "not recorded" in capsys.readouterr().out

@@ -2,8 +2,11 @@
 import sys
 from pathlib import Path
 
+import torch
+
 from utils import recipe
 from utils.reproduce.plan import SMOKE_EXAMPLES, Plan
+from utils.reproduce.runner import StudyRun
 from utils.reproduce.schedule import device_slots
 from utils.reproduce.studies import (
     STUDIES,
@@ -11,6 +14,9 @@ from utils.reproduce.studies import (
     scale_milestones,
     select_rows,
 )
+from utils.reproduce.verdict import record_refusal
+from utils.reproduce.verdict_run import run_verdict
+from utils.training.cli import KINDS, SMOKE_DEFAULTS
 
 
 def schedule(args):
@@ -20,12 +26,11 @@ def schedule(args):
         if args.epochs < 1:
             raise ValueError("--epochs must be at least 1")
         return args.epochs, scale_milestones(args.epochs)
-    if args.smoke:
-        from utils.training.cli import SMOKE_DEFAULTS
-        return SMOKE_DEFAULTS["epochs"], tuple(SMOKE_DEFAULTS["milestones"])
-    default = getattr(STUDIES.get(args.study), "default_epochs", None)
+    default = None if args.smoke else getattr(STUDIES.get(args.study), "default_epochs", None)
     if default is not None:
         return default, scale_milestones(default)
+    if args.smoke:
+        return SMOKE_DEFAULTS["epochs"], tuple(SMOKE_DEFAULTS["milestones"])
     return recipe.EPOCHS, tuple(recipe.MILESTONES)
 
 
@@ -37,9 +42,6 @@ def check_verdict_options(args, plan):
     if time_budget is not None and time_budget <= 0:
         raise ValueError("--time-budget takes a number of seconds above 0")
     if record:
-        import torch
-
-        from utils.reproduce.verdict import record_refusal
         refusal = record_refusal(plan.smoke, plan.dataset, torch.cuda.is_available())
         if refusal:
             raise ValueError(refusal)
@@ -49,7 +51,6 @@ def check_verdict_options(args, plan):
 
 def check_dataset(study, rows, dataset):
     """Refuse a dataset that one of the rows' training scripts does not take."""
-    from utils.training.cli import KINDS
     refused = sorted({row.script for row in rows if dataset not in KINDS[row.kind].datasets})
     if refused:
         raise ValueError(f"--dataset {dataset} is not accepted by {', '.join(refused)} (study {study.name})")
@@ -59,7 +60,6 @@ def check_gpus(slots):
     """Refuse GPU indices this machine does not have."""
     if slots == (None,):
         return
-    import torch
     highest = max(int(g) for slot in slots for g in slot.split(","))
     if highest >= torch.cuda.device_count():
         raise ValueError(f"--gpus names GPU {highest} but this machine has {torch.cuda.device_count()} CUDA "
@@ -100,9 +100,7 @@ def main(args, command=None):
         print(f"error: {err}", file=sys.stderr)
         return 2
     if plan.study.verdict:
-        from utils.reproduce.verdict import run_verdict
         return run_verdict(plan, args, command or ["python", "reproduce.py"])
-    from utils.reproduce.runner import StudyRun
     print(f"{plan.study.name}: {len(plan.rows)} rows, {plan.dataset}, {plan.schedule_text()}, "
           f"{plan.n_examples} test examples ({plan.budget} budget), out {plan.study_dir}", flush=True)
     return StudyRun(plan).run()

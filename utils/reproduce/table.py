@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from utils import recipe
 from utils.reproduce.paper import COLUMNS, HEADINGS, reported
 from utils.reproduce.studies import Row
+from utils.reproduce.verdict import build_verdict, render_verdict, timing_lines, verdict_paragraph
 
 SMOKE_SKIPPED = ("autoattack", "autoattack+p")
 REFERENCE_LABEL = "reference code's FGSM/C&W, not robustness"
@@ -96,9 +97,8 @@ def build_table(study, settings, items):
              "checkpoint": "best.pt", "reference_label": REFERENCE_LABEL,
              "rows": [row_record(item, settings) for item in items]}
     if getattr(study, "verdict", False):
-        from utils.reproduce import verdict
-        table["verdict"] = verdict.build_verdict({item.row.name: item.results for item in items})
-        table["verdict_paragraph"] = verdict.verdict_paragraph(
+        table["verdict"] = build_verdict({item.row.name: item.results for item in items})
+        table["verdict_paragraph"] = verdict_paragraph(
             table["verdict"], {item.row.name: item.row.label for item in items}, settings, recipe.EPOCHS)
     return table
 
@@ -195,10 +195,8 @@ def render_markdown(table):
               "blocks and the network's end."), ""]
     body = _protocol_section(table) + [""] + _reference_section(table) + [""] + _summary_section(table)
     if "verdict" in table:
-        from utils.reproduce.verdict import render_verdict
         body = render_verdict(table) + [""] + body
     if table.get("timing"):
-        from utils.reproduce.verdict import timing_lines
         body += [""] + timing_lines(table["timing"])
     return "\n".join(header + body) + "\n"
 
