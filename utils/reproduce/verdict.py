@@ -351,7 +351,6 @@ def append_record(path, table, gpu_name, command, date):
     """Append the verdict to ``path`` (created with its header when missing); a verdict already there
     is not added twice. Returns a sentence saying what happened. Raises ValueError when the table
     cannot be recorded."""
-
     problem = record_problem(table)
     if problem:
         raise ValueError(f"not recorded in {path}: {problem}")

@@ -56,7 +56,6 @@ def phase_times(plan):
 def finish(plan, study_run, started, budget=None, clock=None):
     """After the study: measure the table phase, add the time per phase (and the time budget's
     decisions) to table.json and table.md, print them; returns the timing dict."""
-
     clock = clock or time.perf_counter
     table_started = clock()
     study_run.write_table()
@@ -81,7 +80,6 @@ def probe_fraction(plan):
 def probe_plan(plan):
     """One epoch of every row on 1/probe_fraction of the training set, side by side like the real
     rows, then a small evaluation, in OUT/verdict/probe/ (never mixed with the real runs)."""
-
     full = SMOKE_DEFAULTS["train_size"] if plan.smoke else TRAIN_IMAGES[plan.dataset]
     eval_size = SMOKE_DEFAULTS["eval_size"] if plan.smoke else 1000
     fraction = probe_fraction(plan)
@@ -111,7 +109,6 @@ def plan_within_budget(plan, seconds, started, run_study, clock, echo=print):
     """The plan the time budget allows: read from OUT/verdict/budget.json when an earlier invocation
     decided it for the same request (a rerun continues, it does not replan), else measured by a probe
     (``run_study(plan) -> exit code``) and saved. Returns ``(plan, budget record)``."""
-
     requested = {"epochs": plan.epochs, "n_examples": plan.n_examples}
     key = {"seconds": seconds, "requested": requested, "dataset": plan.dataset, "seed": plan.seed, "smoke": plan.smoke,
            "rows": [r.name for r in plan.rows]}
@@ -141,7 +138,6 @@ def run_verdict(plan, args, command, clock=None, echo=print, make_run=None):
     """``reproduce.py verdict``: (with --time-budget) probe and plan, train and evaluate the rows side by
     side, write the table with the verdict and the time per phase, (with --record) append it to
     RESULTS.md. Returns the exit code."""
-
     clock = clock or time.perf_counter
     make_run = make_run or StudyRun
     started = clock()
