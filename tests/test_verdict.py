@@ -384,3 +384,13 @@ def test_run_verdict_records_nothing_after_a_failed_study(tmp_path, capsys):
     args = SimpleNamespace(time_budget=None, record=str(record))
     assert verdict_run.run_verdict(plan, args, ["python", "reproduce.py"], make_run=Failing) == 1
     assert not record.exists() and "not recorded" in capsys.readouterr().out
+
+
+def test_a_verdict_without_finished_rows_has_no_numbers():
+    study = STUDIES["verdict"]
+    items = [RowInput(row, "pending", f"/runs/{row.name}") for row in study.rows]
+    table = build_table(study, _settings(), items)
+    assert table["verdict"]["rows"] == {} and table["verdict"]["comparison"] is None
+    assert table["verdict"]["pending"] == ["pgd-at", "trades", "trades-ancra"]
+    paragraph = table["verdict_paragraph"]
+    assert "waits for both rows" in paragraph and "%" not in paragraph.split("Intervals:")[0]
