@@ -7,12 +7,13 @@ redone. `python reproduce.py --list` shows the studies and their rows.
 import argparse
 import sys
 
+from utils.cli import OneLineArgumentParser, finite_float
 from utils.reproduce.cli import main
 from utils.reproduce.studies import STUDIES
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = OneLineArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("study", nargs="?", choices=sorted(STUDIES), help="which table or figures")
     parser.add_argument("--list", action="store_true", help="print the studies and their rows, then exit")
     parser.add_argument("--out-dir", default="results", help="parent of OUT/STUDY (default results)")
@@ -21,8 +22,8 @@ def parse_args(argv=None):
                         help="synthetic data, tiny sizes, small attack budget without AutoAttack: the whole chain "
                              "on a CPU in minutes")
     parser.add_argument("--epochs", type=int, default=None,
-                        help="train this many epochs, lr milestones scaled from 75/90/100 of 120 (default 120; "
-                             "smoke 2)")
+                        help="train this many epochs, lr milestones scaled from 75/90/100 of 120 (default 120, "
+                             "verdict 15; smoke 2)")
     parser.add_argument("--dataset", default=None, help="default: the study's (smoke: synthetic)")
     parser.add_argument("--data-dir", default=None, help="where datasets live (default ./data)")
     parser.add_argument("--n-examples", type=int, default=None,
@@ -36,8 +37,14 @@ def parse_args(argv=None):
                              "for rows that use a fraction of a device (default 1, or the study's own)")
     parser.add_argument("--nproc-per-row", type=int, default=1,
                         help="train each row with this many processes through torchrun (default 1)")
+    parser.add_argument("--time-budget", type=finite_float, default=None, metavar="SECONDS",
+                        help="verdict only: measure a probe epoch, then shorten --epochs and --n-examples so the "
+                             "whole study ends within SECONDS (the table says what was shortened)")
+    parser.add_argument("--record", default=None, metavar="RESULTS.md",
+                        help="verdict only: append the finished verdict to this file; only real-data runs on a "
+                             "CUDA GPU are recorded")
     return parser.parse_args(argv)
 
 
 if __name__ == "__main__":
-    sys.exit(main(parse_args()))
+    sys.exit(main(parse_args(), command=["python", "reproduce.py", *sys.argv[1:]]))

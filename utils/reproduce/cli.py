@@ -14,18 +14,39 @@ from utils.reproduce.studies import (
     scale_milestones,
     select_rows,
 )
+from utils.reproduce.verdict import record_refusal
+from utils.reproduce.verdict_run import run_verdict
 from utils.training.cli import KINDS, SMOKE_DEFAULTS
 
 
 def schedule(args):
-    """``(epochs, milestones)``: the paper's, the smoke runs', or ``--epochs`` with scaled milestones."""
+    """``(epochs, milestones)``: the paper's, the study's own shortened default, the smoke runs', or
+    ``--epochs`` with scaled milestones."""
     if args.epochs is not None:
         if args.epochs < 1:
             raise ValueError("--epochs must be at least 1")
         return args.epochs, scale_milestones(args.epochs)
+    default = None if args.smoke else getattr(STUDIES.get(args.study), "default_epochs", None)
+    if default is not None:
+        return default, scale_milestones(default)
     if args.smoke:
         return SMOKE_DEFAULTS["epochs"], tuple(SMOKE_DEFAULTS["milestones"])
     return recipe.EPOCHS, tuple(recipe.MILESTONES)
+
+
+def check_verdict_options(args, plan):
+    """Refuse ``--time-budget`` and ``--record`` where they cannot apply (nothing is created yet)."""
+    time_budget, record = getattr(args, "time_budget", None), getattr(args, "record", None)
+    if (time_budget is not None or record) and not plan.study.verdict:
+        raise ValueError("--time-budget and --record belong to the verdict study (python reproduce.py verdict)")
+    if time_budget is not None and time_budget <= 0:
+        raise ValueError("--time-budget takes a number of seconds above 0")
+    if record:
+        refusal = record_refusal(plan.smoke, plan.dataset, torch.cuda.is_available())
+        if refusal:
+            raise ValueError(refusal)
+        if Path(record).is_dir() or not Path(record).resolve().parent.is_dir():
+            raise ValueError(f"--record {record} must be a file in an existing folder")
 
 
 def check_dataset(study, rows, dataset):
@@ -60,7 +81,10 @@ def make_plan(args):
     n_examples = args.n_examples if args.n_examples is not None else (SMOKE_EXAMPLES if args.smoke else 1000)
     if n_examples < 1:
         raise ValueError("--n-examples must be at least 1")
-    rows_per_gpu = args.rows_per_gpu if args.rows_per_gpu is not None else getattr(study, "rows_per_device", 1)
+    # a study's default concurrency applies to the default device; with --gpus each GPU takes one row
+    # unless --rows-per-gpu says otherwise
+    default_rows = study.rows_per_device if args.gpus is None else 1
+    rows_per_gpu = args.rows_per_gpu if args.rows_per_gpu is not None else default_rows
     slots = device_slots(args.gpus, args.nproc_per_row, rows_per_gpu)
     check_gpus(slots)
     out_dir = Path(args.out_dir).resolve()
@@ -71,16 +95,19 @@ def make_plan(args):
                 slots, args.nproc_per_row)
 
 
-def main(args):
-    """Run reproduce.py's parsed ``args``; returns the exit code."""
+def main(args, command=None):
+    """Run reproduce.py's parsed ``args`` (``command``: the command line, for --record); returns the exit code."""
     if args.list:
         print(describe_studies())
         return 0
     try:
         plan = make_plan(args)
+        check_verdict_options(args, plan)
     except ValueError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    if plan.study.verdict:
+        return run_verdict(plan, args, command or ["python", "reproduce.py"])
     print(f"{plan.study.name}: {len(plan.rows)} rows, {plan.dataset}, {plan.schedule_text()}, "
           f"{plan.n_examples} test examples ({plan.budget} budget), out {plan.study_dir}", flush=True)
     return StudyRun(plan).run()

@@ -59,6 +59,9 @@ class Study:
     rows: tuple
     evaluate: bool = True
     figures: tuple = ()
+    default_epochs: int | None = None   # None: the paper's 120 (milestones scaled otherwise)
+    rows_per_device: int = 1            # rows run at once on one device unless --rows-per-gpu says otherwise
+    verdict: bool = False               # the table adds the verdict (utils/reproduce/verdict.py)
 
     def row(self, name):
         """The row called ``name``."""
@@ -101,6 +104,8 @@ def _tiny(method, label):
 
 
 _TABLE1 = _resnet_six("cifar10")
+VERDICT_ROWS = ("pgd-at", "trades", "trades-ancra")
+VERDICT_EPOCHS = 15
 _T1 = {row.name: row for row in _TABLE1}
 
 
@@ -127,6 +132,10 @@ STUDIES = {study.name: study for study in (
           figures=(Figure("fig1", "hist", ("pgd-at", "trades", "mart")),
                    Figure("fig3", "hist", ("pgd-at", "trades", "mart", "trades-ancra")),
                    Figure("umap_trades-ancra", "umap", ("trades-ancra",)))),
+    Study("verdict", ("Does TRADES-ANCRA stay above TRADES once the evaluation sees through RA's gate? ResNet-18, "
+                      "CIFAR-10, shortened schedule, whole suite"), "cifar10",
+          tuple(_T1[name] for name in VERDICT_ROWS), default_epochs=VERDICT_EPOCHS,
+          rows_per_device=len(VERDICT_ROWS), verdict=True),
 )}
 
 

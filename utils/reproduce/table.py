@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from utils import recipe
 from utils.reproduce.paper import COLUMNS, HEADINGS, reported
 from utils.reproduce.studies import Row
+from utils.reproduce.verdict import build_verdict, render_verdict, timing_lines, verdict_paragraph
 
 SMOKE_SKIPPED = ("autoattack", "autoattack+p")
 REFERENCE_LABEL = "reference code's FGSM/C&W, not robustness"
@@ -91,10 +92,15 @@ def row_record(item, settings):
 def build_table(study, settings, items):
     """The whole table as a JSON-ready dict (``settings``: dataset, epochs, milestones, seed,
     n_examples, budget, smoke, commit)."""
-    return {"study": study.name, "title": study.title, "settings": dict(settings, milestones=list(settings["milestones"])),
-            "paper_schedule": {"epochs": recipe.EPOCHS, "milestones": list(recipe.MILESTONES)},
-            "checkpoint": "best.pt", "reference_label": REFERENCE_LABEL,
-            "rows": [row_record(item, settings) for item in items]}
+    table = {"study": study.name, "title": study.title, "settings": dict(settings, milestones=list(settings["milestones"])),
+             "paper_schedule": {"epochs": recipe.EPOCHS, "milestones": list(recipe.MILESTONES)},
+             "checkpoint": "best.pt", "reference_label": REFERENCE_LABEL,
+             "rows": [row_record(item, settings) for item in items]}
+    if getattr(study, "verdict", False):
+        table["verdict"] = build_verdict({item.row.name: item.results for item in items})
+        table["verdict_paragraph"] = verdict_paragraph(
+            table["verdict"], {item.row.name: item.row.label for item in items}, settings, recipe.EPOCHS)
+    return table
 
 
 def _line(cells):
@@ -196,6 +202,10 @@ def render_markdown(table):
               "statistics (eval mode) and with each batch's own statistics: one final BatchNorm serves both RA "
               "blocks and the network's end."), ""]
     body = _protocol_section(table) + [""] + _reference_section(table) + [""] + _summary_section(table)
+    if "verdict" in table:
+        body = render_verdict(table) + [""] + body
+    if table.get("timing"):
+        body += [""] + timing_lines(table["timing"])
     return "\n".join(header + body) + "\n"
 
 
