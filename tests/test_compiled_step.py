@@ -128,7 +128,7 @@ def test_compiled_step_with_awp_ema_and_a_logit_rule_gives_the_eager_step():
     kwargs = {"method": "trades", "strategy": "hard_adv", "epoch": 11, "awp": 5e-3, "ema": 0.9}
     separate = lambda speed: dataclasses.replace(speed, joint_attacks=False)
     _assert_close(_trace(separate(EAGER), **kwargs), _trace(separate(AOT), **kwargs))
-    _compiled_without_breaks(3)  # examples, the loss on the model, the loss on AWP's proxy
+    _compiled_without_breaks(2)  # examples, the loss (newer torch reuses its graph for AWP's proxy module)
 
 
 def test_the_comparison_is_sharp():
