@@ -144,6 +144,11 @@ def input_gradient(model, x_adv, y, loss="ce", aux_weight=0.0, clean=None):
     return grad, logits.detach()
 
 
+def eps_box(x, eps):
+    """``(low, high)``: the ε-ball around ``x`` intersected with [0, 1], computed once per attack."""
+    return (x - eps).clamp_min(0), (x + eps).clamp_max(1)
+
+
 def signed_steps(targeted, step_size, x):
     """Per-example step: +step_size (ascend) for untargeted rows, −step_size (descend) for targeted ones."""
     return torch.where(targeted, -step_size, step_size).to(x.dtype).view(-1, *([1] * (x.dim() - 1)))
@@ -186,7 +191,7 @@ def pgd(model, x, y, eps=EPS, step_size=0.007, steps=10, *, loss="ce", targeted=
     targeted = _targeted_mask(targeted, x)
     step = signed_steps(targeted, step_size, x)
     x = x.detach()
-    low, high = (x - eps).clamp_min(0), (x + eps).clamp_max(1)  # the ε-ball ∩ [0, 1], once
+    low, high = eps_box(x, eps)
     with attack_mode(model):
         clean = _clean_probs(model, x, aux_weight) if loss == "kl" else None
         best = x.clone()
@@ -225,7 +230,7 @@ def training_attack(model, x, y, start, *, eps, step_size, steps, loss="ce", tar
     training step traces it whole."""
     targeted = _targeted_mask(targeted, x)
     x = x.detach()
-    low, high = (x - eps).clamp_min(0), (x + eps).clamp_max(1)
+    low, high = eps_box(x, eps)
     clean = _clean_probs(model, x, aux_weight) if loss == "kl" else None
     x_adv = descend(model, start.detach(), y, signed_steps(targeted, step_size, x), low, high, steps, loss=loss,
                     aux_weight=aux_weight, clean=clean)
