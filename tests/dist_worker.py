@@ -72,7 +72,7 @@ def freeze_batchnorm(model):
 
 
 def check_parity(context, device, out):
-    train_step.pgd_train = lambda model, x, y, **kw: attacks.pgd(model, x, y, init="none", **kw)
+    train_step.random_start = lambda x, eps, init, **kw: attacks.random_start(x, eps, "none")  # PGD from x itself
     model, step = build(context, device, MethodConfig("trades", anc=False, steps=2))
     freeze_batchnorm(model)
     pair = data.make_synthetic("train", BATCH, 8, seed=0)

@@ -24,7 +24,6 @@ from utils.checkpoint import (
     scheduler_state,
     write_metrics,
 )
-from utils.training import negatives
 from utils.training import step as train_step
 from utils.training.config import PLAIN_SPEED, EvalConfig, MethodConfig, SpeedConfig
 from utils.training.curves import plot_curves
@@ -82,22 +81,21 @@ def test_train_step_updates_weights_and_keeps_metrics_on_device():
 ])
 def test_train_step_attack_settings(monkeypatch, method, anc, ra, attack_loss, joint, want):
     calls = []
-    real_pgd = attacks.pgd
+    real_attack = attacks.training_attack
 
-    def recording_pgd(model, x, y, *args, **kwargs):
+    def recording_attack(model, x, y, *args, **kwargs):
         targeted = torch.as_tensor(kwargs.get("targeted", False)).expand(x.shape[0])
         calls.append((kwargs["loss"], kwargs["aux_weight"], x.shape[0], int(targeted.sum())))
-        return real_pgd(model, x, y, *args, **kwargs)
+        return real_attack(model, x, y, *args, **kwargs)
 
-    for module in (attacks, train_step, negatives):
-        monkeypatch.setattr(module, "pgd", recording_pgd)
+    monkeypatch.setattr(train_step, "training_attack", recording_attack)  # the step's one attack entry
     step = _step(method, anc, ra, attack_loss, speed=SpeedConfig(joint_attacks=joint))
     step(*_batch(), epoch=12)
     assert calls == want
 
 
 def test_standard_training_uses_clean_inputs(monkeypatch):
-    monkeypatch.setattr(train_step, "pgd_train", lambda *a, **k: pytest.fail("standard training must not attack"))
+    monkeypatch.setattr(train_step, "training_attack", lambda *a, **k: pytest.fail("standard training must not attack"))
     metrics = _step("standard", anc=False, ra=False)(*_batch(), epoch=1)
     assert set(metrics) == {"acc_nat", "ce_nat", "loss"}
 

@@ -92,15 +92,19 @@ def _clean_probs(model, x, aux_weight):
         return [F.softmax(model(x).float(), 1)]
 
 
-def random_start(x, eps, init, generator=None, uniform=None):
+def random_start(x, eps, init, generator=None, uniform=None, normal=None):
     """PGD's starting point: ``x`` itself, x + 0.001·N(0,1) or x + U(−ε, ε), clipped to [0, 1].
 
     ``uniform`` (a U[0, 1) draw shaped like ``x``) replaces the ``uniform`` start's own draw, so
-    a caller can fix each example's noise whatever batch it lands in."""
+    a caller can fix each example's noise whatever batch it lands in; ``normal`` (a N(0, 1) draw
+    shaped like ``x``) does the same for the ``normal`` start (the compiled training step draws
+    its random numbers outside the compiled region)."""
     if init == "none":
         return x.clone()
     if init == "normal":
-        noise = recipe.START_NOISE * torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+        if normal is None:
+            normal = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+        noise = recipe.START_NOISE * normal
     elif init == "uniform":
         if uniform is None:
             uniform = torch.rand(x.shape, generator=generator, device=x.device, dtype=x.dtype)
@@ -118,6 +122,56 @@ def _rows(mask):
 def _success(logits, y, targeted):
     pred = logits.argmax(1)
     return torch.where(targeted, pred == y, pred != y)
+
+
+def _compiling():
+    """Whether torch.compile is tracing the caller (torch >= 2.3: torch.compiler.is_compiling)."""
+    check = getattr(torch.compiler, "is_compiling", None) or torch._dynamo.is_compiling
+    return check()
+
+
+def input_gradient(model, x_adv, y, loss="ce", aux_weight=0.0, clean=None):
+    """``(∇_x Σ objective, final logits)`` at ``x_adv`` (model in :func:`attack_mode`). Eager code
+    uses ``torch.autograd.grad``; under torch.compile the same gradient comes from
+    ``torch.func.grad``, which the compiler traces into the graph (``autograd.grad`` would break it)."""
+    if _compiling():
+        def total(point):
+            obj, logits = attack_objective(model, point, y, loss, aux_weight, clean)
+            return obj.sum(), logits.detach()
+        return torch.func.grad(total, has_aux=True)(x_adv)
+    x_adv = x_adv.detach().requires_grad_(True)
+    with torch.enable_grad():
+        obj, logits = attack_objective(model, x_adv, y, loss, aux_weight, clean)
+        grad, = torch.autograd.grad(obj.sum(), x_adv)
+    return grad, logits.detach()
+
+
+def eps_box(x, eps):
+    """``(low, high)``: the ε-ball around ``x`` intersected with [0, 1], computed once per attack."""
+    return (x - eps).clamp_min(0), (x + eps).clamp_max(1)
+
+
+def signed_steps(targeted, step_size, x):
+    """Per-example step: +step_size (ascend) for untargeted rows, −step_size (descend) for targeted ones."""
+    return torch.where(targeted, -step_size, step_size).to(x.dtype).view(-1, *([1] * (x.dim() - 1)))
+
+
+def descend(model, x_adv, y, step, low, high, steps, *, loss="ce", aux_weight=0.0, clean=None, targeted=None):
+    """``steps`` PGD iterations ``x ← clamp(x + step·sign ∇, low, high)`` from ``x_adv`` (model in
+    :func:`attack_mode`); returns the last iterate. With a ``targeted`` mask it also tracks, per
+    example, the first iterate that succeeded: returns ``(last, found, found_x)``."""
+    found = found_x = None
+    if targeted is not None:
+        found, found_x = torch.zeros(x_adv.shape[0], dtype=torch.bool, device=x_adv.device), x_adv
+    for _ in range(steps):
+        grad, logits = input_gradient(model, x_adv, y, loss, aux_weight, clean)
+        x_adv = x_adv.detach()
+        if targeted is not None:
+            hit = _success(logits, y, targeted) & ~found
+            found_x = torch.where(_rows(hit), x_adv, found_x)
+            found = found | hit
+        x_adv = torch.clamp(x_adv.addcmul(step, grad.sign()), low, high)
+    return x_adv if targeted is None else (x_adv, found, found_x)
 
 
 def pgd(model, x, y, eps=EPS, step_size=recipe.STEP_SIZE, steps=recipe.TRAIN_ATTACK_STEPS, *, loss="ce", targeted=False,
@@ -141,33 +195,35 @@ def pgd(model, x, y, eps=EPS, step_size=recipe.STEP_SIZE, steps=recipe.TRAIN_ATT
         raise ValueError(f"keep must be 'last' or 'success', got {keep!r}")
     if start is not None and restarts != 1:
         raise ValueError("an explicit PGD start allows only one restart")
-    if not torch.is_tensor(targeted):  # a fill, not a host-to-device copy
-        targeted = torch.full((x.shape[0],), bool(targeted), dtype=torch.bool, device=x.device)
-    targeted = targeted.to(device=x.device, dtype=torch.bool).expand(x.shape[0])
-    step = torch.where(targeted, -step_size, step_size).to(x.dtype).view(-1, *([1] * (x.dim() - 1)))
+    targeted = _targeted_mask(targeted, x)
+    step = signed_steps(targeted, step_size, x)
     x = x.detach()
-    low, high = (x - eps).clamp_min(0), (x + eps).clamp_max(1)  # the ε-ball ∩ [0, 1], once
+    low, high = eps_box(x, eps)
     with attack_mode(model):
         clean = _clean_probs(model, x, aux_weight) if loss == "kl" else None
         best = x.clone()
         done = torch.zeros(x.shape[0], dtype=torch.bool, device=x.device)
         for restart in range(restarts):
             x_adv = random_start(x, eps, init, generator) if start is None else start.detach()
-            found = torch.zeros_like(done)
-            found_x = x_adv
-            for step_index in range(steps):
-                x_adv.requires_grad_(True)
-                with torch.enable_grad():
-                    obj, logits = attack_objective(model, x_adv, y, loss, aux_weight, clean)
-                    grad, = torch.autograd.grad(obj.sum(), x_adv)
-                x_adv = x_adv.detach()
-                if record is not None:
+            found, found_x = torch.zeros_like(done), x_adv
+            if record is not None:  # the same iterations, observed step by step (indicators of attack failure)
+                for step_index in range(steps):
+                    x_adv.requires_grad_(True)
+                    with torch.enable_grad():
+                        obj, logits = attack_objective(model, x_adv, y, loss, aux_weight, clean)
+                        grad, = torch.autograd.grad(obj.sum(), x_adv)
+                    x_adv = x_adv.detach()
                     record(restart, step_index, x_adv, obj.detach(), logits.detach(), grad)
-                if keep == "success":
-                    hit = _success(logits.detach(), y, targeted) & ~found
-                    found_x = torch.where(_rows(hit), x_adv, found_x)
-                    found = found | hit
-                x_adv = torch.clamp(x_adv.addcmul(step, grad.sign()), low, high)
+                    if keep == "success":
+                        hit = _success(logits.detach(), y, targeted) & ~found
+                        found_x = torch.where(_rows(hit), x_adv, found_x)
+                        found = found | hit
+                    x_adv = torch.clamp(x_adv.addcmul(step, grad.sign()), low, high)
+            elif keep == "success":
+                x_adv, found, found_x = descend(model, x_adv, y, step, low, high, steps, loss=loss,
+                                                aux_weight=aux_weight, clean=clean, targeted=targeted)
+            else:
+                x_adv = descend(model, x_adv, y, step, low, high, steps, loss=loss, aux_weight=aux_weight, clean=clean)
             if keep == "success" or restarts > 1:
                 with torch.no_grad():
                     hit = _success(model(x_adv), y, targeted) & ~found
@@ -178,6 +234,27 @@ def pgd(model, x, y, eps=EPS, step_size=recipe.STEP_SIZE, steps=recipe.TRAIN_ATT
             best = torch.where(_rows(~done), x_adv, best)
             done = done | found  # every restart runs: no host sync to test whether all are done
     return best.detach()
+
+
+def _targeted_mask(targeted, x):
+    """A bool or per-example mask as a bool tensor of x's batch size on x's device."""
+    if not torch.is_tensor(targeted):  # a fill, not a host-to-device copy
+        targeted = torch.full((x.shape[0],), bool(targeted), dtype=torch.bool, device=x.device)
+    return targeted.to(device=x.device, dtype=torch.bool).expand(x.shape[0])
+
+
+def training_attack(model, x, y, start, *, eps, step_size, steps, loss="ce", targeted=False, aux_weight=0.0):
+    """The training attack's iterations from a given ``start`` with the model already in
+    :func:`attack_mode`: the last PGD iterate (what :func:`pgd_train` and the negatives' targeted
+    attack compute once their start is drawn). No host synchronisation, no RNG: the compiled
+    training step traces it whole."""
+    targeted = _targeted_mask(targeted, x)
+    x = x.detach()
+    low, high = eps_box(x, eps)
+    clean = _clean_probs(model, x, aux_weight) if loss == "kl" else None
+    x_adv = descend(model, start.detach(), y, signed_steps(targeted, step_size, x), low, high, steps, loss=loss,
+                    aux_weight=aux_weight, clean=clean)
+    return x_adv.detach()
 
 
 def fgsm(model, x, y, eps=EPS, *, init="none", aux_weight=0.0, generator=None):

@@ -79,7 +79,8 @@ def add_speed_arguments(group):
     group.add_argument("--joint-attacks", action=argparse.BooleanOptionalAction, default=True,
                        help="run the adversarial and the negatives' targeted attack as one 2B batch")
     group.add_argument("--compile", action=argparse.BooleanOptionalAction, default=False,
-                       help="torch.compile the model (pays off on GPUs for long runs; minutes of warm-up)")
+                       help="compiled training step: attacks, negatives and loss through torch.compile, CUDA graphs "
+                            "on CUDA (docs/training.md#compiled-step; off until measured; minutes of warm-up)")
 
 
 def run_cli(run, parse_args, errors, argv=None):

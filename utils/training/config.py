@@ -85,14 +85,18 @@ class SpeedConfig:
     ``joint_attacks``: the adversarial examples and the targeted negatives (both eval mode, both
     CE from x + 0.001·N(0,1)) run as one PGD batch of 2B with a per-example direction;
     ``amp``: bf16 autocast for every forward (attacks, losses, evaluation); ``channels_last``:
-    NHWC weights and inputs; ``compile``: ``torch.compile`` the model. :meth:`for_device` gives
-    the defaults: bf16 on CUDA, fp32 on CPU, channels-last with bf16 (on CPU it pays only there).
+    NHWC weights and inputs; ``compile``: the compiled step (:mod:`utils.training.fast`: the
+    attacks, the negative choice and the training forward/backward through ``torch.compile``,
+    CUDA graphs on CUDA), compiled by ``compile_backend`` (tests use ``aot_eager``).
+    :meth:`for_device` gives the defaults: bf16 on CUDA, fp32 on CPU, channels-last with bf16
+    (on CPU it pays only there); the compiled step stays off until measured (docs/training.md).
     """
 
     joint_attacks: bool = True
     amp: bool = False
     channels_last: bool = False
     compile: bool = False
+    compile_backend: str = "inductor"
 
     @classmethod
     def for_device(cls, device, **overrides):
@@ -114,7 +118,7 @@ class SpeedConfig:
         flags = [("bf16 autocast" if self.amp else "fp32"), ("channels-last" if self.channels_last else "NCHW"),
                  ("joint 2B attack batch" if self.joint_attacks else "separate attack batches")]
         if self.compile:
-            flags.append("torch.compile")
+            flags.append("compiled step")
         return ", ".join(flags)
 
 
@@ -124,11 +128,6 @@ PLAIN_SPEED = SpeedConfig()  # fp32, NCHW, joint attacks: the reference executio
 def prepare_model(model, speed: SpeedConfig):
     """Apply ``speed``'s memory format to ``model`` in place (before the optimizer and DDP see it)."""
     return model.to(memory_format=speed.memory_format())
-
-
-def compiled(model, speed: SpeedConfig):
-    """``torch.compile(model)`` when ``speed.compile`` is set (static shapes: one graph per batch size)."""
-    return torch.compile(model, dynamic=False) if speed.compile else model
 
 
 @dataclass(frozen=True)

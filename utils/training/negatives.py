@@ -48,17 +48,24 @@ def _pick(scores, allowed):
     return masked.argmax(1), allowed.any(1)
 
 
-def random_negatives(y, num_classes, generator=None):
+def negative_scores(n, num_classes, device, generator=None):
+    """The random rule's two draws for a batch of ``n``: U[0, 1) class scores (n×C), then example
+    scores (n×n), in that order (:func:`random_negatives` draws them so when not given them)."""
+    return (torch.rand((n, num_classes), generator=generator, device=device),
+            torch.rand((n, n), generator=generator, device=device))
+
+
+def random_negatives(y, num_classes, generator=None, scores=None):
     """For each anchor: a class ≠ y_i uniformly among the classes present, then a uniformly
-    random example of that class. Returns ``(index, valid)``."""
+    random example of that class. Returns ``(index, valid)``. ``scores`` replaces the draws of
+    :func:`negative_scores` (the compiled training step draws them outside the compiled region)."""
     n = y.shape[0]
     present = torch.zeros(num_classes, dtype=torch.bool, device=y.device)
     present[y] = True
     classes = torch.arange(num_classes, device=y.device)
     allowed_class = present[None, :] & (classes[None, :] != y[:, None])
-    class_scores = torch.rand((n, num_classes), generator=generator, device=y.device)
+    class_scores, example_scores = negative_scores(n, num_classes, y.device, generator) if scores is None else scores
     chosen_class, valid = _pick(class_scores, allowed_class)
-    example_scores = torch.rand((n, n), generator=generator, device=y.device)
     index, _ = _pick(example_scores, y[None, :] == chosen_class[:, None])
     return torch.where(valid, index, torch.arange(n, device=y.device)), valid
 
@@ -77,11 +84,11 @@ def candidate_mask(strategy, y, pred):
     return allowed & (y[None, :] != anchor_label)
 
 
-def choose_negatives(strategy, y, num_classes, logits=None, generator=None):
+def choose_negatives(strategy, y, num_classes, logits=None, generator=None, scores=None):
     """Indices of each anchor's negative for a base strategy. Non-random rules need the batch's
     eval-mode ``logits``: among the allowed candidates take the one with the largest logit for
     the anchor's label, falling back to `random` where no candidate is left."""
-    index, valid = random_negatives(y, num_classes, generator)
+    index, valid = random_negatives(y, num_classes, generator, scores)
     if strategy == "random":
         return index, valid
     if logits is None:
@@ -92,15 +99,22 @@ def choose_negatives(strategy, y, num_classes, logits=None, generator=None):
     return torch.where(has_candidate, picked, index), valid
 
 
-def select_negatives(strategy, model, x, y, num_classes, *, epoch=None, generator=None):
+def selection_logits(base, model, x):
+    """The eval-mode logits a non-random rule ranks by (None for `random`); ``model`` already in
+    :func:`~utils.attacks.attack_mode`."""
+    if base == "random":
+        return None
+    with torch.no_grad():
+        return model(x)
+
+
+def select_negatives(strategy, model, x, y, num_classes, *, epoch=None, generator=None, scores=None):
     """``(index, valid)`` of each anchor's negative under ``strategy`` at ``epoch``; the
     selection logits of non-random rules come from an eval-mode forward."""
     base = effective_strategy(strategy, epoch)
-    logits = None
-    if base != "random":
-        with attack_mode(model), torch.no_grad():
-            logits = model(x)
-    return choose_negatives(base, y, num_classes, logits, generator)
+    with attack_mode(model):
+        logits = selection_logits(base, model, x)
+    return choose_negatives(base, y, num_classes, logits, generator, scores)
 
 
 def make_negatives(strategy, model, x, y, num_classes, *, epoch=None, eps=recipe.EPS, step_size=recipe.STEP_SIZE,

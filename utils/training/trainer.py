@@ -180,9 +180,13 @@ class Trainer:
             self.reseed(epoch)
         lr = self.optimizer.param_groups[0]["lr"]
         train = self.train_epoch(epoch)
+        compile_s = self.step.take_compile_seconds()  # --compile: the calls that compiled a graph
         self.scheduler.step()
         results = self.evaluate_all()
         record = {"epoch": epoch, "lr": lr, "train": train, **results, "eval_attack": self.eval_config.attack_name}
+        if compile_s:
+            record["compile_seconds"] = round(compile_s, 3)
+            self.log(f"compiled the training step in {compile_s:.1f} s (epoch {epoch})")
         if self.step.update.find(EMA) is not None:
             record["eval_weights"] = "ema"
         score = results[self.best.split]["pgd"]
