@@ -461,10 +461,9 @@ def test_normalization_values_that_are_not_numbers_are_refused(mean, std):
 
 @pytest.mark.parametrize("line", ['{"epoch": 1', '["epoch", 1]', '{"loss": 1}', '{"epoch": "2"}'])
 def test_a_damaged_metrics_file_is_one_sentence_naming_the_line(tmp_path, line):
-    from models import CheckpointError
-    from utils.checkpoint import read_metrics
+    from utils.checkpoint import RunDirError, read_metrics
     (tmp_path / "metrics.jsonl").write_text('{"epoch": 1, "loss": 0.5}\n\n' + line + "\n")
-    with pytest.raises(CheckpointError, match="metrics.jsonl line 3 is not an epoch record") as err:
+    with pytest.raises(RunDirError, match=r"metrics.jsonl is damaged \(line 3 is not an epoch record\)") as err:
         read_metrics(tmp_path, 5)
     assert "\n" not in str(err.value)
     (tmp_path / "metrics.jsonl").write_text('{"epoch": 1, "loss": 0.5}\n{"epoch": 2}\n')

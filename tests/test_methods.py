@@ -93,7 +93,7 @@ def test_a_new_method_added_from_a_test_file_trains_for_one_step(registry):
                      MethodConfig("toy-alp", anc=False, steps=2), num_classes=3)
     seen = {}
     real_examples = step.examples
-    step.examples = lambda x, y, epoch: seen.setdefault("xy", real_examples(x, y, epoch))
+    step.examples = lambda x, y, epoch, *rest: seen.setdefault("xy", real_examples(x, y, epoch, *rest))
     x, y = torch.rand(6, 3, 4, 4), torch.tensor([0, 1, 2, 0, 1, 2])
     metrics = step(x, y, epoch=1)
 

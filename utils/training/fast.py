@@ -16,6 +16,7 @@ warm-up, and the epoch AWP starts, each add one.
 import time
 
 import torch
+from torch._dynamo.utils import counters as dynamo_counters
 
 
 def compile_mode(device):
@@ -25,9 +26,7 @@ def compile_mode(device):
 
 def graphs_compiled():
     """How many graphs dynamo has compiled in this process (its own statistics counter)."""
-    from torch._dynamo.utils import counters
-
-    return counters["stats"]["unique_graphs"]
+    return dynamo_counters["stats"]["unique_graphs"]
 
 
 class FastPath:
