@@ -154,10 +154,9 @@ def test_deterministic_attacks_give_the_same_per_example_result_at_batch_4_and_6
     assert broken > 0  # the attacks do break examples, so equal results are not all-robust ones
 
 
-def test_a_batch_that_runs_out_of_memory_is_rerun_as_halves_with_the_same_result():
-    model = trained_tiny(True, steps=30)
-    x, y = prototype_data(11, seed=7)
-    spec = select_attacks("pgd10", attack_catalogue(Settings(budget=BUDGETS["small"]), 5, 2), True)[0][0]
+def _fails_above_three(spec):
+    """``(run, sizes)``: ``spec``'s attack that raises CUDA's out-of-memory error on batches over 3
+    examples, and the list of batch sizes it was called with."""
     sizes = []
 
     def tight(model, xb, yb, ctx):
@@ -165,6 +164,14 @@ def test_a_batch_that_runs_out_of_memory_is_rerun_as_halves_with_the_same_result
         if len(yb) > 3:
             raise torch.cuda.OutOfMemoryError("CUDA out of memory (simulated)")
         return spec.run(model, xb, yb, ctx)
+    return tight, sizes
+
+
+def test_a_batch_that_runs_out_of_memory_is_rerun_as_halves_with_the_same_result():
+    model = trained_tiny(True, steps=30)
+    x, y = prototype_data(11, seed=7)
+    spec = select_attacks("pgd10", attack_catalogue(Settings(budget=BUDGETS["small"]), 5, 2), True)[0][0]
+    tight, sizes = _fails_above_three(spec)
 
     clean = run_attacks(model, x, y, [spec], eps=EPS, batch_size=2, progress=False).clean
     received = np.ones(len(y), bool)  # attack all 11, clean-correct or not
@@ -182,13 +189,7 @@ def test_a_shared_batch_limit_keeps_later_batches_and_attacks_below_the_size_tha
     model = trained_tiny(True, steps=30)
     x, y = prototype_data(11, seed=7)
     spec = select_attacks("fgsm", attack_catalogue(Settings(budget=BUDGETS["small"]), 5, 2), True)[0][0]
-    sizes = []
-
-    def tight(model, xb, yb, ctx):
-        sizes.append(len(yb))
-        if len(yb) > 3:
-            raise torch.cuda.OutOfMemoryError("CUDA out of memory (simulated)")
-        return spec.run(model, xb, yb, ctx)
+    tight, sizes = _fails_above_three(spec)
 
     received, limit = np.ones(11, bool), BatchLimit(8)
     args = dict(batch_size=8, seed=0, device="cpu", eps=EPS, progress=False, limit=limit)
