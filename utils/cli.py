@@ -7,6 +7,8 @@ import re
 import sys
 from fractions import Fraction
 
+import torch
+
 _NEGATIVE_VALUE = re.compile(r"^-(\d|\.\d|inf$|infinity$)", re.IGNORECASE)  # -inf: refused by the type, not misread
 
 
@@ -68,6 +70,40 @@ def eps_type(text):
         raise argparse.ArgumentTypeError(f"the radius must lie in [0, 255]: a fraction of the pixel range below 1 "
                                          f"(8/255, 0.031) or pixel units (8), got {text!r}")
     return eps_fraction(value)
+
+
+DEVICE_HELP = "auto (CUDA when available, else CPU), cpu, cuda or cuda:N"
+
+
+def device_type(text):
+    """argparse type of every script's ``--device``: ``auto``, ``cpu``, ``cuda`` or ``cuda:N``.
+
+    Only the spelling is checked here; :func:`resolve_device` checks that the device exists (a
+    checkpoint's saved ``auto`` resolves on the machine that resumes it)."""
+    if text in ("auto", "cpu", "cuda") or re.fullmatch(r"cuda:\d+", text or ""):
+        return text
+    raise argparse.ArgumentTypeError(f"unknown device {text!r}; use {DEVICE_HELP}")
+
+
+def resolve_device(name="auto"):
+    """The ``torch.device`` for a ``--device`` value; ValueError (one sentence) when it is not here."""
+    if not (name in ("auto", "cpu", "cuda") or re.fullmatch(r"cuda:\d+", str(name))):
+        raise ValueError(f"unknown device {name!r}; use {DEVICE_HELP}")
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"--device {name} was asked for but this machine has no usable CUDA GPU; use --device cpu")
+        if (device.index or 0) >= torch.cuda.device_count():
+            raise ValueError(f"--device {name}: only {torch.cuda.device_count()} CUDA device(s) here; use cuda:0 "
+                             f"to cuda:{torch.cuda.device_count() - 1}")
+    return device
+
+
+def add_device_argument(parser, default="auto"):
+    """The one ``--device`` option of every script (see :func:`device_type`)."""
+    parser.add_argument("--device", type=device_type, default=default, help=DEVICE_HELP)
 
 
 def add_speed_arguments(group):
