@@ -1,10 +1,12 @@
-"""Command line shared by the four train_* scripts: one parser builder, one ``main``.
+"""The one training command line: ``train.py`` and the four paper scripts are the same entry
+with different defaults (:class:`Defaults`).
 
-A script only names its kind (``resnet``, ``wideresnet``, ``tiny``, ``baselines``); the kind
-fixes the architectures it accepts, the dataset choices and whether the model is ANCRA (RA
-model, ANC on) or a plain baseline. ``--smoke`` swaps the defaults for a tiny synthetic run;
-``--resume`` takes the defaults from the run being resumed, so only changed options need
-repeating. Every option is checked before any folder is created or deleted.
+``--method NAME`` takes any registered method with the ``-anc``, ``-ra`` or ``-ancra`` suffix
+(``trades-ancra``); a paper script's bare name means its ANCRA variant, ablated with
+``--no-anc`` / ``--no-ra``. ``--smoke`` swaps the defaults for a tiny synthetic run; ``--resume``
+takes the defaults from the run being resumed, so only changed options need repeating. The
+command line is turned once into a typed :class:`~utils.training.config.TrainConfig`
+(:func:`resolve`), checked before any folder is created or deleted.
 """
 from __future__ import annotations
 
@@ -18,14 +20,37 @@ from dataclasses import dataclass
 from models import CheckpointError, arch_help, arch_info, canonical_arch
 from utils import data, distributed, recipe
 from utils.checkpoint import RunDirError, load_training_checkpoint, resolve_resume
-from utils.cli import OneLineArgumentParser, add_speed_arguments, eps_fraction, eps_type, finite_float
+from utils.cli import (
+    OneLineArgumentParser,
+    add_device_argument,
+    add_speed_arguments,
+    eps_fraction,
+    eps_type,
+    finite_float,
+)
 from utils.locks import LockError
 from utils.training import resume
-from utils.training.config import DEVICES
+from utils.training.config import (
+    DataConfig,
+    EvalConfig,
+    MethodConfig,
+    ModelConfig,
+    RunConfig,
+    ScheduleConfig,
+    SpeedOptions,
+    TrainConfig,
+)
 from utils.training.errors import ConfigError, NonFiniteLossError, TrainingInterrupted
-from utils.training.methods import get_method, method_names
+from utils.training.methods import (
+    format_method_name,
+    get_method,
+    method_names,
+    parse_method_name,
+    split_method_suffix,
+)
 from utils.training.negatives import STRATEGIES
-from utils.training.setup import check_resume, method_config, run, schedule_of
+from utils.training.schedule import Schedule
+from utils.training.setup import check_resume, run
 
 SMOKE_DEFAULTS = {"dataset": "synthetic", "train_size": 32, "batch_size": 16, "epochs": 2, "milestones": [2],
                   "eval_size": 32, "eval_steps": 2, "attack_steps": 2, "save_freq": 2, "overwrite": True,
@@ -34,70 +59,54 @@ DATA_SEED = 0  # seed of the synthetic data and of the fixed subsets (read back 
 
 
 @dataclass(frozen=True)
-class ScriptKind:
-    """What distinguishes one train_* script from another."""
+class Defaults:
+    """What one training command defaults to; every command takes every option.
+
+    ``ancra``: a bare ``--method NAME`` means NAME with ANC and RA (the paper scripts, whose
+    ``--no-anc`` / ``--no-ra`` give the ablations); otherwise a bare name is the vanilla method.
+    ``smoke_image_size``: side of the synthetic images of ``--smoke``.
+    """
 
     description: str
-    datasets: tuple | None  # None: every registered dataset
-    default_dataset: str
-    ancra: bool            # RA model + ANC by default, with --no-anc / --no-ra ablations
-    default_method: str
-    default_arch: str
-    arch_pattern: str      # regular expression of the architectures the script trains
+    arch: str = "resnet18"
+    dataset: str = "cifar10"
+    method: str = "trades-ancra"
+    ancra: bool = False
     smoke_image_size: int = 16
 
-    @property
-    def dataset_choices(self):
-        """The datasets this script trains on: its own list, or every registered one (``datasets=None``)."""
-        return tuple(data.DATASETS) if self.datasets is None else self.datasets
 
-    @property
-    def methods(self):
-        """Registered methods this script offers (ANCRA scripts: those that take negatives)."""
-        return tuple(m for m in method_names() if get_method(m).allows_anc or not self.ancra)
-
-
-CIFAR = ("cifar10", "cifar100", "synthetic")
-KINDS = {
-    "resnet": ScriptKind("Train ResNet-18 with ANCRA (PGD-AT / TRADES / MART + ANC + RA) on CIFAR-10/100.",
-                         CIFAR, "cifar10", True, "trades", "resnet18", r"resnet18"),
-    "wideresnet": ScriptKind("Train a WideResNet (default WRN-34-10) with ANCRA on CIFAR-10/100.",
-                             CIFAR, "cifar10", True, "trades", "wrn-34-10", r"wrn-\d+-\d+"),
-    "tiny": ScriptKind("Train PreActResNet-18 with ANCRA on Tiny-ImageNet (200 classes, 64x64).",
-                       ("tiny-imagenet", "synthetic"), "tiny-imagenet", True, "trades", "preact-resnet18",
-                       r"preact-resnet18", smoke_image_size=32),
-    "baselines": ScriptKind("Train vanilla PGD-AT / TRADES / MART (or standard training) on a plain model.",
-                            None, "cifar10", False, "pgd-at", "resnet18", r".+"),
-}
+def method_type(text):
+    """argparse type of ``--method``: a registered method, optionally with -anc, -ra or -ancra."""
+    try:
+        parse_method_name(text)
+    except ConfigError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
+    return str(text).lower()
 
 
-def _model_arguments(parser, kind):
-    spec = KINDS[kind]
+def _model_arguments(parser, defaults):
     model = parser.add_argument_group("model and method")
-    arch_text = {"wideresnet": "wrn-D-K (e.g. wrn-34-10, wrn-28-10); default wrn-<depth>-<widen>",
-                 "baselines": arch_help()}.get(kind, f"{spec.default_arch} (the one this script trains)")
-    model.add_argument("--arch", default=None if kind == "wideresnet" else spec.default_arch, help=arch_text)
-    if kind == "wideresnet":
-        model.add_argument("--depth", type=int, default=None,
-                           help="WRN depth (6n+4: 34, 28, ...); shorthand for --arch (34 when neither is given)")
-        model.add_argument("--widen", type=int, default=None,
-                           help="WRN widen factor; shorthand for --arch (10 when neither is given)")
-    model.add_argument("--method", choices=spec.methods, default=spec.default_method,
-                       help="training method" + (" (ANCRA variant unless --no-anc/--no-ra)" if spec.ancra else ""))
-    if spec.ancra:
-        model.add_argument("--no-anc", action="store_true", help="ablation: no asymmetric negative contrast")
-        model.add_argument("--no-ra", action="store_true", help="ablation: plain model without reverse attention")
-        model.add_argument("--strategy", choices=STRATEGIES, default="random_adv",
-                           help=f"negative (other-class example) strategy; non-random ones use random for "
-                                f"epochs <= {recipe.NEGATIVE_WARMUP_EPOCHS}")
-        model.add_argument("--alpha", type=finite_float, default=recipe.ALPHA, help="ANC asymmetry (1: only the negative moves)")
-        model.add_argument("--zeta", type=finite_float, default=recipe.ZETA, help="weight of the ANC term")
-        model.add_argument("--aux-weight", type=finite_float, default=recipe.AUX_WEIGHT,
-                           help="lambda: weight of the RA heads in losses and training attacks")
-        if kind in ("wideresnet", "tiny"):
-            model.add_argument("--separate-bn", action="store_true",
-                               help="ablation: each RA block gets its own BatchNorm instead of sharing the "
-                                    "network's final one (the reference shares it)")
+    model.add_argument("--arch", default=None, help=f"architecture (default {defaults.arch}): {arch_help()}")
+    model.add_argument("--depth", type=int, default=None,
+                       help="WRN depth (6n+4: 34, 28, ...); shorthand for --arch wrn-DEPTH-WIDEN (widen 10 unless given)")
+    model.add_argument("--widen", type=int, default=None,
+                       help="WRN widen factor; shorthand for --arch wrn-DEPTH-WIDEN (depth 34 unless given)")
+    bare = "its ANCRA variant (--no-anc / --no-ra for the ablations)" if defaults.ancra else "the vanilla method"
+    model.add_argument("--method", type=method_type, default=defaults.method,
+                       help=f"training method: {', '.join(method_names())}, optionally with -anc, -ra or -ancra "
+                            f"(e.g. trades-ancra); a bare name is {bare}")
+    model.add_argument("--no-anc", action="store_true", help="without asymmetric negative contrast (ablation)")
+    model.add_argument("--no-ra", action="store_true", help="plain model without reverse attention (ablation)")
+    model.add_argument("--strategy", choices=STRATEGIES, default="random_adv",
+                       help=f"ANC: negative (other-class example) strategy; non-random ones use random for "
+                            f"epochs <= {recipe.NEGATIVE_WARMUP_EPOCHS}")
+    model.add_argument("--alpha", type=finite_float, default=recipe.ALPHA, help="ANC asymmetry (1: only the negative moves)")
+    model.add_argument("--zeta", type=finite_float, default=recipe.ZETA, help="ANC: weight of the ANC term")
+    model.add_argument("--aux-weight", type=finite_float, default=recipe.AUX_WEIGHT,
+                       help="RA: lambda, weight of the RA heads in losses and training attacks")
+    model.add_argument("--separate-bn", action="store_true",
+                       help="RA ablation (WRN, PreActResNet-18): each RA block gets its own BatchNorm instead of "
+                            "sharing the network's final one (the reference shares it)")
     model.add_argument("--beta", type=finite_float, default=None, help="TRADES/MART robust-term weight (default 6 / 5)")
     model.add_argument("--attack-loss", choices=("ce", "kl"), default=None,
                        help="loss of the training adversarial examples (default: kl for vanilla TRADES, else ce)")
@@ -133,9 +142,10 @@ def _recipe_arguments(parser):
                              "0 = off. When on, the per-epoch check and best.pt use the averaged weights")
 
 
-def _data_arguments(parser, spec):
+def _data_arguments(parser, defaults):
     group = parser.add_argument_group("data and evaluation")
-    group.add_argument("--dataset", choices=spec.dataset_choices, default=spec.default_dataset)
+    group.add_argument("--dataset", choices=tuple(data.DATASETS), default=defaults.dataset,
+                       help="any registered dataset (utils/data.py)")
     group.add_argument("--data-dir", default=data.DEFAULT_DATA_DIR, help="where datasets live (CIFAR downloads here)")
     group.add_argument("--train-size", type=int, default=None,
                        help="train on a fixed random subset of this many images (synthetic: generate this many)")
@@ -158,7 +168,7 @@ def _run_arguments(parser):
     group.add_argument("--overwrite", action="store_true", help="replace an existing run of the same name")
     group.add_argument("--save-freq", type=int, default=10, help="also keep epoch_N.pt every this many epochs")
     group.add_argument("--seed", type=int, default=0, help="seeds torch, numpy and python random")
-    group.add_argument("--device", choices=DEVICES, default="auto")
+    add_device_argument(group)
     group.add_argument("--quiet", action="store_true", help="no progress bars")
     group.add_argument("--smoke", action="store_true",
                        help="tiny synthetic run of the whole pipeline (2 epochs, a few batches, 2-step attacks); "
@@ -171,65 +181,66 @@ def _run_arguments(parser):
                          help="SyncBatchNorm: training BN statistics over the global batch instead of each shard")
 
 
-def build_parser(kind):
-    """The argument parser of script ``kind`` (errors are one line, exit code 2)."""
-    spec = KINDS[kind]
-    parser = OneLineArgumentParser(description=spec.description, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    _model_arguments(parser, kind)
+def build_parser(defaults: Defaults):
+    """The argument parser of a training command (errors are one line, exit code 2)."""
+    parser = OneLineArgumentParser(description=defaults.description,
+                                   formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    _model_arguments(parser, defaults)
     _recipe_arguments(parser)
-    _data_arguments(parser, spec)
+    _data_arguments(parser, defaults)
     _run_arguments(parser)
     add_speed_arguments(parser.add_argument_group(
         "speed (same mathematics; defaults: bf16 on CUDA, fp32 on CPU; channels-last with bf16)"))
     return parser
 
 
-def parse_args(kind, argv=None):
-    """Parse ``argv``; returns ``(args, checkpoint payload or None, run_dir or None)``.
+def parse_args(defaults: Defaults, argv=None):
+    """Parse ``argv``; returns ``(args, explicit option names, checkpoint payload or None, run_dir or None)``.
 
     ``--smoke`` and ``--resume`` replace the parser's defaults (smoke settings, or the resumed
-    run's arguments) and the command line is parsed again, so explicit options still win.
+    run's options: its method with its ANC/RA choice, whichever command resumes it) and the
+    command line is parsed again, so explicit options still win.
     """
-    parser = build_parser(kind)
+    parser = build_parser(defaults)
     argv = sys.argv[1:] if argv is None else list(argv)
     first = parser.parse_args(argv)
+    explicit = resume.explicit_options(parser, argv)
     payload = run_dir = None
     if first.resume:
         run_dir, checkpoint_path = resolve_resume(first.resume)
         payload = load_training_checkpoint(checkpoint_path)
-        resume.refuse_folder_options(resume.explicit_options(parser, argv), first, run_dir, payload["args"])
+        saved = payload["args"]
+        resume.refuse_folder_options(explicit, first, run_dir, saved)
         known = vars(parser.parse_args([]))
-        parser.set_defaults(**{k: v for k, v in payload["args"].items()
-                               if k in known and k not in resume.NOT_RESTORED})
+        restored = {k: v for k, v in saved.items() if k in known and k not in resume.NOT_RESTORED}
+        if get_method_or_none(saved.get("method")) is not None:
+            restored["method"] = format_method_name(saved["method"], saved.get("anc"), saved.get("reverse_attention"))
+        parser.set_defaults(**restored)
     elif first.smoke:
-        parser.set_defaults(**dict(SMOKE_DEFAULTS, image_size=KINDS[kind].smoke_image_size))
-    return parser.parse_args(argv), payload, run_dir
+        parser.set_defaults(**dict(SMOKE_DEFAULTS, image_size=defaults.smoke_image_size))
+    return parser.parse_args(argv), explicit, payload, run_dir
 
 
-def architecture(kind, args):
-    """The canonical architecture name the options ask for (``--depth/--widen`` for WRN)."""
-    if kind != "wideresnet":
-        return canonical_arch(args.arch)
+def get_method_or_none(name):
+    """The registered method called ``name``, or None (a resumed run's record may name an unknown one)."""
+    try:
+        return get_method(name) if name is not None else None
+    except ConfigError:
+        return None
+
+
+def architecture(args, default):
+    """The canonical architecture the options ask for: ``--arch``, or ``--depth/--widen`` as
+    shorthand for ``wrn-DEPTH-WIDEN``, or the command's ``default``."""
+    if args.depth is None and args.widen is None:
+        return canonical_arch(args.arch or default)
     if args.arch is None:
         return f"wrn-{args.depth or 34}-{args.widen or 10}"
     arch = canonical_arch(args.arch)
     match = re.fullmatch(r"wrn-(\d+)-(\d+)", arch)
-    if match and (args.depth not in (None, int(match[1])) or args.widen not in (None, int(match[2]))):
+    if not match or args.depth not in (None, int(match[1])) or args.widen not in (None, int(match[2])):
         raise ConfigError(f"--arch {arch} disagrees with --depth {args.depth} / --widen {args.widen}; give one of them")
     return arch
-
-
-def check_arch_fits(kind, arch, resumed=None):
-    """Refuse an architecture the script is not for (``resumed``: the checkpoint being resumed)."""
-    spec = KINDS[kind]
-    if re.fullmatch(spec.arch_pattern, arch):
-        return
-    trains = "wrn-D-K" if kind == "wideresnet" else spec.default_arch
-    if resumed is not None:
-        raise ConfigError(f"cannot resume {resumed}: it holds a {arch} model and this script trains {trains} "
-                          f"models; resume it with the script that created it")
-    raise ConfigError(f"this script trains {trains} models, not {arch}; use train_baselines.py --arch {arch} "
-                      f"for other architectures")
 
 
 FLOAT_OPTIONS = ("lr", "momentum", "weight_decay", "step_size", "eps", "awp_gamma", "ema", "alpha", "zeta",
@@ -276,59 +287,95 @@ def _check_ranges(args):
         raise ConfigError("--image-size must be at least 1")
 
 
-def _arch_weight_decay(arch):
-    """The architecture's default weight decay from the model registry (an unknown name is a ConfigError)."""
+def _arch_info(arch):
+    """The architecture's registry entry (an unknown name is a ConfigError)."""
     try:
-        return arch_info(arch).weight_decay
+        return arch_info(arch)
     except ValueError as err:
         raise ConfigError(str(err)) from None
 
 
-def resolve_args(kind, args):
-    """Fill the defaults that depend on other options and check the combination."""
-    spec = KINDS[kind]
-    args.arch = architecture(kind, args)
-    args.eps = eps_fraction(args.eps)  # runs saved before ε was stored as a fraction hold pixel units (8.0)
-    args.reverse_attention = spec.ancra and not args.no_ra
-    args.anc = spec.ancra and not args.no_anc
-    args.data_seed = DATA_SEED
-    method = get_method(args.method)
-    if args.weight_decay is None:
-        tiny = args.dataset == "tiny-imagenet"
-        args.weight_decay = recipe.TINY_IMAGENET_WEIGHT_DECAY if tiny else _arch_weight_decay(args.arch)
-    args.separate_bn = bool(getattr(args, "separate_bn", False))
-    if args.separate_bn and not args.reverse_attention:
+ANC_OPTIONS = ("strategy", "alpha", "zeta")
+RA_OPTIONS = ("aux_weight",)
+
+
+def _method(defaults, args, explicit, arch):
+    """``(method, anc, reverse_attention)`` from --method (a bare name: the command's default
+    variant), --no-anc / --no-ra, and the architecture; options that would do nothing are refused."""
+    method, anc, ra = parse_method_name(args.method)
+    if split_method_suffix(args.method)[1] is None and defaults.ancra:
+        anc, ra = get_method(method).allows_anc, True
+    anc, ra = anc and not args.no_anc, ra and not args.no_ra
+    if ra and not arch.supports_ra:
+        raise ConfigError(f"{arch.name} has no reverse-attention variant; train it without RA "
+                          f"(--method {format_method_name(method, anc, False)} or --no-ra)")
+    unused = [name for name in ANC_OPTIONS if name in explicit and not anc]
+    unused += [name for name in RA_OPTIONS if name in explicit and not ra]
+    if unused:
+        options = " and ".join(f"--{name.replace('_', '-')}" for name in unused)
+        raise ConfigError(f"{options} only change{'s' if len(unused) == 1 else ''} "
+                          f"{'ANC' if set(unused) <= set(ANC_OPTIONS) else 'ANC/RA'} training, and "
+                          f"{format_method_name(method, anc, ra)} has none; drop {options} or pick a method "
+                          f"with it (e.g. --method {format_method_name(method, get_method(method).allows_anc, True)})")
+    return method, anc, ra
+
+
+def resolve(defaults: Defaults, args, explicit=frozenset()):
+    """The :class:`TrainConfig` that ``args`` ask for: the defaults that depend on other options
+    filled in, every range and combination checked (ConfigError names the option)."""
+    arch = _arch_info(architecture(args, defaults.arch))
+    method, anc, ra = _method(defaults, args, explicit, arch)
+    if args.separate_bn and not ra:
         raise ConfigError("--separate-bn only changes RA models (the BatchNorm shared by the RA blocks); drop it or --no-ra")
-    if args.attack_loss is None:
-        args.attack_loss = method.attack_loss(args.anc, args.reverse_attention)
-    if args.awp_warmup is None:
-        args.awp_warmup = method.awp_warmup
     if args.image_size is None:
         args.image_size = data.image_size(args.dataset)
     elif args.dataset != "synthetic" and args.image_size != data.image_size(args.dataset):
         raise ConfigError(f"--image-size only applies to the synthetic dataset; {args.dataset} images are "
                           f"{data.image_size(args.dataset)} pixels wide")
+    args.eps = eps_fraction(args.eps)  # runs saved before ε was stored as a fraction hold pixel units (8.0)
     _check_ranges(args)
-    schedule_of(args)  # validates lr, momentum and weight decay
-    args.method_name = method_config(args).name(args.reverse_attention)
-    if args.run_name is None:
+    if args.weight_decay is None:
+        tiny = args.dataset == "tiny-imagenet"
+        args.weight_decay = recipe.TINY_IMAGENET_WEIGHT_DECAY if tiny else arch.weight_decay
+    unit = get_method(method)
+    method_config = MethodConfig(
+        method=method, anc=anc, strategy=args.strategy, alpha=args.alpha, zeta=args.zeta, beta=args.beta,
+        aux_weight=args.aux_weight, attack_loss=args.attack_loss or unit.attack_loss(anc, ra), eps=args.eps,
+        step_size=args.step_size, steps=args.attack_steps)
+    model = ModelConfig(arch=arch.name, num_classes=data.num_classes(args.dataset), reverse_attention=ra,
+                        image_size=args.image_size, separate_bn=bool(args.separate_bn))
+    data_config = DataConfig(dataset=args.dataset, data_dir=args.data_dir, image_size=args.image_size,
+                             train_size=args.train_size, eval_size=args.eval_size, val_size=args.val_size,
+                             seed=DATA_SEED)
+    schedule = ScheduleConfig(
+        epochs=args.epochs, batch_size=args.batch_size, per_rank_batch=args.per_rank_batch,
+        optimizer=Schedule(args.lr, args.momentum, args.weight_decay, tuple(args.milestones)),
+        awp_gamma=args.awp_gamma, awp_warmup=unit.awp_warmup if args.awp_warmup is None else args.awp_warmup,
+        ema=args.ema)
+    run_name = args.run_name
+    if run_name is None:
         prefix = "smoke_" if args.smoke else ""
         suffix = "_sepbn" if args.separate_bn else ""
-        args.run_name = f"{prefix}{args.dataset}_{args.arch}_{args.method_name}{suffix}_s{args.seed}"
-    check_run_name(args.run_name)
-    return args
+        run_name = f"{prefix}{args.dataset}_{arch.name}_{method_config.name(ra)}{suffix}_s{args.seed}"
+    check_run_name(run_name)
+    run_config = RunConfig(out_dir=args.out_dir, run_name=run_name, seed=args.seed, device=args.device,
+                           save_freq=args.save_freq, resume=args.resume, overwrite=args.overwrite, smoke=args.smoke,
+                           quiet=args.quiet, sync_bn=args.sync_bn)
+    speed = SpeedOptions(amp=args.amp, channels_last=args.channels_last, joint_attacks=args.joint_attacks,
+                         compile=args.compile)
+    evaluation = EvalConfig(eps=args.eps, step_size=args.step_size, steps=args.eval_steps)
+    return TrainConfig(method_config, model, data_config, schedule, speed, evaluation, run_config)
 
 
-def main(kind, argv=None):
-    """Entry point of the train_* scripts; returns the process exit code."""
+def main(defaults: Defaults, argv=None):
+    """Entry point of train.py and the paper scripts; returns the process exit code."""
     finished = False
     try:
-        args, payload, run_dir = parse_args(kind, argv)
-        resolve_args(kind, args)
+        args, explicit, payload, run_dir = parse_args(defaults, argv)
+        config = resolve(defaults, args, explicit)
         if payload is not None:
-            check_resume(payload, args)
-        check_arch_fits(kind, args.arch, args.resume)
-        run(args, payload, run_dir)
+            check_resume(payload, config)
+        run(config, payload, run_dir)
         finished = True
     except (data.DatasetError, CheckpointError, RunDirError, ConfigError, LockError,
             distributed.DistributedError) as err:

@@ -1,5 +1,6 @@
-"""What a training run computes and how: the method's settings, the speed options, the
-per-epoch check and the device. Frozen dataclasses that validate themselves."""
+"""What a training run computes and how, as frozen dataclasses made once from the command line:
+the method, the model, the data, the schedule, the speed options, the per-epoch check and the
+run folder (:class:`TrainConfig` holds one of each)."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -10,20 +11,9 @@ from utils import recipe
 from utils.training.errors import ConfigError
 from utils.training.methods import format_method_name, get_method
 from utils.training.negatives import check_strategy
+from utils.training.schedule import Schedule
 
-DEVICES = ("auto", "cpu", "cuda")
 ATTACK_LOSSES = ("ce", "kl")
-
-
-def resolve_device(name="auto"):
-    """``auto`` → CUDA when available, else CPU; asking for CUDA without one is a ConfigError."""
-    if name not in DEVICES:
-        raise ConfigError(f"unknown device {name!r}; choose one of {', '.join(DEVICES)}")
-    if name == "cuda" or (name == "auto" and torch.cuda.is_available()):
-        if not torch.cuda.is_available():
-            raise ConfigError("--device cuda was asked for but this machine has no usable CUDA GPU; use --device cpu")
-        return torch.device("cuda")
-    return torch.device("cpu")
 
 
 @dataclass(frozen=True)
@@ -145,3 +135,121 @@ class EvalConfig:
 
 
 RECIPE_CHECK = EvalConfig()  # PGD-20 at 8/255 with step 0.007
+
+
+@dataclass(frozen=True)
+class SpeedOptions:
+    """The speed flags as asked for on the command line (``None``: the device's default); the
+    resolved :class:`SpeedConfig` depends on the device the run lands on (:meth:`on`)."""
+
+    amp: bool | None = None
+    channels_last: bool | None = None
+    joint_attacks: bool = True
+    compile: bool = False
+
+    def on(self, device):
+        """The :class:`SpeedConfig` for ``device``."""
+        return SpeedConfig.for_device(device, amp=self.amp, channels_last=self.channels_last,
+                                      joint_attacks=self.joint_attacks, compile=self.compile)
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """The network a run trains; :meth:`as_dict` is the checkpoint's ``model_config``
+    (read back by ``models.load_model``)."""
+
+    arch: str
+    num_classes: int
+    reverse_attention: bool
+    image_size: int
+    separate_bn: bool = False
+
+    def as_dict(self):
+        options = {"separate_bn": True} if self.separate_bn else {}
+        return {"arch": self.arch, "num_classes": self.num_classes, "reverse_attention": self.reverse_attention,
+                "image_size": self.image_size, **options}
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """Which images a run trains and checks on. ``seed`` draws the synthetic data and the fixed
+    subsets (read back by the evaluation); the validation split is drawn with the run's seed."""
+
+    dataset: str
+    data_dir: str
+    image_size: int
+    train_size: int | None = None  # a fixed random subset (synthetic: generate this many)
+    eval_size: int = 1000          # fixed test subset of the per-epoch check (0: the whole test set)
+    val_size: int = 0              # held-out training images that choose best.pt (0: the test subset does)
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class ScheduleConfig:
+    """How long and with what steps: epochs, the global batch, the SGD schedule and the optional
+    weight updates beyond the paper (AWP, EMA)."""
+
+    epochs: int
+    batch_size: int
+    optimizer: Schedule            # lr, momentum, weight decay, milestones
+    per_rank_batch: bool = False   # --batch-size is per process instead of global
+    awp_gamma: float = 0.0
+    awp_warmup: int = 0
+    ema: float = 0.0
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """Where the run goes and how it is driven."""
+
+    out_dir: str
+    run_name: str
+    seed: int = 0
+    device: str = "auto"
+    save_freq: int = 10
+    resume: str | None = None
+    overwrite: bool = False
+    smoke: bool = False
+    quiet: bool = False
+    sync_bn: bool = False
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Everything a training run needs, made once from the command line
+    (:func:`utils.training.cli.resolve`). :meth:`as_args` is the flat record kept in
+    ``args.json`` and in every checkpoint (the format resume and the evaluation read back)."""
+
+    method: MethodConfig
+    model: ModelConfig
+    data: DataConfig
+    schedule: ScheduleConfig
+    speed: SpeedOptions
+    evaluation: EvalConfig
+    run: RunConfig
+
+    @property
+    def method_name(self):
+        """``trades-ancra``, ``trades-anc``, ``trades-ra`` or ``trades``."""
+        return self.method.name(self.model.reverse_attention)
+
+    def as_args(self, world_size=1):
+        """The flat ``args`` record (same keys and meaning as every earlier run's args.json)."""
+        m, model, d, s, opt, r = self.method, self.model, self.data, self.schedule, self.schedule.optimizer, self.run
+        return {
+            "method": m.method, "method_name": self.method_name, "anc": m.anc, "reverse_attention":
+            model.reverse_attention, "strategy": m.strategy, "alpha": m.alpha, "zeta": m.zeta, "beta": m.beta,
+            "aux_weight": m.aux_weight, "attack_loss": m.attack_loss, "eps": m.eps, "step_size": m.step_size,
+            "attack_steps": m.steps, "arch": model.arch, "separate_bn": model.separate_bn,
+            "dataset": d.dataset, "data_dir": d.data_dir, "image_size": d.image_size, "train_size": d.train_size,
+            "eval_size": d.eval_size, "val_size": d.val_size, "data_seed": d.seed,
+            "epochs": s.epochs, "batch_size": s.batch_size, "per_rank_batch": s.per_rank_batch, "lr": opt.lr,
+            "momentum": opt.momentum, "weight_decay": opt.weight_decay, "milestones": list(opt.milestones),
+            "awp_gamma": s.awp_gamma, "awp_warmup": s.awp_warmup, "ema": s.ema,
+            "amp": self.speed.amp, "channels_last": self.speed.channels_last,
+            "joint_attacks": self.speed.joint_attacks, "compile": self.speed.compile,
+            "eval_steps": self.evaluation.steps,
+            "out_dir": r.out_dir, "run_name": r.run_name, "seed": r.seed, "device": r.device,
+            "save_freq": r.save_freq, "resume": r.resume, "overwrite": r.overwrite, "smoke": r.smoke,
+            "quiet": r.quiet, "sync_bn": r.sync_bn, "world_size": world_size,
+        }

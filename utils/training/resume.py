@@ -41,40 +41,42 @@ def refuse_folder_options(explicit, given, run_dir, saved):
         raise ConfigError(f"--smoke cannot resume {run_dir}: it is not a smoke run; drop --smoke")
 
 
-def refuse_identity_changes(saved, args):
-    """The method, ANC/RA choice, architecture and data of a resumed run cannot change."""
+def refuse_identity_changes(saved, current):
+    """The method, ANC/RA choice, architecture and data of a resumed run cannot change
+    (``saved``: its args record; ``current``: the one this command builds)."""
     for key in IDENTITY:
-        if key in saved and saved[key] != getattr(args, key):
-            raise ConfigError(f"cannot resume with {key.replace('_', ' ')} {getattr(args, key)!r}: the run was "
+        if key in saved and saved[key] != current[key]:
+            raise ConfigError(f"cannot resume with {key.replace('_', ' ')} {current[key]!r}: the run was "
                               f"trained with {saved[key]!r}; start a new run (another --run-name) to change it")
 
 
-def refuse_split_changes(saved, args):
+def refuse_split_changes(saved, current):
     """A run with a validation split (``--val-size``) keeps its seed and split size: the held-out
     images are drawn with ``--seed``, so a change would move held-out images into training while
     best.pt is still said to be chosen on held-out data."""
     held_out = saved.get("val_size", 0) or 0
-    if not held_out and not args.val_size:
+    val_size, seed = current["val_size"], current["seed"]
+    if not held_out and not val_size:
         return
-    if args.val_size != held_out:
+    if val_size != held_out:
         now = (f"holds out {held_out} training images to choose best.pt" if held_out else
                "trains on all its images and chooses best.pt on the test subset")
-        raise ConfigError(f"cannot resume with --val-size {args.val_size}: the run {now}, and another split would "
+        raise ConfigError(f"cannot resume with --val-size {val_size}: the run {now}, and another split would "
                           f"mix held-out and training images; drop --val-size or start a new run (another --run-name)")
-    if "seed" in saved and saved["seed"] != args.seed:
-        raise ConfigError(f"cannot resume with --seed {args.seed}: the run's validation split (--val-size "
+    if "seed" in saved and saved["seed"] != seed:
+        raise ConfigError(f"cannot resume with --seed {seed}: the run's validation split (--val-size "
                           f"{held_out}) was drawn with --seed {saved['seed']} and another seed would move held-out "
                           f"images into training; drop --seed or start a new run (another --run-name)")
 
 
-def schedule_changed(saved, args):
+def schedule_changed(saved, current):
     """Whether lr, momentum, weight decay or milestones differ from the resumed run's."""
-    return any(key in saved and _plain(saved[key]) != _plain(getattr(args, key)) for key in SCHEDULE)
+    return any(key in saved and _plain(saved[key]) != _plain(current[key]) for key in SCHEDULE)
 
 
-def changed_options(saved, args):
+def changed_options(saved, current):
     """``["lr 0.01 -> 0.05", ...]``: the options that differ from the resumed run's."""
-    return [f"{k} {saved[k]!r} -> {v!r}" for k, v in vars(args).items()
+    return [f"{k} {saved[k]!r} -> {v!r}" for k, v in current.items()
             if k in saved and _plain(saved[k]) != _plain(v) and k not in NOT_RESTORED]
 
 
