@@ -29,13 +29,12 @@ from torch.utils.flop_counter import flop_registry
 from models import create_model
 from utils import data
 from utils.attacks import attack_mode
-from utils.cli import add_speed_arguments
+from utils.cli import add_speed_arguments, resolve_device
 from utils.training.config import (
     EvalConfig,
     MethodConfig,
     SpeedConfig,
     prepare_model,
-    resolve_device,
 )
 from utils.training.errors import ConfigError
 from utils.training.methods import get_method, method_names, parse_method_name

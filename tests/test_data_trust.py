@@ -9,6 +9,7 @@ import pytest
 import torch
 
 import test_white_attack
+from train_CIFAR10_WideResNet import DEFAULTS as WRN
 from utils import data as D
 from utils.data import DatasetError, load_dataset
 from utils.training.cli import main as train_main
@@ -110,7 +111,7 @@ def test_malicious_data_folder_through_training_and_evaluation_scripts(tmp_path,
     out = tmp_path / "runs"
     argv = ["--dataset", "cifar10", "--data-dir", str(data_dir), "--depth", "16", "--widen", "1", "--epochs", "1",
             "--out-dir", str(out), "--quiet"]
-    assert train_main("wideresnet", argv) == 2
+    assert train_main(WRN, argv) == 2
     assert "data_batch_3" in one_error_line(capsys.readouterr().err)
     assert not out.exists() and not (tmp_path / MARKER).exists()
     ckpt = _cifar_checkpoint(tmp_path / "model.pt", tiny_model("wrn-16-1", 10, reverse_attention=False))
@@ -163,7 +164,7 @@ def test_damaged_training_data_is_refused_before_the_run_folder_exists(tmp_path,
     out = tmp_path / "runs"
     argv = ["--dataset", "cifar10", "--data-dir", str(data_dir), "--depth", "16", "--widen", "1", "--epochs", "1",
             "--out-dir", str(out), "--quiet"]
-    assert train_main("wideresnet", argv) == 2
+    assert train_main(WRN, argv) == 2
     line = one_error_line(capsys.readouterr().err)
     assert "data_batch_2" in line and "label 99" in line
     assert not out.exists()

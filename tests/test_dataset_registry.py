@@ -5,6 +5,8 @@ import json
 import pytest
 import torch
 
+from train import DEFAULTS as TRAIN
+from train_baselines import DEFAULTS as BASELINES
 from utils import data
 from utils.training import cli
 
@@ -43,18 +45,19 @@ def test_a_registered_dataset_is_known_everywhere(toy_dataset, tmp_path):
     assert data.DATASETS["toy4"] == 4 and data.image_size("toy4") == 8 and not data.default_augment("toy4")
     test = data.load_dataset("toy4", tmp_path, "test")
     assert test.x.shape == (8, 3, 8, 8) and test.y.tolist() == [0, 1, 2, 3] * 2
-    assert "toy4" in cli.KINDS["baselines"].dataset_choices
+    assert "toy4" in cli.build_parser(BASELINES).format_help()
 
 
 @pytest.mark.slow
-def test_a_registered_dataset_trains_through_the_training_command(toy_dataset, tmp_path):
-    code = cli.main("baselines", ["--dataset", "toy4", "--data-dir", str(tmp_path), "--arch", "resnet18",
-                                  "--method", "pgd-at", "--epochs", "1", "--milestones", "1", "--batch-size", "8",
-                                  "--eval-size", "8", "--attack-steps", "1", "--eval-steps", "1", "--device", "cpu",
-                                  "--out-dir", str(tmp_path / "runs"), "--run-name", "toy", "--quiet"])
+def test_a_registered_dataset_trains_with_ancra_through_the_training_command(toy_dataset, tmp_path):
+    code = cli.main(TRAIN, ["--dataset", "toy4", "--data-dir", str(tmp_path), "--arch", "resnet18",
+                            "--method", "pgd-at-ancra", "--epochs", "1", "--milestones", "1", "--batch-size", "8",
+                            "--eval-size", "8", "--attack-steps", "1", "--eval-steps", "1", "--device", "cpu",
+                            "--out-dir", str(tmp_path / "runs"), "--run-name", "toy", "--quiet"])
     assert code == 0
     run = tmp_path / "runs" / "toy"
-    assert json.loads((run / "args.json").read_text())["dataset"] == "toy4"
+    args = json.loads((run / "args.json").read_text())
+    assert (args["dataset"], args["method_name"], args["reverse_attention"]) == ("toy4", "pgd-at-ancra", True)
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert len(records) == 1 and records[0]["epoch"] == 1
     assert (run / "last.pt").is_file()

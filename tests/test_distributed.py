@@ -7,16 +7,20 @@ import signal
 import subprocess
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 import torch
 
 from models import load_model
+from train_baselines import DEFAULTS as BASELINES
 from utils import data, distributed
 from utils.training.cli import main as train_main
+from utils.training.config import ScheduleConfig
 from utils.training.errors import ConfigError
 from utils.training.monitor import monitor_accuracy
+from utils.training.schedule import Schedule
 from utils.training.setup import rank_batch
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -105,20 +109,16 @@ def test_evaluation_shards_count_every_example_once():
 
 
 def test_global_batch_is_split_and_must_divide():
-    class Args:
-        batch_size, per_rank_batch = 128, False
-
+    schedule = ScheduleConfig(epochs=1, batch_size=128, optimizer=Schedule())
     four = distributed.Context(rank=1, world_size=4)
-    assert rank_batch(Args, four) == 32 and rank_batch(Args, distributed.SINGLE) == 128
-    Args.per_rank_batch = True
-    assert rank_batch(Args, four) == 128
-    Args.batch_size, Args.per_rank_batch = 130, False
+    assert rank_batch(schedule, four) == 32 and rank_batch(schedule, distributed.SINGLE) == 128
+    assert rank_batch(replace(schedule, per_rank_batch=True), four) == 128
     with pytest.raises(ConfigError, match="cannot be split over 4 processes; use a multiple of 4"):
-        rank_batch(Args, four)
+        rank_batch(replace(schedule, batch_size=130), four)
 
 
 def test_sync_bn_without_torchrun_is_a_clear_error(tmp_path, capsys):
-    code = train_main("baselines", ["--smoke", "--sync-bn", "--out-dir", str(tmp_path), "--quiet"])
+    code = train_main(BASELINES, ["--smoke", "--sync-bn", "--out-dir", str(tmp_path), "--quiet"])
     assert code == 2
     assert "--sync-bn needs a multi-process launch" in capsys.readouterr().err
     assert not (tmp_path / "smoke_synthetic_resnet18_pgd-at_s0" / "last.pt").exists()

@@ -99,17 +99,19 @@ def test_relative_links_point_at_existing_files_and_headings(page):
     assert broken == []
 
 
-def _script_kinds():
-    """{train script: its kind in utils.training.cli.KINDS}, read from each script's main("kind") call."""
-    kinds = {}
-    for script in sorted(ROOT.glob("train_*.py")):
-        match = re.search(r"""main\(["'](\w+)["']\)""", script.read_text())
-        kinds[script.name] = match.group(1)
-    return kinds
+def _train_defaults():
+    """{training script: its ``DEFAULTS`` (utils.training.cli.Defaults)} for train.py and train_*.py."""
+    found = {}
+    for script in sorted([ROOT / "train.py", *ROOT.glob("train_*.py")]):
+        spec = importlib.util.spec_from_file_location(f"doc_{script.stem}", script)
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        found[script.name] = module.DEFAULTS
+    return found
 
 
 def test_readme_smoke_image_sizes_match_the_code():
-    sizes = {script: cli.KINDS[kind].smoke_image_size for script, kind in _script_kinds().items()}
+    sizes = {script: d.smoke_image_size for script, d in _train_defaults().items() if script != "train.py"}
     assert len(sizes) == 4
     text = _section(README.read_text(), "## Quick start")
     n, side, side2 = re.search(r"on (\d+) synthetic (\d+)×(\d+) images", text).groups()
@@ -175,8 +177,8 @@ def test_shown_commands_reads_continuations_comments_and_torchrun():
 
 def _parser_of(script):
     """The function that parses ``script``'s command line (parsing only: nothing runs)."""
-    if script.startswith("train_") and script in _script_kinds():
-        return cli.build_parser(_script_kinds()[script]).parse_args
+    if script.startswith("train") and script in _train_defaults():
+        return cli.build_parser(_train_defaults()[script]).parse_args
     if script == "utils.reproduce.bn":
         from utils.reproduce import bn
         return bn.parse_args

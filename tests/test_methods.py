@@ -6,6 +6,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from benchmarks.train_step import parse_method
+from train_baselines import DEFAULTS as BASELINES
 from utils.analysis.features import METHOD_NAMES
 from utils.analysis.features import method_label as feature_label
 from utils.training import methods
@@ -84,7 +85,9 @@ def test_a_new_method_added_from_a_test_file_trains_for_one_step(registry):
             return ce + beta * pair, {"ce_adv": ce.detach(), "pair": pair.detach()}
 
     assert "toy-alp" in method_names() and parse_method_name("toy-alp-anc") == ("toy-alp", True, False)
-    assert "toy-alp" in build_parser("baselines").format_help()
+    parser = build_parser(BASELINES)
+    assert "toy-alp" in "".join(parser.format_help().split())  # listed in --method's help (wrapped text)
+    assert parser.parse_args(["--method", "toy-alp-anc"]).method == "toy-alp-anc"
     torch.manual_seed(0)
     model, lr = TinyNet(), 0.1
     initial = TinyNet()

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 import reproduce
-from utils import recipe
+from utils import data, recipe
 from utils.reproduce import bn, commands, paper
 from utils.reproduce.cli import make_plan
 from utils.reproduce.commands import EvaluationTool
@@ -27,7 +27,6 @@ from utils.reproduce.schedule import device_slots, run_concurrently
 from utils.reproduce.state import finished_results, training_progress
 from utils.reproduce.studies import STUDIES, run_name, scale_milestones, select_rows
 from utils.reproduce.table import RowInput, build_table, render_markdown
-from utils.training.cli import KINDS
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -57,7 +56,7 @@ def test_studies_are_the_papers_rows():
     assert {r.arch for r in STUDIES["wrn"].rows} == {"wrn-34-10", "wrn-28-10"}
     for study in STUDIES.values():
         for row in study.rows:
-            assert study.dataset in KINDS[row.kind].dataset_choices
+            assert study.dataset in data.DATASETS
             assert row.paper is None or row.paper in paper.REPORTED
             assert row.shares_final_bn == (study.name in ("wrn", "tiny-imagenet"))
     assert paper.REPORTED["cifar10/trades-ancra"].figures["pgd40+p"] == 61.68
@@ -85,7 +84,7 @@ def test_row_selection_and_run_names():
 def test_bad_options_are_refused_before_anything_is_created(tmp_path, capsys):
     out = tmp_path / "out"
     for argv, message in ((["table1", "--only", "nope"], "no row nope"),
-                          (["tiny-imagenet", "--dataset", "cifar10"], "not accepted by"),
+                          (["tiny-imagenet", "--dataset", "imagenet-1k"], "not a registered dataset"),
                           (["table1", "--epochs", "0"], "--epochs"),
                           (["table1", "--gpus", "0,0", "--nproc-per-row", "2"], "names a GPU twice"),
                           (["table1", "--smoke", "--dataset", "cifar10"], "--smoke trains"),

@@ -11,6 +11,11 @@ import pytest
 import torch
 
 from models import load_model
+from train import DEFAULTS as TRAIN
+from train_baselines import DEFAULTS as BASELINES
+from train_CIFAR10_ResNet import DEFAULTS as RESNET
+from train_CIFAR10_WideResNet import DEFAULTS as WRN
+from train_Tiny_ImageNet_PreActResNet import DEFAULTS as TINY
 from utils.training import cli as train_cli
 from utils.training import step as train_step
 from utils.training.cli import main
@@ -55,14 +60,57 @@ def test_resnet_script_smoke_runs_as_a_program(tmp_path):
     assert "best chosen on the test subset" in result.stdout
 
 
+@pytest.mark.slow
+def test_train_entry_runs_as_a_program_with_any_method_and_architecture(tmp_path):
+    result = subprocess.run([sys.executable, "train.py", "--smoke", "--quiet", "--arch", "wrn-16-1", "--method",
+                             "pgd-at-ancra", "--image-size", "8", "--out-dir", str(tmp_path)],
+                            check=False, cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr
+    args = check_smoke_run(tmp_path / "smoke_synthetic_wrn-16-1_pgd-at-ancra_s0", "wrn-16-1", True)
+    assert (args["method"], args["anc"], args["reverse_attention"]) == ("pgd-at", True, True)
+
+
+def _config(defaults, argv):
+    args, explicit, _, _ = train_cli.parse_args(defaults, ["--smoke", *argv])
+    return train_cli.resolve(defaults, args, explicit)
+
+
+@pytest.mark.parametrize(("defaults", "argv", "name"), [
+    (TRAIN, ["--method", "trades"], "trades"), (TRAIN, ["--method", "trades-anc"], "trades-anc"),
+    (TRAIN, ["--method", "trades-ra"], "trades-ra"), (TRAIN, [], "trades-ancra"),
+    (TRAIN, ["--method", "mart-ancra", "--no-ra"], "mart-anc"), (TRAIN, ["--method", "TRADES_ANCRA"], "trades-ancra"),
+    (TRAIN, ["--method", "trades", "--no-anc"], "trades"),  # already without ANC: the flag only restates it
+    (RESNET, [], "trades-ancra"), (RESNET, ["--no-anc"], "trades-ra"), (RESNET, ["--no-ra"], "trades-anc"),
+    (RESNET, ["--method", "mart", "--no-anc", "--no-ra"], "mart"), (RESNET, ["--method", "pgd-at-ra"], "pgd-at-ra"),
+    (BASELINES, [], "pgd-at"), (BASELINES, ["--method", "trades-ancra"], "trades-ancra"),
+])
+def test_method_names_and_ablation_flags(defaults, argv, name):
+    config = _config(defaults, argv)
+    assert config.method_name == name
+    assert (config.method.anc, config.model.reverse_attention) == ("anc" in name, name.endswith("ra"))
+
+
+def test_paper_scripts_are_the_train_entry_with_their_defaults():
+    """Each paper script's default run is train.py with its architecture, dataset and method spelled out."""
+    for defaults, arch, dataset in [(RESNET, "resnet18", "synthetic"), (WRN, "wrn-34-10", "synthetic"),
+                                    (TINY, "preact-resnet18", "synthetic")]:
+        image = ["--image-size", str(defaults.smoke_image_size)]
+        paper = _config(defaults, [])
+        generic = _config(TRAIN, ["--arch", arch, "--dataset", dataset, "--method", "trades-ancra", *image])
+        assert paper == generic and paper.run.run_name == f"smoke_{dataset}_{arch}_trades-ancra_s0"
+    assert _config(BASELINES, []) == _config(TRAIN, ["--method", "pgd-at"])
+    wrn = _config(WRN, ["--depth", "28"])
+    assert wrn.model.arch == "wrn-28-10" and wrn.run.run_name == "smoke_synthetic_wrn-28-10_trades-ancra_s0"
+
+
 def test_wideresnet_script_smoke(tmp_path):
-    assert main("wideresnet", SMALL_WRN + ["--out-dir", str(tmp_path)]) == 0
+    assert main(WRN, SMALL_WRN + ["--out-dir", str(tmp_path)]) == 0
     args = check_smoke_run(tmp_path / "smoke_synthetic_wrn-16-1_trades-ancra_s0", "wrn-16-1", True)
     assert args["method_name"] == "trades-ancra" and args["strategy"] == "random_adv"
 
 
 def test_separate_bn_ablation_trains_saves_and_reloads_its_own_layout(tmp_path):
-    assert main("wideresnet", SMALL_WRN + ["--separate-bn", "--out-dir", str(tmp_path)]) == 0
+    assert main(WRN, SMALL_WRN + ["--separate-bn", "--out-dir", str(tmp_path)]) == 0
     run = tmp_path / "smoke_synthetic_wrn-16-1_trades-ancra_sepbn_s0"
     payload = torch.load(run / "last.pt", weights_only=True)
     assert payload["model_config"]["separate_bn"] is True
@@ -70,19 +118,19 @@ def test_separate_bn_ablation_trains_saves_and_reloads_its_own_layout(tmp_path):
     model, config = load_model(str(run / "last.pt"))
     assert config["separate_bn"] is True and model.state_dict().keys() == payload["model"].keys()
     # the option is part of the run: a resume keeps it without repeating it
-    assert main("wideresnet", ["--resume", str(run), "--epochs", "3", "--quiet"]) == 0
+    assert main(WRN, ["--resume", str(run), "--epochs", "3", "--quiet"]) == 0
     assert load_model(str(run / "last.pt"))[1]["separate_bn"] is True
 
 
 def test_separate_bn_needs_reverse_attention(tmp_path, capsys):
-    assert main("wideresnet", SMALL_WRN + ["--separate-bn", "--no-ra", "--out-dir", str(tmp_path)]) == 2
+    assert main(WRN, SMALL_WRN + ["--separate-bn", "--no-ra", "--out-dir", str(tmp_path)]) == 2
     assert "--separate-bn only changes RA models" in capsys.readouterr().err
     assert not any(tmp_path.iterdir())
 
 
 @pytest.mark.slow
 def test_tiny_imagenet_script_smoke(tmp_path):
-    assert main("tiny", ["--smoke", "--quiet", "--out-dir", str(tmp_path), "--method", "mart", "--no-anc"]) == 0
+    assert main(TINY, ["--smoke", "--quiet", "--out-dir", str(tmp_path), "--method", "mart", "--no-anc"]) == 0
     args = check_smoke_run(tmp_path / "smoke_synthetic_preact-resnet18_mart-ra_s0", "preact-resnet18", True)
     assert (args["weight_decay"], args["image_size"]) == (5e-4, 32)
 
@@ -90,7 +138,7 @@ def test_tiny_imagenet_script_smoke(tmp_path):
 def test_baselines_script_smoke_with_validation_split(tmp_path, capsys):
     argv = ["--smoke", "--quiet", "--arch", "wrn-16-1", "--method", "trades", "--val-size", "8",
             "--out-dir", str(tmp_path)]
-    assert main("baselines", argv) == 0
+    assert main(BASELINES, argv) == 0
     run = tmp_path / "smoke_synthetic_wrn-16-1_trades_s0"
     args = check_smoke_run(run, "wrn-16-1", False)
     assert args["attack_loss"] == "kl"  # vanilla TRADES attacks with its KL loss
@@ -106,10 +154,10 @@ def _weights(path):
 
 def test_resume_gives_identical_weights(tmp_path):
     out = ["--out-dir", str(tmp_path)]
-    assert main("wideresnet", SMALL_WRN + out + ["--run-name", "straight"]) == 0
-    assert main("wideresnet", SMALL_WRN + out + ["--run-name", "split", "--epochs", "1"]) == 0
+    assert main(WRN, SMALL_WRN + out + ["--run-name", "straight"]) == 0
+    assert main(WRN, SMALL_WRN + out + ["--run-name", "split", "--epochs", "1"]) == 0
     assert _weights(tmp_path / "split" / "last.pt")["epoch"] == 1
-    assert main("wideresnet", ["--resume", str(tmp_path / "split"), "--epochs", "2"]) == 0
+    assert main(WRN, ["--resume", str(tmp_path / "split"), "--epochs", "2"]) == 0
     straight, resumed = _weights(tmp_path / "straight" / "last.pt"), _weights(tmp_path / "split" / "last.pt")
     assert resumed["epoch"] == 2
     assert straight["model"].keys() == resumed["model"].keys()
@@ -141,7 +189,7 @@ def test_nan_loss_stops_with_a_clear_error_and_keeps_last_checkpoint(tmp_path, m
         return loss, batch_metrics
 
     _patch_loss(monkeypatch, poison)
-    assert main("wideresnet", SMALL_WRN + ["--out-dir", str(tmp_path), "--run-name", "r"]) == 1
+    assert main(WRN, SMALL_WRN + ["--out-dir", str(tmp_path), "--run-name", "r"]) == 1
     err = capsys.readouterr().err
     assert err.startswith("error: the training loss became nan in epoch 2")
     assert "last good checkpoint" in err and "(epoch 1) is intact" in err
@@ -159,7 +207,7 @@ def _same_weights(a, b):
 def test_mid_epoch_stop_keeps_the_epoch_end_checkpoint_and_resume_is_bit_exact(tmp_path, monkeypatch, capsys,
                                                                                 signum):
     out = ["--out-dir", str(tmp_path)]
-    assert main("wideresnet", SMALL_WRN + out + ["--run-name", "straight"]) == 0
+    assert main(WRN, SMALL_WRN + out + ["--run-name", "straight"]) == 0
     epoch_one = tmp_path / "epoch1.pt"
 
     def interrupt(n, loss, batch_metrics):  # smoke: 2 batches per epoch, so call 3 is inside epoch 2
@@ -170,14 +218,14 @@ def test_mid_epoch_stop_keeps_the_epoch_end_checkpoint_and_resume_is_bit_exact(t
 
     _patch_loss(monkeypatch, interrupt)
     run = tmp_path / "r"
-    assert main("wideresnet", SMALL_WRN + out + ["--run-name", "r"]) == 130
+    assert main(WRN, SMALL_WRN + out + ["--run-name", "r"]) == 130
     name = signal.Signals(signum).name
     assert (f"stopped by {name} during epoch 2; epoch 2 restarts from the epoch-end checkpoint {run / 'last.pt'} "
             f"(epoch 1): continue with --resume {run}") in capsys.readouterr().err
     assert (run / "last.pt").read_bytes() == epoch_one.read_bytes()  # the clean epoch-end file, untouched
     assert _weights(run / "last.pt")["interrupted_epoch"] is None
     monkeypatch.undo()
-    assert main("wideresnet", ["--resume", str(run)]) == 0
+    assert main(WRN, ["--resume", str(run)]) == 0
     resumed, straight = _weights(run / "last.pt"), _weights(tmp_path / "straight" / "last.pt")
     assert resumed["epoch"] == 2 and _same_weights(resumed, straight)
     strip = lambda r: {k: v for k, v in r.items() if k != "seconds"}
@@ -186,12 +234,12 @@ def test_mid_epoch_stop_keeps_the_epoch_end_checkpoint_and_resume_is_bit_exact(t
 
 def test_stop_in_the_first_epoch_resumes_from_the_saved_start(tmp_path, monkeypatch):
     out = ["--out-dir", str(tmp_path)]
-    assert main("wideresnet", SMALL_WRN + out + ["--run-name", "straight"]) == 0
+    assert main(WRN, SMALL_WRN + out + ["--run-name", "straight"]) == 0
     _patch_loss(monkeypatch, lambda n, loss, m: (os.kill(os.getpid(), signal.SIGTERM) if n == 1 else None, loss, m)[1:])
-    assert main("wideresnet", SMALL_WRN + out + ["--run-name", "r"]) == 130
+    assert main(WRN, SMALL_WRN + out + ["--run-name", "r"]) == 130
     assert _weights(tmp_path / "r" / "last.pt")["epoch"] == 0
     monkeypatch.undo()
-    assert main("wideresnet", ["--resume", str(tmp_path / "r")]) == 0
+    assert main(WRN, ["--resume", str(tmp_path / "r")]) == 0
     assert _same_weights(_weights(tmp_path / "r" / "last.pt"), _weights(tmp_path / "straight" / "last.pt"))
 
 
@@ -199,7 +247,7 @@ def test_existing_run_directory_is_refused(tmp_path, capsys):
     run = tmp_path / "taken"
     run.mkdir()
     (run / "args.json").write_text("{}")
-    assert main("resnet", ["--dataset", "synthetic", "--out-dir", str(tmp_path), "--run-name", "taken"]) == 2
+    assert main(RESNET, ["--dataset", "synthetic", "--out-dir", str(tmp_path), "--run-name", "taken"]) == 2
     err = capsys.readouterr().err
     assert err == (f"error: run directory {run} already holds a run; pass --resume {run} to continue it, "
                    f"--overwrite to replace it, or --run-name NAME to start a new one\n")
@@ -207,34 +255,42 @@ def test_existing_run_directory_is_refused(tmp_path, capsys):
 
 def test_missing_dataset_is_one_error_line(tmp_path, capsys):
     argv = ["--data-dir", str(tmp_path / "nowhere"), "--out-dir", str(tmp_path), "--quiet"]
-    assert main("tiny", argv) == 2
+    assert main(TINY, argv) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: Tiny-ImageNet not found under") and "--data-dir" in err
     assert err.count("\n") == 1
 
 
-def test_resuming_a_checkpoint_of_another_architecture_is_refused(tmp_path, capsys):
-    assert main("wideresnet", SMALL_WRN + ["--out-dir", str(tmp_path), "--run-name", "wrn", "--epochs", "1"]) == 0
+def test_any_training_command_resumes_a_run_as_it_was_trained(tmp_path, capsys):
+    """The run's architecture, method and ANC/RA choice come from the run, whichever command resumes
+    it; asking for another architecture or method is refused before anything changes."""
+    assert main(WRN, SMALL_WRN + ["--out-dir", str(tmp_path), "--run-name", "wrn", "--epochs", "1"]) == 0
     capsys.readouterr()
-    assert main("resnet", ["--resume", str(tmp_path / "wrn")]) == 2
+    run = tmp_path / "wrn"
+    assert main(RESNET, ["--resume", str(run), "--arch", "resnet18", "--epochs", "2"]) == 2
     err = capsys.readouterr().err
-    assert err == (f"error: cannot resume {tmp_path / 'wrn'}: it holds a wrn-16-1 model and this script trains "
-                   f"resnet18 models; resume it with the script that created it\n")
+    assert "error: cannot resume" in err and "wrn-16-1" in err and err.count("\n") == 1
+    assert main(TRAIN, ["--resume", str(run), "--method", "trades", "--epochs", "2"]) == 2
+    assert "error: cannot resume" in capsys.readouterr().err
+    assert json.loads((run / "metrics.jsonl").read_text().splitlines()[-1])["epoch"] == 1
+    assert main(BASELINES, ["--resume", str(run), "--epochs", "2", "--quiet"]) == 0
+    saved = json.loads((run / "args.json").read_text())
+    assert (saved["method_name"], saved["arch"], saved["epochs"]) == ("trades-ancra", "wrn-16-1", 2)
 
 
 def test_resume_of_nothing_and_cuda_without_gpu_are_one_line_errors(tmp_path, capsys):
     (tmp_path / "empty").mkdir()
-    assert main("resnet", ["--resume", str(tmp_path / "empty")]) == 2
+    assert main(RESNET, ["--resume", str(tmp_path / "empty")]) == 2
     assert "holds no last.pt, so there is nothing to resume" in capsys.readouterr().err
     if not torch.cuda.is_available():
-        assert main("baselines", ["--smoke", "--device", "cuda", "--out-dir", str(tmp_path)]) == 2
+        assert main(BASELINES, ["--smoke", "--device", "cuda", "--out-dir", str(tmp_path)]) == 2
         assert "no usable CUDA GPU; use --device cpu" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("kind", ["resnet", "wideresnet", "tiny", "baselines"])
-def test_help_documents_the_recipe(kind, capsys):
+@pytest.mark.parametrize("defaults", [TRAIN, RESNET, WRN, TINY, BASELINES])
+def test_help_documents_the_recipe(defaults, capsys):
     with pytest.raises(SystemExit) as exit_info:
-        main(kind, ["--help"])
+        main(defaults, ["--help"])
     assert exit_info.value.code == 0
     text = capsys.readouterr().out
     assert "--smoke" in text and "--resume" in text and "0.01" in text and "used 0.1" in text
@@ -242,21 +298,20 @@ def test_help_documents_the_recipe(kind, capsys):
 
 @pytest.mark.parametrize("spelling", [[], ["--eps", "8"], ["--eps", "8/255"], ["--eps", "0.0313725490196"]])
 def test_training_eps_spellings_mean_the_same_radius(spelling):
-    args, _, _ = train_cli.parse_args("resnet", ["--smoke", *spelling])
-    train_cli.resolve_args("resnet", args)
-    assert train_cli.method_config(args).eps == pytest.approx(8 / 255)
+    args, explicit, _, _ = train_cli.parse_args(RESNET, ["--smoke", *spelling])
+    config = train_cli.resolve(RESNET, args, explicit)
+    assert config.method.eps == pytest.approx(8 / 255) and config.evaluation.eps == pytest.approx(8 / 255)
 
 
 def test_runs_saved_with_pixel_eps_resume_with_the_same_radius():
-    args, _, _ = train_cli.parse_args("resnet", ["--smoke"])
+    args, explicit, _, _ = train_cli.parse_args(RESNET, ["--smoke"])
     args.eps = 8.0  # args.json of runs written before eps was stored as a fraction
-    train_cli.resolve_args("resnet", args)
-    assert args.eps == pytest.approx(8 / 255)
+    assert train_cli.resolve(RESNET, args, explicit).as_args()["eps"] == pytest.approx(8 / 255)
 
 
 def test_a_run_written_before_awp_ema_and_arch_options_resumes(tmp_path, capsys):
     """Old run folders: args without the new options and a checkpoint saved at an interruption."""
-    assert main("wideresnet", SMALL_WRN + ["--out-dir", str(tmp_path), "--run-name", "old", "--epochs", "1"]) == 0
+    assert main(WRN, SMALL_WRN + ["--out-dir", str(tmp_path), "--run-name", "old", "--epochs", "1"]) == 0
     run = tmp_path / "old"
     payload = _weights(run / "last.pt")
     for key in ("awp_gamma", "awp_warmup", "ema", "data_seed", "arch"):
@@ -264,7 +319,7 @@ def test_a_run_written_before_awp_ema_and_arch_options_resumes(tmp_path, capsys)
     payload["args"].update(depth=16, widen=1)
     payload["interrupted_epoch"] = 2  # the old format saved mid-epoch states like this
     torch.save(payload, run / "last.pt")
-    assert main("wideresnet", ["--resume", str(run), "--epochs", "2"]) == 0
+    assert main(WRN, ["--resume", str(run), "--epochs", "2"]) == 0
     assert "resuming interrupted epoch 2" in (run / "log.txt").read_text()
     resumed = _weights(run / "last.pt")
     assert resumed["epoch"] == 2 and "ema" not in resumed

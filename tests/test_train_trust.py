@@ -15,6 +15,11 @@ from pathlib import Path
 import pytest
 import torch
 
+from train import DEFAULTS as TRAIN
+from train_baselines import DEFAULTS as BASELINES
+from train_CIFAR10_ResNet import DEFAULTS as RESNET
+from train_CIFAR10_WideResNet import DEFAULTS as WRN
+from train_Tiny_ImageNet_PreActResNet import DEFAULTS as TINY
 from utils import checkpoint
 from utils.locks import LOCK_NAME, read_lock
 from utils.training import records as records_module
@@ -31,10 +36,13 @@ def snapshot(folder):
             for p in sorted(Path(folder).rglob("*"))}
 
 
+SCRIPTS = {"resnet": RESNET, "wideresnet": WRN, "tiny": TINY, "baselines": BASELINES, "train": TRAIN}
+
+
 def call(kind, argv, capsys):
-    """``main(kind, argv)`` as a process would see it: (exit code, stderr)."""
+    """``main(SCRIPTS[kind], argv)`` as a process would see it: (exit code, stderr)."""
     try:
-        code = main(kind, argv)
+        code = main(SCRIPTS[kind], argv)
     except SystemExit as exit_info:  # argparse's own errors
         code = exit_info.code
     return code, capsys.readouterr().err
@@ -59,7 +67,7 @@ def workspace(tmp_path):
 BAD_INPUT = {
     "out-dir is a file": ("resnet", ["--smoke", "--out-dir", "{w}/a_file"], "is a file"),
     "out-dir under a file": ("resnet", ["--smoke", "--out-dir", "{w}/a_file/runs"], "is not a directory"),
-    "unknown device": ("resnet", ["--smoke", "--device", "foo", "--out-dir", "{w}/runs"], "invalid choice: 'foo'"),
+    "unknown device": ("resnet", ["--smoke", "--device", "foo", "--out-dir", "{w}/runs"], "unknown device 'foo'"),
     "train-size beyond memory": ("baselines", ["--smoke", "--train-size", "1000000000000", "--out-dir", "{w}/runs"],
                                  "use a smaller --train-size"),
     "eps 300": ("resnet", ["--smoke", "--eps", "300", "--out-dir", "{w}/runs"], "[0, 255]"),
@@ -75,8 +83,16 @@ BAD_INPUT = {
                                  "--overwrite"], "not found under"),
     "smoke over a real run": ("resnet", ["--smoke", "--out-dir", "{w}/runs", "--run-name", "real"],
                               "never replaces one"),
-    "arch of another script": ("resnet", ["--smoke", "--arch", "wrn-16-1", "--out-dir", "{w}/runs"],
-                               "train_baselines.py --arch wrn-16-1"),
+    "ANC option of a method without ANC": ("train", ["--smoke", "--method", "trades-ra", "--zeta", "2", "--out-dir",
+                                                     "{w}/runs"], "--zeta only changes ANC training"),
+    "RA option of a plain model": ("baselines", ["--smoke", "--aux-weight", "1", "--out-dir", "{w}/runs"],
+                                   "--aux-weight only changes"),
+    "RA on an architecture without it": ("train", ["--smoke", "--arch", "preact-resnet18-rb", "--out-dir", "{w}/runs"],
+                                         "has no reverse-attention variant"),
+    "unknown method suffix": ("train", ["--smoke", "--method", "trades-anra", "--out-dir", "{w}/runs"],
+                              "unknown method 'trades-anra'"),
+    "depth with a non-WRN arch": ("train", ["--smoke", "--arch", "resnet18", "--depth", "16", "--out-dir", "{w}/runs"],
+                                  "disagrees"),
     "unknown arch": ("baselines", ["--smoke", "--arch", "vgg16", "--out-dir", "{w}/runs"], "unknown architecture"),
     "arch against depth": ("wideresnet", ["--smoke", "--arch", "wrn-28-10", "--depth", "16", "--out-dir", "{w}/runs"],
                            "disagrees"),
@@ -271,7 +287,7 @@ def test_resume_from_an_earlier_epoch_keeps_the_later_records_until_its_first_ep
 
     monkeypatch.setattr(train_step, "training_loss", fail)
     with pytest.raises(RuntimeError, match="simulated failure"):
-        main("wideresnet", ["--resume", str(run / "epoch_1.pt")])
+        main(WRN, ["--resume", str(run / "epoch_1.pt")])
     assert (run / "metrics.jsonl").read_bytes() == records  # all 3 records, as last.pt (epoch 3) says
     assert (run / "last.pt").read_bytes() == last
     monkeypatch.undo()

@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from models import create_model, load_model
+from train_CIFAR10_WideResNet import DEFAULTS as WRN
 from utils import data
 from utils.training.cli import main
 from utils.training.config import EvalConfig, MethodConfig
@@ -161,9 +162,9 @@ def test_ema_weights_are_checked_each_epoch_and_saved_in_the_loadable_format(tmp
 @pytest.mark.slow
 def test_awp_and_ema_runs_resume_bit_exactly(tmp_path):
     options = SMALL_WRN + ["--awp-gamma", "0.01", "--awp-warmup", "0", "--ema", "0.9", "--out-dir", str(tmp_path)]
-    assert main("wideresnet", [*options, "--run-name", "straight"]) == 0
-    assert main("wideresnet", [*options, "--run-name", "split", "--epochs", "1"]) == 0
-    assert main("wideresnet", ["--resume", str(tmp_path / "split"), "--epochs", "2"]) == 0
+    assert main(WRN, [*options, "--run-name", "straight"]) == 0
+    assert main(WRN, [*options, "--run-name", "split", "--epochs", "1"]) == 0
+    assert main(WRN, ["--resume", str(tmp_path / "split"), "--epochs", "2"]) == 0
     straight = torch.load(tmp_path / "straight" / "last.pt", weights_only=True)
     resumed = torch.load(tmp_path / "split" / "last.pt", weights_only=True)
     for key in straight["model"]:

@@ -4,7 +4,7 @@ from pathlib import Path
 
 import torch
 
-from utils import recipe
+from utils import data, recipe
 from utils.reproduce.plan import SMOKE_EXAMPLES, Plan
 from utils.reproduce.runner import StudyRun
 from utils.reproduce.schedule import device_slots
@@ -16,7 +16,7 @@ from utils.reproduce.studies import (
 )
 from utils.reproduce.verdict import record_refusal
 from utils.reproduce.verdict_run import run_verdict
-from utils.training.cli import KINDS, SMOKE_DEFAULTS
+from utils.training.cli import SMOKE_DEFAULTS
 
 
 def schedule(args):
@@ -49,11 +49,10 @@ def check_verdict_options(args, plan):
             raise ValueError(f"--record {record} must be a file in an existing folder")
 
 
-def check_dataset(study, rows, dataset):
-    """Refuse a dataset that one of the rows' training scripts does not take."""
-    refused = sorted({row.script for row in rows if dataset not in KINDS[row.kind].dataset_choices})
-    if refused:
-        raise ValueError(f"--dataset {dataset} is not accepted by {', '.join(refused)} (study {study.name})")
+def check_dataset(dataset):
+    """Refuse a dataset that is not registered (every training script takes every registered one)."""
+    if dataset not in data.DATASETS:
+        raise ValueError(f"--dataset {dataset} is not a registered dataset; use one of {', '.join(data.DATASETS)}")
 
 
 def check_gpus(slots):
@@ -76,7 +75,7 @@ def make_plan(args):
         raise ValueError("--smoke trains and evaluates on synthetic data; drop --dataset, or drop --smoke to use "
                          f"{args.dataset}")
     dataset = args.dataset or ("synthetic" if args.smoke else study.dataset)
-    check_dataset(study, rows, dataset)
+    check_dataset(dataset)
     epochs, milestones = schedule(args)
     n_examples = args.n_examples if args.n_examples is not None else (SMOKE_EXAMPLES if args.smoke else 1000)
     if n_examples < 1:
