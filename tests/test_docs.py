@@ -111,8 +111,8 @@ def _train_defaults():
 
 
 def test_readme_smoke_image_sizes_match_the_code():
-    sizes = {script: d.smoke_image_size for script, d in _train_defaults().items() if script != "train.py"}
-    assert len(sizes) == 4
+    sizes = {script: d.smoke_image_size for script, d in _train_defaults().items()}
+    assert len(sizes) == 5
     text = _section(README.read_text(), "## Quick start")
     n, side, side2 = re.search(r"on (\d+) synthetic (\d+)×(\d+) images", text).groups()
     assert (int(n), int(side), int(side2)) == (cli.SMOKE_DEFAULTS["train_size"], sizes["train_CIFAR10_ResNet.py"],
