@@ -283,7 +283,7 @@ def _check_ranges(args):
         raise ConfigError("--awp-gamma and --awp-warmup must be >= 0 (0 turns AWP off)")
     if not 0 <= args.ema < 1:
         raise ConfigError(f"--ema is a decay in [0, 1) such as 0.999 (0 = off), got {args.ema}")
-    if args.image_size < 1:
+    if args.image_size is not None and args.image_size < 1:
         raise ConfigError("--image-size must be at least 1")
 
 
@@ -327,29 +327,28 @@ def resolve(defaults: Defaults, args, explicit=frozenset()):
     method, anc, ra = _method(defaults, args, explicit, arch)
     if args.separate_bn and not ra:
         raise ConfigError("--separate-bn only changes RA models (the BatchNorm shared by the RA blocks); drop it or --no-ra")
-    if args.image_size is None:
-        args.image_size = data.image_size(args.dataset)
-    elif args.dataset != "synthetic" and args.image_size != data.image_size(args.dataset):
+    _check_ranges(args)
+    image_size = args.image_size or data.image_size(args.dataset)
+    if args.dataset != "synthetic" and image_size != data.image_size(args.dataset):
         raise ConfigError(f"--image-size only applies to the synthetic dataset; {args.dataset} images are "
                           f"{data.image_size(args.dataset)} pixels wide")
-    args.eps = eps_fraction(args.eps)  # runs saved before ε was stored as a fraction hold pixel units (8.0)
-    _check_ranges(args)
-    if args.weight_decay is None:
-        tiny = args.dataset == "tiny-imagenet"
-        args.weight_decay = recipe.TINY_IMAGENET_WEIGHT_DECAY if tiny else arch.weight_decay
+    eps = eps_fraction(args.eps)  # runs saved before ε was stored as a fraction hold pixel units (8.0)
+    weight_decay = args.weight_decay
+    if weight_decay is None:
+        weight_decay = recipe.TINY_IMAGENET_WEIGHT_DECAY if args.dataset == "tiny-imagenet" else arch.weight_decay
     unit = get_method(method)
     method_config = MethodConfig(
         method=method, anc=anc, strategy=args.strategy, alpha=args.alpha, zeta=args.zeta, beta=args.beta,
-        aux_weight=args.aux_weight, attack_loss=args.attack_loss or unit.attack_loss(anc, ra), eps=args.eps,
+        aux_weight=args.aux_weight, attack_loss=args.attack_loss or unit.attack_loss(anc, ra), eps=eps,
         step_size=args.step_size, steps=args.attack_steps)
     model = ModelConfig(arch=arch.name, num_classes=data.num_classes(args.dataset), reverse_attention=ra,
-                        image_size=args.image_size, separate_bn=bool(args.separate_bn))
-    data_config = DataConfig(dataset=args.dataset, data_dir=args.data_dir, image_size=args.image_size,
+                        image_size=image_size, separate_bn=bool(args.separate_bn))
+    data_config = DataConfig(dataset=args.dataset, data_dir=args.data_dir, image_size=image_size,
                              train_size=args.train_size, eval_size=args.eval_size, val_size=args.val_size,
                              seed=DATA_SEED)
     schedule = ScheduleConfig(
         epochs=args.epochs, batch_size=args.batch_size, per_rank_batch=args.per_rank_batch,
-        optimizer=Schedule(args.lr, args.momentum, args.weight_decay, tuple(args.milestones)),
+        optimizer=Schedule(args.lr, args.momentum, weight_decay, tuple(args.milestones)),
         awp_gamma=args.awp_gamma, awp_warmup=unit.awp_warmup if args.awp_warmup is None else args.awp_warmup,
         ema=args.ema)
     run_name = args.run_name
@@ -363,7 +362,7 @@ def resolve(defaults: Defaults, args, explicit=frozenset()):
                            quiet=args.quiet, sync_bn=args.sync_bn)
     speed = SpeedOptions(amp=args.amp, channels_last=args.channels_last, joint_attacks=args.joint_attacks,
                          compile=args.compile)
-    evaluation = EvalConfig(eps=args.eps, step_size=args.step_size, steps=args.eval_steps)
+    evaluation = EvalConfig(eps=eps, step_size=args.step_size, steps=args.eval_steps)
     return TrainConfig(method_config, model, data_config, schedule, speed, evaluation, run_config)
 
 
