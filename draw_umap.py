@@ -14,13 +14,12 @@ from utils.analysis.features import (
     umap_inputs,
 )
 from utils.analysis.plots import umap_embedding, umap_figure
-from utils.cli import OneLineArgumentParser, run_cli
+from utils.cli import OneLineArgumentParser, nonnegative_float, run_cli
 from utils.data import DatasetError
 from utils.evaluation.options import (
     OutputError,
     check_output_dir,
     create_output_dir,
-    nonnegative_float,
 )
 
 

@@ -26,8 +26,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from utils.checkpoint import atomic_write_json  # noqa: E402
-from utils.cli import OneLineArgumentParser  # noqa: E402
-from utils.evaluation.options import OutputError, check_output_dir, positive_int  # noqa: E402
+from utils.cli import OneLineArgumentParser, positive_int  # noqa: E402
+from utils.evaluation.options import OutputError, check_output_dir  # noqa: E402
 
 MODES = {"cascade": "--cascade", "no-cascade": "--no-cascade"}
 TIMING = "benchmark_timing.json"

@@ -29,13 +29,8 @@ from torch.utils.flop_counter import flop_registry
 from models import create_model
 from utils import data
 from utils.attacks import attack_mode
-from utils.cli import add_speed_arguments, resolve_device
-from utils.training.config import (
-    EvalConfig,
-    MethodConfig,
-    SpeedConfig,
-    prepare_model,
-)
+from utils.cli import OneLineArgumentParser, add_device_argument, add_speed_arguments, resolve_device
+from utils.training.config import EvalConfig, MethodConfig, SpeedConfig, prepare_model
 from utils.training.errors import ConfigError
 from utils.training.methods import get_method, method_names, parse_method_name
 from utils.training.monitor import monitor_accuracy
@@ -223,13 +218,13 @@ def print_table(rows):
 
 
 def build_parser():
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = OneLineArgumentParser(description=__doc__.split("\n\n")[0],
+                                   formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--arch", nargs="+", default=["resnet18"], help="resnet18, wrn-34-10, preact-resnet18, ...")
     parser.add_argument("--method", nargs="+", default=["trades-ancra"],
                         help=f"{' / '.join(method_names())}, with -anc, -ra or -ancra")
     parser.add_argument("--batch-size", nargs="+", type=int, default=[32])
-    parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    add_device_argument(parser)
     parser.add_argument("--steps", type=int, default=5,
                         help="timed rounds (one step, one model-pass replay) per configuration; medians are reported")
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps first (compilation, allocator)")
@@ -248,15 +243,16 @@ def build_parser():
 
 
 def main(argv=None):
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     for method in args.method:
         parse_method(method)
     try:
         device = resolve_device(args.device)
-    except ValueError as err:
-        raise SystemExit(f"error: {err}") from None
+    except ValueError as err:  # a device that is not here: one line, exit code 2, before any work
+        parser.error(str(err))
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
     speed = SpeedConfig.for_device(device, amp=args.amp, channels_last=args.channels_last,

@@ -226,10 +226,8 @@ CATALOGUE = {s.name: s for s in attack_catalogue(Settings(budget=BUDGETS["small"
 def result_like(name, robust, paper=None):
     """A hand-made result carrying the registered attributes of the catalogue's attack ``name``."""
     spec = CATALOGUE[name]
-    return AttackResult(name, spec.family, spec.with_p, dict(spec.params), 0, 0.0, np.array(robust, bool),
-                        None if paper is None else np.array(paper, bool), sees=spec.sees, eps=spec.eps,
-                        in_worst_case=spec.in_threat_model(EPS), reference=spec.reference,
-                        package_checks=spec.package_checks, upper_bound=spec.upper_bound)
+    return AttackResult(spec, seed=0, seconds=0.0, robust=np.array(robust, bool),
+                        paper=None if paper is None else np.array(paper, bool), in_worst_case=spec.in_threat_model(EPS))
 
 
 def hand_evaluation(clean, attacks, agreement=None):

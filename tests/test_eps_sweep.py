@@ -10,6 +10,7 @@ import pytest
 import test_white_attack
 from utils.evaluation import sweep
 from utils.evaluation.results import AttackResult
+from utils.evaluation.spec import AttackSpec
 
 FACTORY = '''
 import torch
@@ -89,9 +90,9 @@ def test_sweep_attacks_keep_the_threat_model_and_add_the_pgds():
 
 def test_the_strongest_head_aware_attack_and_when_the_main_run_is_reused():
     def result(name, sees, broken, in_worst_case=True):
-        r = AttackResult(name, "x", False, {}, 0, 0.0, np.array([True] * (4 - broken) + [False] * broken))
-        r.sees, r.in_worst_case = sees, in_worst_case
-        return r
+        spec = AttackSpec(name, "x", (), None, {}, sees, 8 / 255)
+        return AttackResult(spec, seed=0, seconds=0.0, robust=np.array([True] * (4 - broken) + [False] * broken),
+                            in_worst_case=in_worst_case)
 
     results = [result("pgd40", "final", 4), result("pgd40+p", "heads", 1), result("joint", "heads", 3),
                result("off", "heads", 4, in_worst_case=False)]

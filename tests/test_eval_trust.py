@@ -24,6 +24,7 @@ from tests.test_evaluation import prototype_data, trained_tiny
 from utils import data as datasets
 from utils import locks
 from utils.analysis.features import METRIC_KEYS, save_npz
+from utils.cli import resolve_device
 from utils.evaluation import command, options, runner
 from utils.evaluation.results import Evaluation
 from utils.evaluation.suite import (
@@ -158,6 +159,38 @@ def test_bad_input_is_one_line_and_changes_nothing(script, argv, ckpt, tmp_path,
                       capsys)
     assert code == 2 and err.startswith("error: ") and err.count("\n") == 1 and "Traceback" not in err, err
     assert _snapshot(tmp_path) == before and _snapshot(ckpt.parent) == ckpt_before
+
+
+DEVICE_SCRIPTS = [(test_white_attack, FAST[:-2] + ["--attacks", "fgsm"]),
+                  (feature_distance, ["--steps", "1", "--quiet", "--n-examples", "4"])]
+
+
+@pytest.mark.skipif(torch.cuda.device_count() > 7, reason="this machine has a cuda:7")
+@pytest.mark.parametrize("script, argv", DEVICE_SCRIPTS)
+def test_a_device_that_is_not_here_is_one_line_before_any_output(script, argv, ckpt, tmp_path, capsys):
+    before, ckpt_before = _snapshot(tmp_path), _snapshot(ckpt.parent)
+    code, err = _call(script.main, ["--ckpt", str(ckpt), "--out-dir", str(tmp_path / "out"), *argv,
+                                    "--device", "cuda:7"], capsys)
+    assert code == 2 and err.startswith("error: ") and err.count("\n") == 1 and "cuda:7" in err, err
+    assert _snapshot(tmp_path) == before and _snapshot(ckpt.parent) == ckpt_before
+
+
+@pytest.mark.parametrize("script, argv", DEVICE_SCRIPTS)
+def test_an_unknown_device_spelling_is_refused_by_argparse(script, argv, ckpt, tmp_path, capsys):
+    code, err = _call(script.main, ["--ckpt", str(ckpt), "--out-dir", str(tmp_path / "out"), *argv,
+                                    "--device", "tpu"], capsys)
+    assert code == 2 and err.startswith("error: argument --device: unknown device 'tpu'") and err.count("\n") == 1
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("script, argv", DEVICE_SCRIPTS)
+def test_device_auto_is_the_default_and_runs(script, argv, ckpt, tmp_path, capsys):
+    # the default is auto: the evaluation resolves it while parsing, the feature scripts in check_options
+    assert script.parse_args(["--ckpt", str(ckpt)]).device in ("auto", str(resolve_device("auto")))
+    code, err = _call(script.main, ["--ckpt", str(ckpt), "--out-dir", str(tmp_path / "out"), *argv,
+                                    "--device", "auto"], capsys)
+    assert code == 0, err
+    assert any((tmp_path / "out").iterdir())
 
 
 @pytest.mark.skipif(os.geteuid() == 0, reason="root writes into read-only folders")

@@ -17,6 +17,7 @@ from utils.evaluation.sanity import run_checks
 from utils.evaluation.suite import (
     BUDGETS,
     AttackResult,
+    AttackSpec,
     Evaluation,
     EvaluationError,
     Settings,
@@ -150,10 +151,12 @@ def test_eps_text():
 
 def hand_evaluation():
     clean = np.array([1, 1, 1, 0], bool)
+    pgd40 = AttackSpec("pgd40", "paper", ("paper",), None, {"steps": 40}, "final", 8 / 255)
+    square = AttackSpec("square", "black-box", ("sanity",), None, {}, "black-box", 8 / 255)
     results = [
-        AttackResult("pgd40", "paper", False, {"steps": 40}, 7, 1.5, np.array([1, 1, 0, 0], bool),
-                     np.array([1, 1, 0, 1], bool)),
-        AttackResult("square", "black-box", False, {}, 8, 0.5, np.array([1, 0, 1, 0], bool)),
+        AttackResult(pgd40, seed=7, seconds=1.5, robust=np.array([1, 1, 0, 0], bool),
+                     paper=np.array([1, 1, 0, 1], bool)),
+        AttackResult(square, seed=8, seconds=0.5, robust=np.array([1, 0, 1, 0], bool)),
     ]
     return Evaluation(np.array([0, 1, 2, 3]), clean, {}, results)
 
@@ -311,3 +314,62 @@ def test_script_asks_ra_or_plain_and_applies_a_normalisation_to_a_foreign_state_
     meta = json.loads((tmp_path / "eval" / "results.json").read_text())["meta"]
     assert code == 0 and meta["reverse_attention"] is False
     assert meta["normalization"]["mean"] == pytest.approx([0.4914, 0.4822, 0.4465])
+
+
+# ---------------------------------------------------------------- results.json records and their specs
+
+# Three attack records of a results.json written by the code before AttackResult referred to its
+# AttackSpec (commit be2b0a6: an RA wrn-16-1 on 6 synthetic examples, --attacks fgsm+p,...,ref-fgsm).
+MAIN_RECORDS = (
+    '[{"accuracy": 0.16666666666666666, "autoattack_counts": {}, "autoattack_warnings": [], "broken_count": 0, '
+    '"correct": [0, 0, 1, 0, 0, 0], "eps": 0.03137254901960784, "family": "paper", "in_worst_case": true, "name": '
+    '"fgsm+p", "notes": [], "order": 0, "package_checks": false, "paper_correct": [0, 0, 1, 0, 0, 0], '
+    '"paper_last_iterate": 0.16666666666666666, "params": {"aux_weight": 2.0, "eps": 0.03137254901960784, "init": '
+    '"none", "loss": "ce", "step_size": 0.03137254901960784, "steps": 1}, "received": [0, 0, 1, 0, 0, 0], '
+    '"received_count": 1, "reference": false, "robust_count": 1, "seconds": 0.2241237869966426, "seed": 1535983085,'
+    ' "sees": "heads", "standalone": true, "upper_bound": null, "with_p": true}, {"accuracy": 0.16666666666666666, '
+    '"autoattack_counts": {}, "autoattack_warnings": [], "broken_count": 0, "correct": [0, 0, 1, 0, 0, 0], "eps": '
+    '0.03137254901960784, "family": "reference", "in_worst_case": false, "name": "ref-fgsm", "notes": ["reproduces '
+    'the reference code, not a robustness figure"], "order": 2, "package_checks": false, "paper_correct": [0, 0, 1,'
+    ' 0, 0, 0], "paper_last_iterate": 0.16666666666666666, "params": {"aux_weight": 0.0, "eps": '
+    '0.03137254901960784, "init": "uniform", "loss": "ce", "step_size": 0.03137254901960784, "steps": 1}, '
+    '"received": [0, 0, 1, 0, 0, 0], "received_count": 1, "reference": true, "robust_count": 1, "seconds": '
+    '0.016309892998833675, "seed": 1373728670, "sees": "final", "standalone": true, "upper_bound": null, "with_p": '
+    'false}, {"accuracy": 0.16666666666666666, "autoattack_counts": {}, "autoattack_warnings": [], "broken_count": '
+    '0, "correct": [0, 0, 1, 0, 0, 0], "eps": 0.03137254901960784, "family": "aux-head", "in_worst_case": true, '
+    '"name": "aux1-pgd-ce", "notes": [], "order": 4, "package_checks": false, "paper_correct": null, '
+    '"paper_last_iterate": null, "params": {"eps": 0.03137254901960784, "head": 0, "step_size": '
+    '0.00784313725490196, "steps": 10}, "received": [0, 0, 1, 0, 0, 0], "received_count": 1, "reference": false, '
+    '"robust_count": 1, "seconds": 0.05604495300212875, "seed": 287466098, "sees": "heads", "standalone": true, '
+    '"upper_bound": null, "with_p": false}]'
+)
+
+
+def test_records_of_an_older_results_json_load_and_round_trip_to_identical_json():
+    records = json.loads(MAIN_RECORDS)
+    for record in records:
+        result = AttackResult.from_json(record)
+        assert isinstance(result.spec, AttackSpec) and result.spec.name == result.name == record["name"]
+        assert json.dumps(result.to_json(), sort_keys=True) == json.dumps(record, sort_keys=True)
+        assert result.to_json() == record
+    ref = AttackResult.from_json(records[1])
+    assert ref.reference and ref.notes == ("reproduces the reference code, not a robustness figure",)
+    assert not ref.in_worst_case and ref.paper_accuracy == records[1]["paper_last_iterate"]
+
+
+def test_a_result_refers_to_the_spec_it_ran_and_its_record_keeps_the_format():
+    catalogue = attack_catalogue(Settings(eps=8 / 255, budget=BUDGETS["small"]), NUM_CLASSES, 2)
+    specs, _ = select_attacks("fgsm,pgd10,pgd40-eps1", catalogue, True)
+    model = trained_tiny(True, steps=20)
+    x, y = prototype_data(12, seed=3)
+    evaluation = run_attacks(model, x, y, specs, eps=8 / 255, batch_size=12, progress=False)
+    by_name = {spec.name: spec for spec in specs}
+    for result in evaluation.results:  # in cascade order
+        spec = by_name[result.name]
+        assert result.spec is spec and (result.name, result.eps, result.params) == (spec.name, spec.eps, spec.params)
+        record = json.loads(json.dumps(result.to_json()))
+        assert set(record) == set(json.loads(MAIN_RECORDS)[0])
+        assert AttackResult.from_json(record).to_json() == record
+    assert {r.name: r.in_worst_case for r in evaluation.results} == {"fgsm": True, "pgd10": True, "pgd40-eps1": False}
+    report = json.loads(json.dumps(evaluation.to_json()))
+    assert [AttackResult.from_json(a).to_json() for a in report["attacks"]] == report["attacks"]

@@ -145,12 +145,12 @@ def test_feature_distance_clear_errors(checkpoint, tmp_path, capsys, argv, messa
     assert err.startswith("error: ") and message in err and "Traceback" not in err
 
 
-@pytest.mark.parametrize("text, eps", [("8/255", 8 / 255), ("0.031", 0.031), ("8", 8 / 255), ("0", 0.0)])
+@pytest.mark.parametrize("text, eps", [("8/255", 8 / 255), ("0.031", 0.031), ("8", 8 / 255), ("1", 1 / 255)])
 def test_eps_takes_every_usual_spelling(text, eps):
     assert eps_type(text) == pytest.approx(eps)
 
 
-@pytest.mark.parametrize("text", ["-1", "300", "eight", "8/0"])
+@pytest.mark.parametrize("text", ["-1", "0", "300", "eight", "8/0"])
 def test_eps_rejects_nonsense_with_a_hint(text):
     with pytest.raises(argparse.ArgumentTypeError, match="8/255"):
         eps_type(text)

@@ -508,3 +508,15 @@ def test_smoke_chain_rerun_completes_the_table_then_has_nothing_to_do(smoke_chai
     assert seconds < 60
     for path, mtime in smoke_chain["mtimes"].items():
         assert Path(path).stat().st_mtime_ns == mtime, path
+
+
+def test_bn_refuses_a_device_that_is_not_here_before_writing(tmp_path, capsys):
+    if torch.cuda.device_count() > 7:
+        pytest.skip("this machine has a cuda:7")
+    out = tmp_path / "bn.json"
+    assert bn.main(["--ckpt", str(tmp_path / "missing.pt"), "--out", str(out), "--device", "cuda:7"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.count("\n") == 1 and "cuda:7" in err and not out.exists()
+    with pytest.raises(SystemExit) as stop:
+        bn.parse_args(["--ckpt", "x.pt", "--out", str(out), "--device", "tpu"])
+    assert stop.value.code == 2 and bn.parse_args(["--ckpt", "x.pt", "--out", str(out)]).device == "auto"

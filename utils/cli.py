@@ -1,6 +1,6 @@
-"""Small pieces every command-line script shares: the one-line argument parser, the ε argument
-type, the speed flags and the ``main`` wrapper that turns the library's expected errors into
-``error: ...`` and exit code 2."""
+"""Small pieces every command-line script shares: the one-line argument parser, the generic
+argument types (ε, numbers, batch size, device), the speed flags and the ``main`` wrapper that
+turns the library's expected errors into ``error: ...`` and exit code 2."""
 import argparse
 import math
 import re
@@ -63,13 +63,68 @@ def eps_fraction(value):
     return value / 255 if value >= 1 else value
 
 
-def eps_type(text):
-    """argparse type for ε in any of the usual spellings: ``8/255``, ``0.031`` or pixel units ``8``."""
-    value = fraction(text)
-    if not 0 <= value <= 255:
-        raise argparse.ArgumentTypeError(f"the radius must lie in [0, 255]: a fraction of the pixel range below 1 "
-                                         f"(8/255, 0.031) or pixel units (8), got {text!r}")
-    return eps_fraction(value)
+EPS_SPELLINGS = "a fraction of the pixel range (8/255, 0.031) or pixel units (8)"
+
+
+def eps_type(text, *, pixel_units=False):
+    """argparse type of every ``--eps``: ``8/255``, ``0.031`` or pixel units ``8`` (→ 8/255).
+
+    ε must be > 0 (an attack or a training run of radius 0 is a mistake) and at most 255 pixel
+    units; nan, ±inf and numbers too large for a float are refused. Returns a fraction of [0, 1].
+    ``pixel_units=True`` reads every value in pixel units, also those below 1 (a list such as
+    ``0.5,2,8/255``)."""
+    try:
+        value = fraction(text)
+    except OverflowError:  # Fraction("1e400") is exact but too large for a float
+        value = math.inf
+    if not 0 < value <= 255:
+        raise argparse.ArgumentTypeError(f"ε must be > 0 and in [0, 255]: {EPS_SPELLINGS}, got {text!r}")
+    return value / 255 if pixel_units else eps_fraction(value)
+
+
+def positive_int(text):
+    """argparse type: an integer ≥ 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
+
+
+def batch_size_type(text):
+    """argparse type: ``auto`` or a positive integer."""
+    if text == "auto":
+        return text
+    try:
+        return positive_int(text)
+    except argparse.ArgumentTypeError:
+        raise argparse.ArgumentTypeError(f"batch size must be 'auto' or a positive integer, got {text!r}") from None
+
+
+def nonnegative_float(text):
+    """argparse type: a finite number ≥ 0 (nan and ±inf are refused)."""
+    value = finite_float(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected a number ≥ 0, got {text!r}")
+    return value
+
+
+def positive_float(text):
+    """argparse type: a finite number > 0 (nan and ±inf are refused)."""
+    value = finite_float(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"expected a number > 0, got {text!r}")
+    return value
+
+
+def positive_float_list(text):
+    """argparse type: comma-separated finite numbers > 0 (``0.5,2,8``); at least one."""
+    values = tuple(positive_float(part.strip()) for part in text.split(",") if part.strip())
+    if not values:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers > 0, got {text!r}")
+    return values
 
 
 DEVICE_HELP = "auto (CUDA when available, else CPU), cpu, cuda or cuda:N"

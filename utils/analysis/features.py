@@ -36,7 +36,8 @@ from models.loading import saved_args
 from utils import data as datasets
 from utils import recipe
 from utils.attacks import EPS, pgd
-from utils.evaluation.options import device_type, nonnegative_float, positive_int, threat_eps, write_bytes
+from utils.cli import add_device_argument, eps_type, nonnegative_float, positive_int, resolve_device
+from utils.evaluation.options import write_bytes
 from utils.training.methods import get_method, method_names, split_method_suffix
 from utils.training.methods import method_label as registry_label
 from utils.training.negatives import STRATEGIES, choose_negatives, effective_strategy
@@ -373,7 +374,7 @@ def add_common_arguments(parser):
                         help="dataset folder (default: ./data if it exists, else the checkpoint's; printed)")
     parser.add_argument("--n-examples", type=positive_int, default=None, help="analyse at most this many test images")
     parser.add_argument("--batch-size", type=positive_int, default=200)
-    parser.add_argument("--eps", type=threat_eps, default=EPS,
+    parser.add_argument("--eps", type=eps_type, default=EPS,
                         help="L∞ budget: 8/255 (default), 0.031 or 8 (pixel units)")
     parser.add_argument("--steps", type=int, default=recipe.TRAIN_ATTACK_STEPS, help="PGD steps (default 10)")
     parser.add_argument("--step-size", type=nonnegative_float, default=recipe.STEP_SIZE, help="PGD step size (default 0.007)")
@@ -383,7 +384,7 @@ def add_common_arguments(parser):
     parser.add_argument("--seed", type=int, default=0, help="seed of the attack noise and sampling")
     parser.add_argument("--label", default=None, help="method label (default: from the checkpoint's args)")
     parser.add_argument("--out-dir", default="figures", help="output folder (created if missing)")
-    parser.add_argument("--device", type=device_type, default="cuda" if torch.cuda.is_available() else "cpu")
+    add_device_argument(parser)
     parser.add_argument("--no-ema", action="store_true", help="analyse the raw weights even if the checkpoint has EMA")
     parser.add_argument("--reverse-attention", choices=("on", "off"), default=None,
                         help="RA or plain: required for a state dict without a saved config")
@@ -393,7 +394,12 @@ def add_common_arguments(parser):
 
 
 def check_options(args):
-    """Reject impossible numeric options before any loading."""
+    """Reject impossible options before any loading; ``--device`` becomes the device it names here
+    (``auto`` → ``cuda`` or ``cpu``), or a :class:`FeatureError` when it is not here."""
+    try:
+        args.device = str(resolve_device(args.device))
+    except ValueError as err:
+        raise FeatureError(str(err)) from None
     if not 0 <= args.eps <= 1:
         raise FeatureError(f"--eps is a fraction of the [0, 1] pixel range such as 8/255, got {args.eps}")
     if args.steps < 0 or args.step_size < 0:

@@ -6,8 +6,7 @@ Every attack runs as ``spec.run(model, x, y, ctx) -> Outcome`` on one batch.
 """
 from __future__ import annotations
 
-from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from functools import partial
 
 from utils import recipe
@@ -17,13 +16,19 @@ from utils.evaluation.adaptive import EnsembleView, pgd_judged_on_model, still_c
 from utils.evaluation.autoattack_adapter import run_autoattack
 from utils.evaluation.errors import REFERENCE_LABEL, EvaluationError
 from utils.evaluation.results import Outcome
+from utils.evaluation.spec import (
+    COST_APGD,
+    COST_AUTOATTACK,
+    COST_BLACK_BOX,
+    COST_FINAL_PGD,  # noqa: F401  (re-exported for the factories of register_attacks)
+    COST_SURROGATE_PGD,
+    AttackSpec,
+)
 
 PRESETS = ("paper", "adaptive", "sanity", "reference", "all")  # "all" = every preset but "reference"
 SEES = ("final", "heads", "black-box", "transfer")
 AA_PLUS_P_BOUND = ("upper bound: AutoAttack only attacks the points the logit ensemble classifies correctly; "
                    "the others are judged at their clean input")
-# Cascade cost ranks, cheap to expensive.
-COST_FINAL_PGD, COST_SURROGATE_PGD, COST_APGD, COST_AUTOATTACK, COST_BLACK_BOX = 1, 2, 3, 4, 5
 
 
 @dataclass(frozen=True)
@@ -53,49 +58,6 @@ class Settings:
     budget: Budget = BUDGETS["full"]
     joint_weights: tuple = recipe.JOINT_AUX_WEIGHTS
     taus: tuple = recipe.ST_TAUS
-
-
-@dataclass(frozen=True)
-class AttackSpec:
-    """A registered attack.
-
-    ``sees``: what its gradient (or queries) see — ``final`` logits, the RA ``heads``, ``black-box``
-    queries, or a ``transfer`` surrogate. ``standalone``: always run on the full set (the paper
-    protocol and the reference reproduction, whose own figures are reported, and attacks outside
-    the threat model). ``all_examples``: attack every example, clean-correct or not, to keep the
-    paper's last-iterate figure. ``cost``: rank in the cascade. ``reference``: reproduces the
-    reference script and never enters the worst case."""
-
-    name: str
-    family: str
-    presets: tuple
-    run: Callable
-    params: dict
-    sees: str
-    eps: float
-    with_p: bool = False
-    needs_ra: bool = False
-    needs_autoattack: bool = False
-    all_examples: bool = False
-    standalone: bool = False
-    cost: int = COST_FINAL_PGD
-    reference: bool = False
-    package_checks: bool = False
-    upper_bound: str | None = None
-    notes: tuple = field(default_factory=tuple)
-
-    @property
-    def preset(self):
-        return self.presets[0]
-
-    @property
-    def bf16_ok(self):
-        """Our own PGDs may run under bf16 autocast (judged in fp32); the package's attacks never."""
-        return not self.needs_autoattack
-
-    def in_threat_model(self, eps):
-        """Counts in the worst case at the run's ``eps``."""
-        return not self.reference and abs(self.eps - eps) <= 1e-9
 
 
 # ---------------------------------------------------------------- the attacks' batch functions

@@ -32,21 +32,25 @@ from models import (
 from models.loading import saved_args
 from utils import data as datasets
 from utils import recipe
-from utils.cli import OneLineArgumentParser, run_cli
+from utils.cli import (
+    OneLineArgumentParser,
+    add_device_argument,
+    batch_size_type,
+    eps_type,
+    positive_float,
+    positive_float_list,
+    positive_int,
+    resolve_device,
+    run_cli,
+)
 from utils.evaluation import compare, review
 from utils.evaluation.autoattack_adapter import AutoAttackUnavailable
 from utils.evaluation.catalogue import BUDGETS, PRESETS, EvaluationError, Settings
 from utils.evaluation.options import (
     OutputError,
-    batch_size_type,
     check_output_dir,
     create_output_dir,
     create_unique_dir,
-    device_type,
-    positive_float,
-    positive_float_list,
-    positive_int,
-    threat_eps,
     write_json,
     write_text,
 )
@@ -87,14 +91,6 @@ def name_list(text):
     return tuple(name.strip() for name in text.split(",") if name.strip())
 
 
-def number_list(text):
-    """argparse type: comma-separated numbers."""
-    try:
-        return tuple(float(v) for v in text.split(",") if v.strip())
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
-
-
 def _model_arguments(parser):
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--ckpt", nargs="+", help="checkpoint in this project's format, or a reference state dict; "
@@ -122,7 +118,7 @@ def _attack_arguments(parser):
     attack.add_argument("--protocol", choices=("paper", "reference"), default="paper",
                         help="reference: also run the reference evaluation script's FGSM and C&W-20 (the 'reference' "
                              "preset; they reproduce the reference code and never enter the worst case)")
-    attack.add_argument("--eps", type=threat_eps, default=recipe.EPS,
+    attack.add_argument("--eps", type=eps_type, default=recipe.EPS,
                         help="L∞ budget: 8/255 (default), 0.031 or 8 (pixel units)")
     attack.add_argument("--aux-weight", type=positive_float, default=recipe.AUX_WEIGHT,
                         help="λ of the 'with p' attacks (default 2.0)")
@@ -159,7 +155,7 @@ def parse_args(argv=None):
     run = parser.add_argument_group("run")
     run.add_argument("--batch-size", type=batch_size_type, default="auto",
                      help="examples per batch, or auto (default): from free CUDA memory (docs/gpu-session.md), 128 on CPU")
-    run.add_argument("--device", type=device_type, default="cuda" if torch.cuda.is_available() else "cpu")
+    add_device_argument(run)
     run.add_argument("--out-dir", default=None, help="default: CKPT_FOLDER/eval_TIMESTAMP (./eval_TIMESTAMP with "
                                                       "--model-factory)")
     run.add_argument("--resume", action="store_true", help="continue the run in --out-dir, skipping finished attacks")
@@ -169,6 +165,10 @@ def parse_args(argv=None):
     args.compare = args.ckpt if args.ckpt and len(args.ckpt) > 1 else None
     args.ckpt = args.ckpt[0] if args.ckpt else None
     review.check_args(parser, args)
+    try:  # "auto" becomes "cuda" or "cpu"; a device that is not here is refused before any work
+        args.device = str(resolve_device(args.device))
+    except ValueError as err:
+        parser.error(str(err))
     if args.weights and not args.model_factory:
         parser.error("--weights goes with --model-factory; a checkpoint's weights come from --ckpt")
     if args.resume and not args.out_dir:

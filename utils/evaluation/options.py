@@ -1,90 +1,15 @@
-"""Command-line pieces of the evaluation and figure scripts: argument types that refuse nonsense
-with a hint, and output checks done before any long work starts (the one-line parser is
-``utils.cli.OneLineArgumentParser``)."""
-import argparse
+"""Output pieces of the evaluation and figure scripts: output checks done before any long work
+starts (:class:`OutputError`) and atomic ``write_*`` helpers. The generic argument types (ε,
+numbers, batch size, device) and the one-line parser live in ``utils.cli``."""
 import json
-import math
 import os
 from pathlib import Path
 
-import torch
-
 from utils.checkpoint import atomic_write_bytes
-from utils.cli import eps_fraction, finite_float, fraction
 
 
 class OutputError(ValueError):
     """An output path cannot be written; the message says which and what to do."""
-
-
-def threat_eps(text):
-    """ε in [0, 1] (``8/255``, ``0.031``) or pixel units 1..255 (``8`` → 8/255); > 0."""
-    try:
-        value = fraction(text)
-    except OverflowError:  # Fraction("1e400") is exact but too large for a float
-        value = math.inf
-    if not 0 < value <= 255:
-        raise argparse.ArgumentTypeError(f"ε must be > 0 and at most 255 pixel units (e.g. 8/255, 0.031 or 8), "
-                                         f"got {text!r}")
-    return eps_fraction(value)
-
-
-def device_type(text):
-    """A torch device string that exists here (``cpu``, ``cuda``, ``cuda:1``, ``mps``)."""
-    try:
-        device = torch.device(text)
-    except (RuntimeError, ValueError):
-        raise argparse.ArgumentTypeError(f"unknown device {text!r}; use cpu or cuda (or cuda:N)") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise argparse.ArgumentTypeError(f"{text!r} asked for but no CUDA device is available; use --device cpu")
-    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
-        raise argparse.ArgumentTypeError(f"{text!r}: only {torch.cuda.device_count()} CUDA device(s) here")
-    return str(device)
-
-
-def batch_size_type(text):
-    """``auto`` or a positive integer."""
-    if text == "auto":
-        return text
-    try:
-        return positive_int(text)
-    except argparse.ArgumentTypeError:
-        raise argparse.ArgumentTypeError(f"batch size must be 'auto' or a positive integer, got {text!r}") from None
-
-
-def positive_int(text):
-    """argparse type: an integer ≥ 1."""
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
-    return value
-
-
-def nonnegative_float(text):
-    """argparse type: a finite number ≥ 0 (nan and ±inf are refused)."""
-    value = finite_float(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"expected a number ≥ 0, got {text!r}")
-    return value
-
-
-def positive_float(text):
-    """argparse type: a finite number > 0 (nan and ±inf are refused)."""
-    value = finite_float(text)
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"expected a number > 0, got {text!r}")
-    return value
-
-
-def positive_float_list(text):
-    """argparse type: comma-separated finite numbers > 0 (``0.5,2,8``); at least one."""
-    values = tuple(positive_float(part.strip()) for part in text.split(",") if part.strip())
-    if not values:
-        raise argparse.ArgumentTypeError(f"expected comma-separated numbers > 0, got {text!r}")
-    return values
 
 
 def check_output_dir(path):

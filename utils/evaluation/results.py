@@ -8,6 +8,7 @@ import numpy as np
 import torch
 
 from utils.evaluation.report import json_report, markdown_report
+from utils.evaluation.spec import AttackSpec
 
 
 @dataclass
@@ -21,34 +22,44 @@ class Outcome:
     counts: dict = field(default_factory=dict)
 
 
+def _from_spec(name):
+    """A read-only attribute of :class:`AttackResult` that is its spec's ``name``."""
+    return property(lambda self: getattr(self.spec, name), doc=f"The attack's ``{name}`` (from its spec).")
+
+
 @dataclass
 class AttackResult:
-    """Per-example outcome of one attack over the evaluation set.
+    """Per-example outcome of one attack (``spec``) over the evaluation set.
 
     ``robust[i]``: example i is clean-correct and the attack did not break it. A cascade row
     (``standalone`` False) attacked only the examples in ``received``; it is True elsewhere, so
-    the per-example AND over rows is the worst case, but its mean is not a standalone figure."""
+    the per-example AND over rows is the worst case, but its mean is not a standalone figure.
+    ``in_worst_case``: the spec is in the threat model of this run's ε. What the attack is
+    (name, family, params, ε, ...) is read from ``spec``; a result loaded from results.json
+    refers to the spec its record describes (:func:`recorded_spec`)."""
 
-    name: str
-    family: str
-    with_p: bool
-    params: dict
+    spec: AttackSpec
     seed: int
     seconds: float
     robust: np.ndarray
     paper: np.ndarray | None = None
     warnings: list = field(default_factory=list)
     counts: dict = field(default_factory=dict)
-    sees: str = "final"
-    eps: float | None = None
     in_worst_case: bool = True
     standalone: bool = True
     received: np.ndarray | None = None
     order: int = 0
-    notes: list = field(default_factory=list)
-    upper_bound: str | None = None
-    reference: bool = False
-    package_checks: bool = False
+
+    name = _from_spec("name")
+    family = _from_spec("family")
+    with_p = _from_spec("with_p")
+    params = _from_spec("params")
+    sees = _from_spec("sees")
+    eps = _from_spec("eps")
+    notes = _from_spec("notes")
+    upper_bound = _from_spec("upper_bound")
+    reference = _from_spec("reference")
+    package_checks = _from_spec("package_checks")
 
     def __post_init__(self):
         if self.received is None:
@@ -82,13 +93,13 @@ class AttackResult:
             return None if array is None else [int(v) for v in array]
         return {
             "name": self.name, "family": self.family, "with_p": self.with_p, "accuracy": self.accuracy,
-            "robust_count": int(self.robust.sum()), "paper_last_iterate": self.paper_accuracy, "params": self.params,
-            "seed": self.seed, "seconds": self.seconds, "correct": ints(self.robust), "paper_correct": ints(self.paper),
-            "autoattack_warnings": self.warnings, "autoattack_counts": self.counts, "sees": self.sees,
-            "eps": self.eps, "in_worst_case": self.in_worst_case, "standalone": self.standalone,
+            "robust_count": int(self.robust.sum()), "paper_last_iterate": self.paper_accuracy,
+            "params": dict(self.params), "seed": self.seed, "seconds": self.seconds, "correct": ints(self.robust),
+            "paper_correct": ints(self.paper), "autoattack_warnings": self.warnings, "autoattack_counts": self.counts,
+            "sees": self.sees, "eps": self.eps, "in_worst_case": self.in_worst_case, "standalone": self.standalone,
             "received": ints(self.received), "received_count": self.n_received, "broken_count": self.n_broken,
-            "order": self.order, "notes": self.notes, "upper_bound": self.upper_bound, "reference": self.reference,
-            "package_checks": self.package_checks,
+            "order": self.order, "notes": list(self.notes), "upper_bound": self.upper_bound,
+            "reference": self.reference, "package_checks": self.package_checks,
         }
 
     @classmethod
@@ -96,13 +107,23 @@ class AttackResult:
         """The result stored by :meth:`to_json` (older files lack the newer keys: defaults)."""
         def bools(values):
             return None if values is None else np.array(values, bool)
-        return cls(record["name"], record["family"], record["with_p"], record["params"], record["seed"],
-                   record["seconds"], bools(record["correct"]), bools(record.get("paper_correct")),
-                   list(record.get("autoattack_warnings", [])), dict(record.get("autoattack_counts", {})),
-                   record.get("sees", "final"), record.get("eps"), record.get("in_worst_case", True),
-                   record.get("standalone", True), bools(record.get("received")), record.get("order", 0),
-                   list(record.get("notes", [])), record.get("upper_bound"), record.get("reference", False),
-                   record.get("package_checks", False))
+        return cls(spec=recorded_spec(record), seed=record["seed"], seconds=record["seconds"],
+                   robust=bools(record["correct"]), paper=bools(record.get("paper_correct")),
+                   warnings=list(record.get("autoattack_warnings", [])),
+                   counts=dict(record.get("autoattack_counts", {})),
+                   in_worst_case=record.get("in_worst_case", True), standalone=record.get("standalone", True),
+                   received=bools(record.get("received")), order=record.get("order", 0))
+
+
+def recorded_spec(record):
+    """The :class:`AttackSpec` a results.json attack record describes: everything the report, the
+    checks and ``--resume`` read. It cannot run again (no ``run``, no presets); the catalogue's
+    own spec of that name does."""
+    return AttackSpec(name=record["name"], family=record["family"], presets=(), run=None,
+                      params=dict(record["params"]), sees=record.get("sees", "final"), eps=record.get("eps"),
+                      with_p=record["with_p"], notes=tuple(record.get("notes", [])),
+                      upper_bound=record.get("upper_bound"), reference=record.get("reference", False),
+                      package_checks=record.get("package_checks", False))
 
 
 @dataclass

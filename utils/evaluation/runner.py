@@ -139,10 +139,9 @@ def run_attack(model, spec, x, y, clean, received, *, batch_size, seed, device, 
     _sync(device)
     if not standalone:
         robust |= clean & ~received  # not attacked here: an earlier attack already broke it
-    return AttackResult(spec.name, spec.family, spec.with_p, dict(spec.params), this_seed,
-                        time.perf_counter() - start, robust, paper, warnings, counts, spec.sees, spec.eps,
-                        spec.in_threat_model(eps), standalone, received.copy(), order, list(spec.notes),
-                        spec.upper_bound, spec.reference, spec.package_checks)
+    return AttackResult(spec, seed=this_seed, seconds=time.perf_counter() - start, robust=robust, paper=paper,
+                        warnings=warnings, counts=counts, in_worst_case=spec.in_threat_model(eps),
+                        standalone=standalone, received=received.copy(), order=order)
 
 
 def cascade_plan(specs, cascade, full_set=()):

@@ -23,6 +23,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402  (after choosing the headless backend)
 
 from utils.checkpoint import atomic_write_json  # noqa: E402
+from utils.cli import eps_type  # noqa: E402
 from utils.evaluation.catalogue import EvaluationError  # noqa: E402
 from utils.evaluation.report import eps_text  # noqa: E402
 from utils.evaluation.sanity import tolerance  # noqa: E402
@@ -36,24 +37,25 @@ FOLDER = "eps_sweep"
 def parse_eps_sweep(text):
     """argparse type: ``default`` (0,1,2,4,8,16,32,64/255), or comma-separated radii where a
     trailing ``/255`` puts every value in pixel units (``0,2,8/255``); otherwise each value is
-    ``k/255``, a fraction below 1 or pixel units ≥ 1. Sorted, at least two distinct values in [0, 1]."""
+    ``k/255``, a fraction below 1 or pixel units ≥ 1 (each non-zero value read by
+    ``utils.cli.eps_type``). Sorted, at least two distinct values in [0, 1]."""
     if text.strip() == "default":
         return DEFAULT_SWEEP
     body, pixels = (text.strip()[:-4], True) if text.strip().endswith("/255") else (text, False)
-    values = set()
-    for item in (t.strip() for t in body.split(",") if t.strip()):
-        try:
-            value = float(Fraction(item))
-        except (ValueError, ZeroDivisionError):
-            raise argparse.ArgumentTypeError(f"--eps-sweep wants numbers such as 0,1,2,4,8/255 or 'default', "
-                                             f"got {item!r}") from None
-        value = value / 255 if pixels or value >= 1 else value
-        if not 0 <= value <= 1:
-            raise argparse.ArgumentTypeError(f"--eps-sweep radius {item!r} lies outside [0, 255/255]")
-        values.add(value)
+    values = {_sweep_radius(item, pixels) for item in (t.strip() for t in body.split(",")) if item}
     if len(values) < 2:
         raise argparse.ArgumentTypeError(f"--eps-sweep needs at least two radii, got {text!r}")
     return tuple(sorted(values))
+
+
+def _sweep_radius(item, pixels):
+    """One radius of ``--eps-sweep``: 0 (the clean point) or any ε that ``--eps`` accepts."""
+    try:
+        if Fraction(item) == 0:
+            return 0.0
+    except (ValueError, ZeroDivisionError):
+        pass  # eps_type explains the accepted spellings
+    return eps_type(item, pixel_units=pixels)
 
 
 def sweep_file(out_dir, eps):

@@ -16,7 +16,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from models import CheckpointError
 from utils.checkpoint import atomic_write_json
-from utils.cli import run_cli
+from utils.cli import OneLineArgumentParser, add_device_argument, resolve_device, run_cli
 from utils.data import DatasetError
 from utils.evaluation.command import load_checkpoint, load_test_subset
 from utils.evaluation.suite import EvaluationError
@@ -52,20 +52,22 @@ def batch_statistics_accuracy(model, x, y, batch_size=200, device="cpu"):
 
 def parse_args(argv=None):
     """Options of ``python -m utils.reproduce.bn``."""
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = OneLineArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--ckpt", required=True, help="checkpoint of this project")
     parser.add_argument("--n-examples", type=int, default=1000, help="size of the fixed test subset (default 1000)")
     parser.add_argument("--subset-seed", type=int, default=0, help="seed of the fixed test subset (default 0)")
     parser.add_argument("--dataset", default=None, help="default: the checkpoint's")
     parser.add_argument("--data-dir", default=None)
     parser.add_argument("--batch-size", type=int, default=200, help="batch of the batch statistics (default 200)")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    add_device_argument(parser)
     parser.add_argument("--out", required=True, help="JSON file to write")
     return parser.parse_args(argv)
 
 
 def run(args):
-    """Measure on the same fixed test subset that test_white_attack.py evaluates; write ``args.out``."""
+    """Measure on the same fixed test subset that test_white_attack.py evaluates; write ``args.out``.
+    A ``--device`` that is not here raises ValueError (one line, exit code 2) before anything is read."""
+    args.device = str(resolve_device(args.device))
     model, config, saved = load_checkpoint(args.ckpt, device=args.device)
     subset = load_test_subset(config, saved, n_examples=args.n_examples, dataset=args.dataset,
                               data_dir=args.data_dir, subset_seed=args.subset_seed, source=args.ckpt)
