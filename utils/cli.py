@@ -78,7 +78,7 @@ def eps_type(text, *, pixel_units=False):
     except OverflowError:  # Fraction("1e400") is exact but too large for a float
         value = math.inf
     if not 0 < value <= 255:
-        raise argparse.ArgumentTypeError(f"ε must be > 0 and in [0, 255]: {EPS_SPELLINGS}, got {text!r}")
+        raise argparse.ArgumentTypeError(f"ε must be above 0 and at most 255 pixel units: {EPS_SPELLINGS}, got {text!r}")
     return value / 255 if pixel_units else eps_fraction(value)
 
 
