@@ -6,9 +6,11 @@ import errno
 import hashlib
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -204,7 +206,8 @@ def test_read_only_checkpoint_folder_is_refused_before_work(tmp_path, capsys):
     assert code == 2 and "not writable" in err
 
 
-def test_results_are_saved_per_attack_and_resumed(tmp_path, capsys, monkeypatch):
+@pytest.mark.parametrize("stop", ["ctrl-c", "sigterm"])
+def test_results_are_saved_per_attack_and_resumed(tmp_path, capsys, monkeypatch, stop):
     path = _checkpoint(tmp_path / "run")
     out = tmp_path / "eval"
     argv = ["--ckpt", str(path), *FAST, "--attacks", "fgsm,pgd10", "--out-dir", str(out)]
@@ -212,17 +215,22 @@ def test_results_are_saved_per_attack_and_resumed(tmp_path, capsys, monkeypatch)
 
     def stop_after_first(model, spec, *args, **kwargs):
         if ran:
+            if stop == "sigterm":
+                os.kill(os.getpid(), signal.SIGTERM)  # a scheduler's stop: handled like Ctrl-C
+                time.sleep(5)
             raise KeyboardInterrupt
         ran.append(spec.name)
         return real(model, spec, *args, **kwargs)
 
     monkeypatch.setattr(runner, "run_attack", stop_after_first)
+    before = signal.getsignal(signal.SIGTERM)
     code, err = _call(test_white_attack.main, argv, capsys)               # Ctrl-C: one line, as training does
     assert code == 130 and err.count("\n") == 1 and "Traceback" not in err
     assert err.startswith("interrupted: 1 finished attack(s) are saved in") and f"--resume --out-dir {out}" in err
     assert not (out / ".lock").exists()
     partial = json.loads((out / test_white_attack.PARTIAL).read_text())
     assert [a["name"] for a in partial["attacks"]] == ["fgsm"] and not (out / "results.json").exists()
+    assert signal.getsignal(signal.SIGTERM) is before  # the handler is gone after the command
 
     code, err = _call(test_white_attack.main, argv, capsys)             # no --resume: refused, nothing lost
     assert code == 2 and "--resume" in err

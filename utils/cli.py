@@ -4,7 +4,10 @@ turns the library's expected errors into ``error: ...`` and exit code 2."""
 import argparse
 import math
 import re
+import signal
 import sys
+import threading
+from contextlib import contextmanager
 from fractions import Fraction
 
 import torch
@@ -172,6 +175,25 @@ def add_speed_arguments(group):
     group.add_argument("--compile", action=argparse.BooleanOptionalAction, default=False,
                        help="compiled training step: attacks, negatives and loss through torch.compile, CUDA graphs "
                             "on CUDA (docs/training.md#compiled-step; off until measured; minutes of warm-up)")
+
+
+@contextmanager
+def sigterm_as_interrupt():
+    """For the duration, SIGTERM (a scheduler's or ``kill``'s stop) raises KeyboardInterrupt as
+    Ctrl-C does, so the command's interrupt path saves, unlocks and says how to resume
+    (main thread only; elsewhere nothing changes)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def interrupt(_signum, _frame):
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def run_cli(run, parse_args, errors, argv=None):

@@ -42,6 +42,7 @@ from utils.cli import (
     positive_int,
     resolve_device,
     run_cli,
+    sigterm_as_interrupt,
 )
 from utils.evaluation import compare, review
 from utils.evaluation.autoattack_adapter import AutoAttackUnavailable
@@ -506,12 +507,13 @@ def _evaluate(args, model, subset, meta, out_dir, finished, progress, started):
 
 
 def main(argv=None):
-    """Command line of ``test_white_attack.py``: 0 done, 2 refused (one line), 130 interrupted (one
-    line saying what is saved and how to resume, as training's Ctrl-C does)."""
+    """Command line of ``test_white_attack.py``: 0 done, 2 refused (one line), 130 interrupted by
+    Ctrl-C or SIGTERM (one line saying what is saved and how to resume, as training does)."""
     errors = (EvaluationError, CheckpointError, datasets.DatasetError, AutoAttackUnavailable, OutputError, LockError)
     progress = Progress()
     try:
-        return run_cli(lambda args: _run_one_or_compare(args, progress), parse_args, errors, argv)
+        with sigterm_as_interrupt():
+            return run_cli(lambda args: _run_one_or_compare(args, progress), parse_args, errors, argv)
     except KeyboardInterrupt:
         print(f"interrupted: {progress.resume_hint()}", file=sys.stderr)
         return 130
