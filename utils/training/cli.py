@@ -86,7 +86,7 @@ def method_type(text):
 
 def _model_arguments(parser, defaults):
     model = parser.add_argument_group("model and method")
-    model.add_argument("--arch", default=None, help=f"architecture (default {defaults.arch}): {arch_help()}")
+    model.add_argument("--arch", default=defaults.arch, help=f"architecture: {arch_help()}")
     model.add_argument("--depth", type=int, default=None,
                        help="WRN depth (6n+4: 34, 28, ...); shorthand for --arch wrn-DEPTH-WIDEN (widen 10 unless given)")
     model.add_argument("--widen", type=int, default=None,
@@ -229,12 +229,12 @@ def get_method_or_none(name):
         return None
 
 
-def architecture(args, default):
+def architecture(args, explicit=frozenset()):
     """The canonical architecture the options ask for: ``--arch``, or ``--depth/--widen`` as
-    shorthand for ``wrn-DEPTH-WIDEN``, or the command's ``default``."""
+    shorthand for ``wrn-DEPTH-WIDEN`` when ``--arch`` is not on the command line (``explicit``)."""
     if args.depth is None and args.widen is None:
-        return canonical_arch(args.arch or default)
-    if args.arch is None:
+        return canonical_arch(args.arch)
+    if "arch" not in explicit:
         return f"wrn-{args.depth or 34}-{args.widen or 10}"
     arch = canonical_arch(args.arch)
     match = re.fullmatch(r"wrn-(\d+)-(\d+)", arch)
@@ -323,7 +323,7 @@ def _method(defaults, args, explicit, arch):
 def resolve(defaults: Defaults, args, explicit=frozenset()):
     """The :class:`TrainConfig` that ``args`` ask for: the defaults that depend on other options
     filled in, every range and combination checked (ConfigError names the option)."""
-    arch = _arch_info(architecture(args, defaults.arch))
+    arch = _arch_info(architecture(args, explicit))
     method, anc, ra = _method(defaults, args, explicit, arch)
     if args.separate_bn and not ra:
         raise ConfigError("--separate-bn only changes RA models (the BatchNorm shared by the RA blocks); drop it or --no-ra")
