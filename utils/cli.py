@@ -131,6 +131,7 @@ def positive_float_list(text):
 
 
 DEVICE_HELP = "auto (CUDA when available, else CPU), cpu, cuda or cuda:N"
+_DEVICE_SPELLING = re.compile(r"auto|cpu|cuda|cuda:\d+")
 
 
 def device_type(text):
@@ -138,14 +139,14 @@ def device_type(text):
 
     Only the spelling is checked here; :func:`resolve_device` checks that the device exists (a
     checkpoint's saved ``auto`` resolves on the machine that resumes it)."""
-    if text in ("auto", "cpu", "cuda") or re.fullmatch(r"cuda:\d+", text or ""):
+    if _DEVICE_SPELLING.fullmatch(text or ""):
         return text
     raise argparse.ArgumentTypeError(f"unknown device {text!r}; use {DEVICE_HELP}")
 
 
 def resolve_device(name="auto"):
     """The ``torch.device`` for a ``--device`` value; ValueError (one sentence) when it is not here."""
-    if not (name in ("auto", "cpu", "cuda") or re.fullmatch(r"cuda:\d+", str(name))):
+    if not _DEVICE_SPELLING.fullmatch(str(name)):
         raise ValueError(f"unknown device {name!r}; use {DEVICE_HELP}")
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")

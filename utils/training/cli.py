@@ -42,6 +42,7 @@ from utils.training.config import (
 )
 from utils.training.errors import ConfigError, NonFiniteLossError, TrainingInterrupted
 from utils.training.methods import (
+    find_method,
     format_method_name,
     get_method,
     method_names,
@@ -213,20 +214,12 @@ def parse_args(defaults: Defaults, argv=None):
         resume.refuse_folder_options(explicit, first, run_dir, saved)
         known = vars(parser.parse_args([]))
         restored = {k: v for k, v in saved.items() if k in known and k not in resume.NOT_RESTORED}
-        if get_method_or_none(saved.get("method")) is not None:
+        if find_method(saved.get("method")) is not None:
             restored["method"] = format_method_name(saved["method"], saved.get("anc"), saved.get("reverse_attention"))
         parser.set_defaults(**restored)
     elif first.smoke:
         parser.set_defaults(**dict(SMOKE_DEFAULTS, image_size=defaults.smoke_image_size))
     return parser.parse_args(argv), explicit, payload, run_dir
-
-
-def get_method_or_none(name):
-    """The registered method called ``name``, or None (a resumed run's record may name an unknown one)."""
-    try:
-        return get_method(name) if name is not None else None
-    except ConfigError:
-        return None
 
 
 def architecture(args, explicit=frozenset()):
