@@ -28,7 +28,7 @@ exit 0
 """
 FAKE_RUFF = '#!/usr/bin/env bash\necho "ruff $*" >> "$FAKE_LOG"\n'
 FAKE_MAKE = """#!/usr/bin/env bash
-echo "make $* CI=$CI" >> "$FAKE_LOG"
+echo "make $* VENV=${VENV:-} CI=$CI" >> "$FAKE_LOG"
 [ "$1" != "${FAKE_FAIL_TARGET:-none}" ] || exit 2
 """
 
@@ -214,3 +214,11 @@ def test_readme_quick_start_shows_exactly_the_two_commands():
     block = re.search(r"```bash\n(.*?)```", section, re.S).group(1)
     commands = [line.split("#", 1)[0].strip() for line in block.splitlines()]
     assert [c for c in commands if c] == ["make demo", "make test"]
+
+
+def test_ci_runs_the_readme_test_command_as_written():
+    ci_lines = [line.strip() for line in (ROOT / ".ci" / "run").read_text().splitlines()]
+    readme = (ROOT / "README.md").read_text()
+    shown = re.search(r"```bash\n(.*?)```", readme.split("\n## Quick start\n", 1)[1], re.S).group(1)
+    test_command = next(line.split("#", 1)[0].strip() for line in shown.splitlines() if "test" in line)
+    assert test_command in ci_lines
