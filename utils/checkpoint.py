@@ -37,8 +37,11 @@ class RunWriteError(RunDirError):
 
 
 def _atomic_write(path, write):
-    """Call ``write(handle)`` on a temporary file beside ``path``, fsync it, then rename it over ``path``."""
+    """Call ``write(handle)`` on a temporary file beside ``path``, fsync it, then rename it over ``path``.
+    A symlink is written through (its target is replaced), never replaced by a regular file."""
     path = Path(path)
+    if path.is_symlink():
+        path = Path(os.path.realpath(path))
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as handle:

@@ -47,6 +47,8 @@ def paper_protocol(report):
     (the paper's attacks, each on every example). Returns ``(accuracy, attack names)``."""
     attacks = [a for a in report["attacks"] if a["family"] == "paper" and a.get("in_worst_case", True)
                and a.get("standalone", True)]
+    if not attacks:  # none ran: no robust figure, never the clean accuracy in its place
+        return None, []
     correct = np.array(report["clean"]["correct"], bool)
     for attack in attacks:
         correct &= np.array(attack["correct"], bool)
@@ -66,7 +68,7 @@ def flags_of(report, out_dir):
 def row(name, report, out_dir):
     n = len(report["labels"])
     k = report["worst_case"]["robust_count"]
-    low, high = wilson_interval(k, n)
+    low, high = wilson_interval(k, n) if k is not None else (None, None)  # no robust figure: no interval
     paper, paper_attacks = paper_protocol(report)
     return {"model": name, "checkpoint": report["meta"].get("checkpoint"), "n": n,
             "clean": report["clean"]["accuracy"], "paper_protocol": paper, "paper_attacks": paper_attacks,
@@ -75,7 +77,7 @@ def row(name, report, out_dir):
 
 
 def _pct(v):
-    return f"{100 * v:.2f} %"
+    return "—" if v is None else f"{100 * v:.2f} %"
 
 
 def markdown_table(rows, meta):
@@ -87,8 +89,10 @@ def markdown_table(rows, meta):
     for r in rows:
         low, high = r["worst_case_ci95"]
         flags = ", ".join(r["flags"]) if r["flags"] else "none"
-        lines.append(f"| {r['model']} | {_pct(r['clean'])} | {_pct(r['paper_protocol'])} | {_pct(r['worst_case'])} "
-                     f"({r['worst_case_count']}/{r['n']}) | {_pct(low)} – {_pct(high)} | {flags} |")
+        count = "" if r["worst_case_count"] is None else f" ({r['worst_case_count']}/{r['n']})"
+        interval = "—" if low is None else f"{_pct(low)} – {_pct(high)}"
+        lines.append(f"| {r['model']} | {_pct(r['clean'])} | {_pct(r['paper_protocol'])} | {_pct(r['worst_case'])}"
+                     f"{count} | {interval} | {flags} |")
     lines += ["", "Each model's own report: its sub-folder's report.md (docs/evaluation-review.md#comparing-models)."]
     return "\n".join(lines) + "\n"
 

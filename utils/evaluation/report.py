@@ -46,8 +46,9 @@ def _model_line(meta, n):
 def _headline(evaluation):
     n, covered = evaluation.n, evaluation.worst_case_results()
     worst = evaluation.worst_case()
-    if not covered:
-        return [(f"**No attack of the threat model ran: there is no robust-accuracy figure.** Clean accuracy "
+    missing = evaluation.missing_robust_figure()
+    if missing:
+        return [(f"**There is no robust-accuracy figure: {missing}.** Clean accuracy "
                 f"{_pct(evaluation.clean_accuracy)}.")]
     return [(f"**Headline: worst-case robust accuracy {_pct(worst.mean() if n else 0.0)} ({int(worst.sum())}/{n}) "
             f"over {len(covered)} attacks.** Clean accuracy {_pct(evaluation.clean_accuracy)}."), "",
@@ -74,6 +75,9 @@ def _table(evaluation):
         lines.append(_row(r, n, mark))
     worst = evaluation.worst_case()
     total = evaluation.clean_seconds + sum(r.seconds for r in evaluation.results)
+    if evaluation.missing_robust_figure():  # no robust figure: never the clean accuracy in its place
+        lines.append(f"| **worst case (threat model)** | — | — | — (none: see above) | — | — | {total:.1f} |")
+        return lines
     lines.append(f"| **worst case (threat model)** | — | — | **{_pct(worst.mean() if n else 0.0)}** | "
                  f"{int(worst.sum())}/{n} | — | {total:.1f} |")
     return lines
@@ -145,6 +149,18 @@ def markdown_report(evaluation, checks, meta):
     return "\n".join(lines) + "\n"
 
 
+def _worst_case_json(evaluation, worst):
+    """The worst case of results.json; accuracy, count and per-example values are null, and
+    ``missing`` says why, when the run has no robust figure."""
+    record = {"over": [r.name for r in evaluation.worst_case_results()],
+              "excluded": excluded_from_worst_case(evaluation)}
+    missing = evaluation.missing_robust_figure()
+    if missing:
+        return dict(record, accuracy=None, robust_count=None, correct=None, missing=missing)
+    return dict(record, accuracy=float(worst.mean()) if evaluation.n else 0.0, robust_count=int(worst.sum()),
+                correct=[int(v) for v in worst])
+
+
 def json_report(evaluation, checks, meta):
     """Every number of the run, with per-example 0/1 arrays so runs can be merged."""
     worst = evaluation.worst_case()
@@ -157,9 +173,7 @@ def json_report(evaluation, checks, meta):
         "aux_agreement": {str(k): v for k, v in evaluation.agreement.items()},
         "attacks": [r.to_json() for r in evaluation.results],
         "skipped": evaluation.skipped,
-        "worst_case": {"accuracy": float(worst.mean()) if evaluation.n else 0.0, "robust_count": int(worst.sum()),
-                       "correct": [int(v) for v in worst], "over": [r.name for r in evaluation.worst_case_results()],
-                       "excluded": excluded_from_worst_case(evaluation)},
+        "worst_case": _worst_case_json(evaluation, worst),
         "cascade": {"enabled": evaluation.cascade,
                     "order": [{"name": r.name, "standalone": r.standalone, "received": r.n_received,
                                "broken": r.n_broken} for r in evaluation.results]},
