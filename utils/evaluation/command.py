@@ -587,7 +587,8 @@ def _evaluate(args, model, subset, meta, out_dir, finished, progress, started):
 def main(argv=None):
     """Command line of ``test_white_attack.py``: 0 done, 2 refused (one line), 130 interrupted by
     Ctrl-C or SIGTERM (one line saying what is saved and how to resume, as training does)."""
-    errors = (EvaluationError, CheckpointError, datasets.DatasetError, AutoAttackUnavailable, OutputError, LockError)
+    errors = (EvaluationError, CheckpointError, datasets.DatasetError, AutoAttackUnavailable, OutputError, LockError,
+              InertOptionError)
     progress = Progress()
     try:
         with sigterm_as_interrupt():
