@@ -398,3 +398,14 @@ def test_a_pickle_in_robustbenchs_layout_is_refused_without_torchs_advice(tmp_pa
     with pytest.raises(robustbench.RobustBenchError) as refused:
         robustbench.load_robustbench("Tiny", model_dir=tmp_path, registry=registry())
     assert "weights_only" not in str(refused.value)
+
+
+def test_a_last_pt_with_code_is_reported_without_torchs_advice(tmp_path):
+    from utils.checkpoint import LAST
+    from utils.reproduce.state import RunStateError, training_progress
+    torch.save({"epoch": 1, "args": {"epochs": 2}, "model": Small()}, tmp_path / LAST)
+    with pytest.raises(RunStateError) as refused:
+        training_progress(tmp_path)
+    message = str(refused.value)
+    assert "pickled Python objects" in message and "\n" not in message
+    assert "weights_only" not in message and "trust" not in message.lower()

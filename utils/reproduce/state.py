@@ -13,6 +13,7 @@ from pathlib import Path
 
 import torch
 
+from models.loading import load_error_text
 from utils.checkpoint import LAST, atomic_write_json
 
 try:
@@ -57,7 +58,7 @@ def training_progress(run_dir):
         args = payload.get("args") or {}
         progress = (int(payload["epoch"]), int(args.get("epochs", payload["epoch"])))
     except Exception as err:  # corrupt or foreign file: say which, never start over it
-        raise RunStateError(f"cannot read {path} ({type(err).__name__}: {str(err).splitlines()[0][:200]}); resume "
+        raise RunStateError(f"cannot read {path} ({type(err).__name__}: {load_error_text(err)}); resume "
                             f"the run by hand from an epoch_N.pt or move the folder away") from err
     with _CACHE_LOCK:
         _CACHE[key] = progress
