@@ -173,8 +173,9 @@ def _uses(args, test):
     return any(test(spec) for spec in args.specs)
 
 
-def _no_heads_or(text):
-    return lambda a: "the model has no RA heads, so no attack uses them" if not a.heads else text.format(a=a)
+def _no_heads_or(why):
+    """The reason an RA-attack option is idle: the model has no heads, else ``why(args)``."""
+    return lambda a: "the model has no RA heads, so no attack uses it" if not a.heads else why(a)
 
 
 # Options that would change nothing (utils.cli.refuse_inert), kept as data. PARSE_RULES need only the
@@ -190,11 +191,11 @@ PARSE_RULES = (
 )
 ATTACK_RULES = (
     OnlyWith(("aux_weight",), lambda a: _uses(a, lambda s: s.params.get("aux_weight")),
-             _no_heads_or("--attacks {a.attacks} runs no attack with p (λ weighs the RA heads only there)")),
+             _no_heads_or(lambda a: f"--attacks {a.attacks} runs no attack with p (λ weighs the RA heads only there)")),
     OnlyWith(("joint_weights",), lambda a: _uses(a, lambda s: s.family == "joint"),
-             _no_heads_or("--attacks {a.attacks} runs no joint attack")),
+             _no_heads_or(lambda a: f"--attacks {a.attacks} runs no joint attack")),
     OnlyWith(("taus",), lambda a: _uses(a, lambda s: s.family == "straight-through"),
-             _no_heads_or("--attacks {a.attacks} runs no straight-through attack")),
+             _no_heads_or(lambda a: f"--attacks {a.attacks} runs no straight-through attack")),
     OnlyWith(("full_set",), lambda a: not _full_set_idle(a), _full_set_why),
     OnlyWith(("export_robustbench",), lambda a: _uses(a, lambda s: s.in_threat_model(a.eps)),
              lambda a: f"--attacks {a.attacks} runs no attack of the threat model, so there is no robust accuracy "

@@ -166,5 +166,11 @@ def after_report(args, model, x, y, evaluation, out_dir, report):
         atomic_write_text(Path(out_dir) / "report.md", report)
     if args.export_robustbench:
         info = robustbench.model_info(evaluation.to_json())
-        write_json(Path(args.export_robustbench), info)
+        export = Path(args.export_robustbench)
+        try:
+            export.parent.mkdir(parents=True, exist_ok=True)  # checked creatable before the evaluation
+        except OSError as err:
+            raise OutputError(f"cannot create the folder of --export-robustbench {export} ({err.strerror}); "
+                              f"the evaluation is saved in {out_dir}") from None
+        write_json(export, info)
     return report
