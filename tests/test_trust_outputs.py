@@ -409,3 +409,17 @@ def test_a_last_pt_with_code_is_reported_without_torchs_advice(tmp_path):
     message = str(refused.value)
     assert "pickled Python objects" in message and "\n" not in message
     assert "weights_only" not in message and "trust" not in message.lower()
+
+
+def test_the_training_stop_hint_is_shell_quoted(tmp_path):
+    from types import SimpleNamespace
+
+    from utils.training.errors import TrainingInterrupted
+    from utils.training.trainer import Trainer
+    run_dir = tmp_path / "my run"
+    trainer = SimpleNamespace(run=SimpleNamespace(run_dir=run_dir), completed_epochs=1,
+                              context=SimpleNamespace(enabled=False), stop=SimpleNamespace(reason="SIGTERM"))
+    for mid_epoch in (True, False):
+        with pytest.raises(TrainingInterrupted) as stopped:
+            Trainer._stop_now(trainer, 2, mid_epoch=mid_epoch)
+        assert f"--resume '{run_dir}'" in str(stopped.value)

@@ -9,6 +9,7 @@ import json
 import os
 import random
 import re
+import shlex
 import shutil
 import tempfile
 from collections import Counter
@@ -221,7 +222,7 @@ def check_run_dir(run_dir, overwrite=False, smoke=False):
                           f"replaces one; choose another --run-name")
     if existing and not overwrite:
         raise RunDirError(
-            f"run directory {run_dir} already holds a run; pass --resume {run_dir} to continue it, "
+            f"run directory {run_dir} already holds a run; pass --resume {shlex.quote(str(run_dir))} to continue it, "
             f"--overwrite to replace it, or --run-name NAME to start a new one")
     return existing
 

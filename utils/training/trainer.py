@@ -3,6 +3,7 @@ non-finite loss. Checkpoints are written at epoch ends only, so ``last.pt`` alwa
 clean epoch-end state from which an interrupted epoch restarts (bit-exactly as if never stopped).
 """
 import math
+import shlex
 import sys
 import time
 from dataclasses import asdict
@@ -117,9 +118,9 @@ class Trainer:
             last, run_dir = self.run.run_dir / LAST, self.run.run_dir
             if mid_epoch:
                 where = (f"; epoch {epoch} restarts from the epoch-end checkpoint {last} (epoch "
-                         f"{self.completed_epochs}): continue with --resume {run_dir}")
+                         f"{self.completed_epochs}): continue with --resume {shlex.quote(str(run_dir))}")
             else:
-                where = f"; saved {last}, continue with --resume {run_dir}"
+                where = f"; saved {last}, continue with --resume {shlex.quote(str(run_dir))}"
         distributed.barrier(self.context)  # no rank exits (and makes torchrun kill the others) before the save
         when = f"during epoch {epoch}" if mid_epoch else f"after epoch {epoch}"
         raise TrainingInterrupted(f"stopped by {self.stop.reason} {when}{where}")
