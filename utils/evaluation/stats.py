@@ -39,7 +39,10 @@ def wilson_interval(successes, n, z=Z95):
     z2 = z * z
     centre = (p + z2 / (2 * n)) / (1 + z2 / n)
     half = z * math.sqrt(p * (1 - p) / n + z2 / (4 * n * n)) / (1 + z2 / n)
-    return max(0.0, centre - half), min(1.0, centre + half)
+    # at 0 of n the low end is exactly 0 and at n of n the high end exactly 1 (no rounding residue)
+    low = 0.0 if successes == 0 else max(0.0, centre - half)
+    high = 1.0 if successes == n else min(1.0, centre + half)
+    return low, high
 
 
 def paired_counts(first, second):
