@@ -44,13 +44,12 @@ def test_paired_difference_to_the_first_model():
 def test_pairing_is_refused_without_the_same_recorded_images_and_labels():
     a = _report([1, 1, 0, 0])
     unrecorded = compare.pairing_refusal(["a", "b"], [a, _report([1, 0, 0, 0], indices=None)])
-    assert unrecorded.startswith("no paired difference: b's results.json records no test-image indices")
+    assert unrecorded.startswith("b's results.json records no test-image indices")
     both_unrecorded = [_report([1, 0, 0, 0], indices=None), _report([1, 0, 0, 0], indices=None)]
     assert "records no test-image indices" in compare.pairing_refusal(["a", "b"], both_unrecorded)  # None == None is no pairing
     assert "other test images" in compare.pairing_refusal(["a", "b"], [a, _report([1, 0, 0, 0], indices=(0, 1, 2, 5))])
     assert "other labels" in compare.pairing_refusal(["a", "b"], [a, _report([1, 0, 0, 0], labels=(3, 1, 4, 2))])
-    assert compare.paired_markdown([], "no paired difference: x") == ["", "Paired worst-case differences: no paired "
-                                                                        "difference: x."]
+    assert compare.paired_markdown([], "x differs") == ["", "No paired worst-case differences: x differs."]
 
 
 def test_folder_names_are_distinct():

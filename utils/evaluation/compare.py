@@ -84,18 +84,19 @@ def markdown_table(rows, meta, pairs=(), refusal=None):
 
 
 def pairing_refusal(names, reports):
-    """Why the models' per-example results cannot be paired (one sentence), or None: pairing needs
-    every results.json to record its test images (meta.indices) and labels, all the same."""
+    """Why the results.json ``reports`` (of ``names``) cannot be paired, as a clause, or None: pairing
+    needs every one to record its test images (meta.indices) and labels, all the same (two missing
+    records are not "the same")."""
     for name, report in zip(names, reports):
-        if report["meta"].get("indices") is None or report.get("labels") is None:
-            return (f"no paired difference: {name}'s results.json records no test-image indices or labels "
-                    "(meta.indices); evaluate it again with this version to pair it")
+        if (report.get("meta") or {}).get("indices") is None or report.get("labels") is None:
+            return (f"{name}'s results.json records no test-image indices or labels (meta.indices); evaluate it "
+                    "again with this version to pair it")
     first = reports[0]
     for name, report in zip(names[1:], reports[1:]):
         if list(report["meta"]["indices"]) != list(first["meta"]["indices"]):
-            return f"no paired difference: {name} was evaluated on other test images than {names[0]}"
+            return f"{name} was evaluated on other test images than {names[0]}"
         if list(report["labels"]) != list(first["labels"]):
-            return f"no paired difference: {name}'s test images carry other labels than {names[0]}'s"
+            return f"{name}'s test images carry other labels than {names[0]}'s"
     return None
 
 
@@ -121,7 +122,7 @@ def difference_claim(ci, name, baseline):
 def paired_markdown(pairs, refusal):
     """The paired-difference section of comparison.md."""
     if refusal:
-        return ["", f"Paired worst-case differences: {refusal}."]
+        return ["", f"No paired worst-case differences: {refusal}."]
     if not pairs:
         return []
     lines = ["", f"Paired worst-case differences to {pairs[0]['baseline']} (percentage points, same examples; "

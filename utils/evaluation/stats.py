@@ -167,3 +167,13 @@ def interval_text(low, high, scale=100.0, decimals=1):
     """``[low, high]`` times ``scale`` (percent by default), rounded outward so that the printed
     interval holds the computed one and each bound shows its sign."""
     return f"[{bound_text(low * scale, False, decimals)}, {bound_text(high * scale, True, decimals)}]"
+
+
+def number_text(value, decimals=1, most=6, sign=False):
+    """``value`` rounded to ``decimals`` decimals, or more until a value that is not 0 shows as not 0
+    (never "-0.0"); ``sign`` writes "+" before positive values (0 has no sign)."""
+    for places in range(decimals, most + 1):
+        text = f"{value:+.{places}f}" if sign else f"{value:.{places}f}"
+        if value == 0 or float(text) != 0 or places == most:
+            break
+    return f"{0:.{places}f}" if float(text) == 0 else text
