@@ -104,3 +104,24 @@ def test_train_step_benchmark_refuses_a_device_that_is_not_here(capsys):
     with pytest.raises(SystemExit) as stop:
         main(["--device", "tpu"])
     assert stop.value.code == 2
+
+
+def test_refuse_inert_names_the_given_option_and_why():
+    import argparse
+
+    from utils.cli import InertOptionError, OnlyWith, explicit_options, refuse_inert
+
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--method", default="trades")
+    parser.add_argument("--beta", type=float, default=None)
+    rules = [OnlyWith(("beta",), lambda a: a.method in ("trades", "mart"),
+                      lambda a: f"only TRADES and MART weigh a robust term, {a.method} has none")]
+    argv = ["--method", "pgd-at", "--beta", "5"]
+    args = parser.parse_args(argv)
+    explicit = explicit_options(parser, argv)
+    assert explicit == {"method", "beta"}
+    with pytest.raises(InertOptionError, match=r"^--beta would change nothing here: only TRADES and MART .* "
+                                               r"pgd-at has none; drop --beta$"):
+        refuse_inert(rules, args, explicit)
+    refuse_inert(rules, parser.parse_args(["--method", "pgd-at"]), {"method"})  # not given: nothing to refuse
+    refuse_inert(rules, parser.parse_args(["--beta", "5"]), {"beta"})  # applies: accepted

@@ -1,4 +1,4 @@
-"""Several checkpoints in one command (docs/evaluation-review.md#comparing-models): the Wilson interval and the
+"""Several checkpoints in one command (docs/evaluation.md#comparing-models): the Wilson interval and the
 paper-protocol column on hand numbers, the paired difference and when pairing is refused, sub-folder names,
 and test_white_attack.py --ckpt a.pt b.pt (one subset, one table, each model resumable in its own folder,
 bad input refused before any work)."""

@@ -8,7 +8,9 @@ import signal
 import sys
 import threading
 from contextlib import contextmanager
+from dataclasses import dataclass
 from fractions import Fraction
+from typing import Callable, Union
 
 import torch
 
@@ -40,6 +42,52 @@ class OneLineArgumentParser(argparse.ArgumentParser):
                 joined.append(args[i])
                 i += 1
         return joined
+
+
+def explicit_options(parser, argv):
+    """The destinations of the options written on the command line ``argv`` (defaults ignored)."""
+    saved = {action.dest: action.default for action in parser._actions}
+    try:
+        for action in parser._actions:
+            action.default = argparse.SUPPRESS
+        return set(vars(parser.parse_args(argv)))
+    finally:
+        for action in parser._actions:
+            action.default = saved[action.dest]
+
+
+def flag(dest):
+    """``step_size`` -> ``--step-size``."""
+    return "--" + dest.replace("_", "-")
+
+
+class InertOptionError(ValueError):
+    """An option was given that would change nothing in this command (one sentence)."""
+
+
+@dataclass(frozen=True)
+class OnlyWith:
+    """A rule kept as data: the options ``options`` (argparse destinations) change something only
+    when ``applies(args)`` holds; ``why`` (a string, or a function of ``args`` returning one) says
+    what they need, e.g. "β weighs TRADES' and MART's robust term; pgd-at has none".
+
+    The one mechanism by which every script refuses an option that would change nothing
+    (:func:`refuse_inert`)."""
+
+    options: tuple
+    applies: Callable
+    why: Union[str, Callable]
+
+
+def refuse_inert(rules, args, explicit):
+    """Raise :class:`InertOptionError` for the first rule whose options were written on the command
+    line (``explicit``, see :func:`explicit_options`) although ``applies(args)`` is false."""
+    for rule in rules:
+        given = [dest for dest in rule.options if dest in explicit]
+        if given and not rule.applies(args):
+            names = " and ".join(flag(dest) for dest in given)
+            why = rule.why(args) if callable(rule.why) else rule.why
+            raise InertOptionError(f"{names} would change nothing here: {why}; drop {names}")
 
 
 def fraction(text):

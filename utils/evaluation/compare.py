@@ -1,5 +1,5 @@
 """Several checkpoints evaluated on the same fixed subset in one command
-(``test_white_attack.py --ckpt a.pt b.pt ...``, docs/evaluation-review.md#comparing-models): each model's
+(``test_white_attack.py --ckpt a.pt b.pt ...``, docs/evaluation.md#comparing-models): each model's
 evaluation in its own sub-folder of --out-dir (a finished one is reused, an interrupted one resumed),
 then one table — clean, the paper protocol, the worst case with a 95 % Wilson interval, FLAGs — and,
 when every model was evaluated on the same recorded test images with the same labels, each model's
@@ -79,7 +79,7 @@ def markdown_table(rows, meta, pairs=(), refusal=None):
         lines.append(f"| {r['model']} | {_pct(r['clean'])} | {_pct(r['paper_protocol'])} | {_pct(r['worst_case'])} "
                      f"({r['worst_case_count']}/{r['n']}) | {_pct(low)} – {_pct(high)} | {flags} |")
     lines += paired_markdown(list(pairs), refusal)
-    lines += ["", "Each model's own report: its sub-folder's report.md (docs/evaluation-review.md#comparing-models)."]
+    lines += ["", "Each model's own report: its sub-folder's report.md (docs/evaluation.md#comparing-models)."]
     return "\n".join(lines) + "\n"
 
 

@@ -26,6 +26,7 @@ from utils.cli import (
     add_speed_arguments,
     eps_fraction,
     eps_type,
+    explicit_options,
     finite_float,
 )
 from utils.locks import LockError
@@ -205,7 +206,7 @@ def parse_args(defaults: Defaults, argv=None):
     parser = build_parser(defaults)
     argv = sys.argv[1:] if argv is None else list(argv)
     first = parser.parse_args(argv)
-    explicit = resume.explicit_options(parser, argv)
+    explicit = explicit_options(parser, argv)
     payload = run_dir = None
     if first.resume:
         run_dir, checkpoint_path = resolve_resume(first.resume)

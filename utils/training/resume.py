@@ -1,7 +1,6 @@
 """What ``--resume`` may change: the options it refuses (the run's identity and folder), the
 options it takes from the resumed run, and the schedule options whose change rebuilds the
 optimizer's schedule."""
-import argparse
 from pathlib import Path
 
 from utils.training.errors import ConfigError
@@ -9,18 +8,6 @@ from utils.training.errors import ConfigError
 NOT_RESTORED = ("resume", "overwrite", "world_size")          # never taken from the resumed run
 IDENTITY = ("method", "anc", "reverse_attention", "arch", "dataset", "image_size")
 SCHEDULE = ("lr", "momentum", "weight_decay", "milestones")
-
-
-def explicit_options(parser, argv):
-    """The destinations of the options written on the command line ``argv`` (defaults ignored)."""
-    saved = {action.dest: action.default for action in parser._actions}
-    try:
-        for action in parser._actions:
-            action.default = argparse.SUPPRESS
-        return set(vars(parser.parse_args(argv)))
-    finally:
-        for action in parser._actions:
-            action.default = saved[action.dest]
 
 
 def refuse_folder_options(explicit, given, run_dir, saved):
