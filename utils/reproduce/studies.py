@@ -37,6 +37,11 @@ class Row:
         return self.base or self.name
 
     @property
+    def seed_label(self):
+        """The paper's name, with the seed when the row is one of several seeds."""
+        return self.label if self.seed is None else f"{self.label} (seed {self.seed})"
+
+    @property
     def script(self):
         """The training script that trains this row."""
         return SCRIPTS[self.kind]

@@ -68,7 +68,7 @@ def row_record(item, settings):
     row, results = item.row, item.results
     paper = reported(row.paper)
     record = {
-        "row": row.name, "label": row.label if row.seed is None else f"{row.label} (seed {row.seed})",
+        "row": row.name, "label": row.seed_label,
         "method_row": row.method_row, "method_label": row.label, "status": item.status, "run_dir": item.run_dir,
         "commit": item.commit, "epochs": settings["epochs"], "milestones": list(settings["milestones"]),
         "seed": settings["seed"] if row.seed is None else row.seed, "n_examples": settings["n_examples"],
@@ -99,8 +99,7 @@ def build_table(study, settings, items):
              "rows": [row_record(item, settings) for item in items]}
     if getattr(study, "verdict", False):
         labels = {item.row.method_row: item.row.label for item in items}
-        labels.update({item.row.name: item.row.label if item.row.seed is None else f"{item.row.label} (seed "
-                       f"{item.row.seed})" for item in items})
+        labels.update({item.row.name: item.row.seed_label for item in items})
         seeds = {item.row.name: (item.row.method_row, item.row.seed if item.row.seed is not None else settings["seed"])
                  for item in items}
         table["verdict"] = build_verdict({item.row.name: item.results for item in items}, seeds, labels)
