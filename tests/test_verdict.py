@@ -375,8 +375,11 @@ def test_two_seeds_each_get_their_numbers_and_the_paragraph_counts_only_resolved
     assert "In 0 of 2 seeds it is below with an interval excluding 0." in text
     assert "In 1 of 2 seeds the test images do not resolve the gap." in text
     assert "TRADES (seed 1): worst case 50.0 %" in text and "Not finished yet: PGD-AT (seed 1)." in text
-    markdown = render_markdown(table)
+    markdown = render_markdown(json.loads(json.dumps(table, sort_keys=True)))  # as table.json stores it
     assert "| TRADES-ANCRA | 1 | 100.0 | not run | 52.5 | 52.5 [" in markdown
+    verdict_rows = markdown.split("## Verdict")[1]
+    assert verdict_rows.index("| TRADES | 0 |") < verdict_rows.index("| TRADES-ANCRA | 0 |") < \
+        verdict_rows.index("| TRADES | 1 |")  # the table's order: seed by seed
     assert "| 0 | +50.0 | [" in markdown and "| above |" in markdown and "| not resolved |" in markdown
     # spread between seeds: TRADES-ANCRA 75 % and 52.5 %, mean 63.75 (a hair below in floating point), SD
     # |75 − 52.5|/√2 = 15.91; the gap 50 and 2.5 points: mean 26.25, SD 33.59

@@ -323,11 +323,13 @@ def render_verdict(table):
     """The verdict's markdown sections (appended to table.md)."""
     verdict = table["verdict"]
     labels = {r["row"]: r.get("method_label", r["label"]) for r in table["rows"]}  # the seed has its own column
+    # in the table's row order (table.json may hold the verdict's rows with sorted keys)
+    ordered = [(r["row"], verdict["rows"][r["row"]]) for r in table["rows"] if r["row"] in verdict["rows"]]
     lines = ["## Verdict", "", table["verdict_paragraph"], "",
              _line(["row", "seed", "clean %", "paper-protocol AA %", "paper protocol (all its attacks) %",
                     "worst case % [95 % Wilson]", "attacks", "AA − worst (points) [95 %]", "collapsed", "FLAGs"]),
              _line(["---"] * 10)]
-    for name, r in verdict["rows"].items():
+    for name, r in ordered:
         aa = "not run" if r["autoattack"] is None else number_text(100 * r["autoattack"]["accuracy"])
         gap = "—" if r["autoattack_gap"] is None else \
             f"{number_text(100 * r['autoattack_gap']['difference'])} {_interval(r['autoattack_gap'])}"
@@ -361,7 +363,7 @@ def render_verdict(table):
               "by the first family that broke it):", "",
               _line(["row", "seed"] + [FAMILIES[f] for f in families] + ["all beyond the protocol"]),
               _line(["---"] * (len(families) + 3))]
-    for name, r in verdict["rows"].items():
+    for name, r in ordered:
         lines.append(_line([labels.get(name, name), "—" if r["seed"] is None else r["seed"]]
                            + [r["families"].get(f, "not run") for f in families] + [r["beyond_protocol"]]))
     return lines
