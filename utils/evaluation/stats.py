@@ -16,7 +16,7 @@ evaluation's reports, ``--ckpt a.pt b.pt`` comparisons and ``reproduce.py verdic
 
 What an interval here covers: which test images were drawn (the evaluated subset as a sample of
 the test distribution), for the models and attacks that ran. It says nothing about training seeds,
-other test sets or other attacks (docs/reproduce.md, "What the intervals cover").
+other test sets or other attacks (docs/reproduce.md, "The verdict": what the intervals cover).
 """
 from __future__ import annotations
 
