@@ -14,7 +14,9 @@ from utils.reproduce.schedule import device_slots
 from utils.reproduce.studies import (
     STUDIES,
     describe_studies,
+    parse_seeds,
     scale_milestones,
+    seeded_rows,
     select_rows,
 )
 from utils.reproduce.verdict import RESULTS_HEADER, record_refusal
@@ -126,7 +128,10 @@ def make_plan(args):
     if args.study is None:
         raise ValueError("name a study (or pass --list to see them)")
     study = STUDIES[args.study]
-    rows = select_rows(study, args.only)
+    seeds = parse_seeds(args.seeds)
+    if len(seeds) > 1 and not study.evaluate:
+        raise ValueError(f"the {study.name} study draws its figures from one trained model per row; give one seed")
+    rows = seeded_rows(select_rows(study, args.only), seeds)
     if args.smoke and args.dataset not in (None, "synthetic"):
         raise ValueError("--smoke trains and evaluates on synthetic data; drop --dataset, or drop --smoke to use "
                          f"{args.dataset}")
@@ -147,8 +152,8 @@ def make_plan(args):
         raise ValueError(f"--out-dir {args.out_dir} exists and is not a folder")
     check_output_dir(out_dir / study.name)  # a folder that cannot be created or written: refused before any work
     data_dir = str(Path(args.data_dir).resolve()) if args.data_dir else None
-    return Plan(study, rows, out_dir, dataset, epochs, milestones, n_examples, args.seed, args.smoke, data_dir,
-                slots, args.nproc_per_row)
+    return Plan(study, rows, out_dir, dataset, epochs, milestones, n_examples, seeds[0], args.smoke, data_dir,
+                slots, args.nproc_per_row, seeds if len(seeds) > 1 else ())
 
 
 def main(args, command=None):
