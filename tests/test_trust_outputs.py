@@ -123,6 +123,8 @@ def test_reference_attacks_alone_give_no_robust_figure_anywhere():
     assert row["worst_case"] is None and row["worst_case_ci95"] == [None, None] and row["paper_protocol"] is None
     table = compare.markdown_table([row], {"dataset": "synthetic", "n": 4, "subset_seed": 0, "eps_text": "8/255"})
     assert "| m | 75.00 % | — | — | — | none |" in table
+    report["meta"]["indices"], report["labels"] = [0, 1, 2, 3], [0, 0, 0, 0]
+    assert "m has no robust figure" in compare.pairing_refusal(["m", "n"], [report, report])  # never paired
 
 
 def test_a_threat_model_attack_that_saw_only_some_examples_gives_no_figure():

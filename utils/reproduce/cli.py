@@ -49,10 +49,9 @@ def _gpus_named(args):
 
 
 # Options that would change nothing in this invocation (utils.cli.refuse_inert): rules kept as data.
+# With --list every other option is idle: that rule is made from the options given (check_inert_options).
+LIST_ONLY = "--list only prints the studies and their rows"
 INERT_RULES = (
-    OnlyWith(("study", "out_dir", "only", "smoke", "epochs", "dataset", "data_dir", "n_examples", "seed", "gpus",
-              "rows_per_gpu", "nproc_per_row", "time_budget", "record"),
-             lambda a: not a.list, "--list only prints the studies and their rows"),
     OnlyWith(("time_budget", "record"), lambda a: getattr(STUDIES.get(a.study), "verdict", False),
              "--time-budget and --record belong to the verdict study (python reproduce.py verdict)"),
     OnlyWith(("gpus",), _gpus_named, "it names no GPU; leave out --gpus to run on the default device"),
@@ -63,7 +62,9 @@ INERT_RULES = (
 
 def check_inert_options(args):
     """Refuse, in one sentence, an option written on the command line that would change nothing."""
-    refuse_inert(INERT_RULES, args, set(getattr(args, "given_options", ())))
+    given = set(getattr(args, "given_options", ()))
+    listing = OnlyWith(tuple(sorted(given - {"list"})), lambda a: not a.list, LIST_ONLY)
+    refuse_inert((listing, *INERT_RULES), args, given)
 
 
 def is_record_file(path):
