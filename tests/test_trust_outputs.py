@@ -27,6 +27,7 @@ from tests.test_robustbench import Small, registry
 from tests.test_robustbench import _wrn_checkpoint as plain_checkpoint
 from tests.test_verdict import _verdict_table
 from utils import locks
+from utils.cli import InertOptionError
 from utils.evaluation import command, compare, robustbench, sweep
 from utils.evaluation import options as eval_options
 from utils.evaluation.catalogue import BUDGETS, Settings, attack_catalogue, select_attacks
@@ -208,11 +209,31 @@ def test_used_attack_options_are_accepted():
     specs, skipped = select_attacks("all", catalogue, True)
     given = ["aux_weight", "joint_weights", "taus", "full_set", "export_robustbench"]
     args = argparse.Namespace(attacks="all", eps=8 / 255, full_set=("autoattack", "autoattack+p"), given_options=given)
-    command.check_attack_options(args, specs, skipped, heads=2)
+    command.check_attack_options(args, [(specs, skipped, 2)])
     plain, skipped = select_attacks("all", catalogue, False)  # AA+p is skipped for a plain model, and listed so
     args = argparse.Namespace(attacks="all", eps=8 / 255, full_set=("autoattack", "autoattack+p"),
                               given_options=["full_set"])
-    command.check_attack_options(args, plain, skipped, heads=0)
+    command.check_attack_options(args, [(plain, skipped, 0)])
+    args = argparse.Namespace(attacks="all", eps=8 / 255, full_set=(), given_options=["aux_weight"])
+    with pytest.raises(InertOptionError, match="no RA heads"):
+        command.check_attack_options(args, [(plain, skipped, 0)])
+    command.check_attack_options(args, [(plain, skipped, 0), (specs, [], 2)])  # λ is used by one of the models
+
+
+def test_compare_refuses_an_idle_option_before_the_first_evaluation_and_keeps_one_some_model_uses(
+        ra_ckpt, tmp_path, capsys):
+    plain = plain_checkpoint(tmp_path)
+    (tmp_path / "b").mkdir()
+    out = tmp_path / "cmp"
+    code, err = _call(test_white_attack.main, ["--ckpt", str(plain), str(plain_checkpoint(tmp_path / "b")),
+                                               *EVAL, "--attacks", "fgsm", "--aux-weight", "7", "--out-dir",
+                                               str(out)], capsys)
+    _one_line_refusal(code, err, "--aux-weight would change nothing")
+    assert not out.exists()
+    code, err = _call(test_white_attack.main, ["--ckpt", str(ra_ckpt), str(plain), *EVAL, "--attacks", "fgsm,fgsm+p",
+                                               "--aux-weight", "7", "--out-dir", str(out)], capsys)
+    assert code == 0, err  # λ changes the RA model's fgsm+p; the plain model skips it
+    assert (out / "comparison.md").exists()
 
 
 # ---------------------------------------------------------------- reproduce.py

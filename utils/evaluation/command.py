@@ -203,11 +203,16 @@ ATTACK_RULES = (
 )
 
 
-def check_attack_options(args, specs, skipped, heads):
-    """Refuse (:class:`InertOptionError`, one sentence) an option written on the command line that
-    the attacks chosen for this model would not use."""
-    view = argparse.Namespace(**vars(args), specs=specs, skipped=skipped, heads=heads)
-    refuse_inert(ATTACK_RULES, view, set(getattr(args, "given_options", ())))
+def check_attack_options(args, models):
+    """Refuse (:class:`InertOptionError`, one sentence) an option written on the command line that the
+    attacks chosen for the evaluated models would not use. ``models``: ``(specs, skipped, heads)`` of
+    each model (several with ``--ckpt a.pt b.pt``: an option is refused when no model would use it)."""
+    given = set(getattr(args, "given_options", ()))
+    views = [argparse.Namespace(**vars(args), specs=specs, skipped=skipped, heads=heads)
+             for specs, skipped, heads in models]
+    for rule in ATTACK_RULES:
+        if not any(rule.applies(view) for view in views):
+            refuse_inert((rule,), views[0], given)
 
 
 def parse_args(argv=None):
@@ -530,8 +535,9 @@ class Progress:
             raise OutputError(f"{err}; {self.resume_hint()}") from None
 
 
-def run(args, progress=None):
-    """Check every input and the output folder, load, attack (saving each attack), report."""
+def run(args, progress=None, options_checked=False):
+    """Check every input and the output folder, load, attack (saving each attack), report.
+    ``options_checked``: the attack options were checked over several models already (compare)."""
     started = datetime.now()
     progress = progress if progress is not None else Progress()
     if not _has_attacks(args.attacks):
@@ -542,7 +548,8 @@ def run(args, progress=None):
     model, config, subset = _load(args)
     specs, skipped = choose_attacks(model, subset.x, args.attacks, Settings(eps=args.eps, budget=BUDGETS[args.budget]),
                                     args.device, args.full_set)
-    check_attack_options(args, specs, skipped, head_count(model))
+    if not options_checked:
+        check_attack_options(args, [(specs, skipped, head_count(model))])
     check_finite_logits(model, subset.x, args.device, args.batch_size if isinstance(args.batch_size, int) else 256)
     meta = _meta(args, config, subset.dataset, subset.indices, subset.data_dir, started)
     if previous:
@@ -605,4 +612,13 @@ def _run_one_or_compare(args, progress):
 
     def load(path):
         return _checkpoint_from_args(argparse.Namespace(**dict(vars(args), ckpt=path)))
-    return compare.run_compare(args, run, load=load)
+
+    compare.check_inputs(args)
+    models = []  # every model's attacks, so an option one of them uses is not refused after another's evaluation
+    for path in args.compare:
+        model, _, subset = _load(argparse.Namespace(**dict(vars(args), ckpt=path)))
+        specs, skipped = choose_attacks(model, subset.x, args.attacks, Settings(eps=args.eps, budget=BUDGETS[args.budget]),
+                                        args.device, args.full_set)
+        models.append((specs, skipped, head_count(model)))
+    check_attack_options(args, models)
+    return compare.run_compare(args, lambda one: run(one, progress, options_checked=True), load=load)
