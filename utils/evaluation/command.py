@@ -614,6 +614,7 @@ def _run_one_or_compare(args, progress):
         return _checkpoint_from_args(argparse.Namespace(**dict(vars(args), ckpt=path)))
 
     compare.check_inputs(args)
+    compare.preflight(args, load)  # every checkpoint readable, one dataset
     models = []  # every model's attacks, so an option one of them uses is not refused after another's evaluation
     for path in args.compare:
         model, _, subset = _load(argparse.Namespace(**dict(vars(args), ckpt=path)))
@@ -621,4 +622,4 @@ def _run_one_or_compare(args, progress):
                                         args.device, args.full_set)
         models.append((specs, skipped, head_count(model)))
     check_attack_options(args, models)
-    return compare.run_compare(args, lambda one: run(one, progress, options_checked=True), load=load)
+    return compare.run_compare(args, lambda one: run(one, progress, options_checked=True))  # checked above
