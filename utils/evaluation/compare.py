@@ -171,14 +171,19 @@ def check_inputs(args):
 def preflight(args, load):
     """Load every checkpoint once with ``load(path) -> (model, config, saved)`` before any work, so a
     broken file or a model of another dataset is refused before the first evaluation starts."""
-    found = {}
+    found, sizes = {}, {}
     for path in args.compare:
-        _, _, saved = load(path)
+        _, config, saved = load(path)
         found[path] = args.dataset or saved.get("dataset")
+        sizes[path] = (config or {}).get("image_size") or saved.get("image_size")
     if len(set(found.values())) > 1:
         listed = ", ".join(f"{Path(p).name}: {d}" for p, d in found.items())
         raise EvaluationError(f"the checkpoints were trained on different datasets ({listed}); compare models of "
                               "one dataset, or pass --dataset")
+    if len({size for size in sizes.values() if size is not None}) > 1:
+        listed = ", ".join(f"{Path(p).parent.name}/{Path(p).name}: {s}×{s}" for p, s in sizes.items() if s)
+        raise EvaluationError(f"the checkpoints take images of different sizes ({listed}), so they cannot be "
+                              "evaluated on the same test images; compare models of one image size")
 
 
 def run_compare(args, evaluate_one, load=None, started=None):
@@ -203,9 +208,15 @@ def run_compare(args, evaluate_one, load=None, started=None):
         one.resume = sub.is_dir() and any(sub.glob("results*.json"))
         evaluate_one(one)
     reports = [json.loads((out_dir / name / "results.json").read_text()) for name in names]
-    if any(r["meta"].get("indices") != reports[0]["meta"].get("indices") for r in reports):
-        raise EvaluationError("the models were evaluated on different examples (their datasets or image sizes "
-                              "differ); compare only models of one dataset")
+    first = reports[0]
+    for name, report in zip(names[1:], reports[1:]):
+        for key in ("dataset", "indices"):
+            if report["meta"].get(key) != first["meta"].get(key):
+                raise EvaluationError(f"{name} was evaluated on other test images than {names[0]} (its {key} "
+                                      "differs); compare only models evaluated on one dataset and subset")
+        if list(report.get("labels") or []) != list(first.get("labels") or []):
+            raise EvaluationError(f"{name}'s test images carry other labels than {names[0]}'s; compare only "
+                                  "models evaluated on the same labelled images")
     meta = {key: reports[0]["meta"].get(key) for key in ("dataset", "subset_seed", "eps", "eps_text", "seed",
                                                          "budget", "attacks_requested", "indices")}
     meta["n"] = len(reports[0]["labels"])
