@@ -54,7 +54,6 @@ def test_method_names_and_invalid_combinations():
     assert MethodConfig("mart", anc=False).name(True) == "mart-ra"
     assert MethodConfig("pgd-at").name(False) == "pgd-at-anc"
     assert MethodConfig("trades", anc=False).name(False) == "trades"
-    assert MethodConfig("mart").resolved_beta == 5.0 and MethodConfig("trades", beta=1.5).resolved_beta == 1.5
     with pytest.raises(ConfigError, match="--no-anc"):
         MethodConfig("standard", anc=True)
     with pytest.raises(ConfigError, match="strategy"):
@@ -74,6 +73,21 @@ def test_resume_refuses_a_run_trained_with_another_attack_loss_than_its_method_g
     with pytest.raises(ConfigError, match="attack loss 'kl'.*trained with 'ce'"):
         resume.refuse_identity_changes(saved, dict(saved, attack_loss="kl"))
     resume.refuse_identity_changes(saved, dict(saved))
+
+
+def test_the_step_takes_beta_from_the_config_and_none_is_the_methods_default():
+    torch.manual_seed(0)
+    model = create_model("wrn-16-1", 10, reverse_attention=False).train()
+    x, y = _batch()
+    x_adv = (x + 0.01).clamp(0, 1)
+    losses = []
+    for beta, used in ((None, 5.0), (1.5, 1.5)):
+        config = MethodConfig("mart", anc=False, ra=False, beta=beta)
+        _, got = TrainStep(model, build_optimizer(model, Schedule()), config, 10).loss(model, x, y, x_adv, None)
+        _, want = ancra.training_loss("mart", model, x, y, x_adv, ra=False, beta=used)
+        assert torch.equal(got["loss"], want["loss"])
+        losses.append(got["loss"])
+    assert not torch.equal(*losses)  # β matters here (KL > 0), so the comparison is sharp
 
 
 def test_train_step_updates_weights_and_keeps_metrics_on_device():

@@ -53,11 +53,6 @@ class MethodConfig:
         """The registered :class:`~utils.training.ancra.Method`."""
         return get_method(self.method)
 
-    @property
-    def resolved_beta(self):
-        """β actually used (the method's default unless given)."""
-        return self.unit.default_beta if self.beta is None else self.beta
-
     def name(self, reverse_attention):
         """Method name as in the paper: ``trades-ancra``, ``trades-anc``, ``trades-ra`` or ``trades``."""
         return format_method_name(self.method, self.anc, reverse_attention)
