@@ -96,7 +96,9 @@ class FastStep:
         step.examples = self._around("examples", step.examples)
         step.loss = self._around("loss", step.loss)
 
-    def __getattr__(self, name):
+    def __getattr__(self, name):  # only for names FastStep lacks: the step's own
+        if name == "step":  # not set yet (a copy being built): no recursion
+            raise AttributeError(name)
         return getattr(self.step, name)
 
     def _around(self, name, function):
