@@ -21,6 +21,7 @@ from utils.checkpoint import (
 )
 from utils.training.config import RECIPE_CHECK, EvalConfig
 from utils.training.errors import ConfigError, NonFiniteLossError, TrainingInterrupted
+from utils.training.fast import FastStep
 from utils.training.monitor import monitor_accuracy
 from utils.training.records import (
     BestSoFar,
@@ -32,17 +33,17 @@ from utils.training.records import (
     summary_line,
     write_reason,
 )
-from utils.training.step import TrainStep
 from utils.training.stop import StopControl
 from utils.training.updates import EMA
 
 
 class Trainer:
-    """Runs epochs of ``step`` over ``train_loader``; after each epoch checks the model (the EMA
-    weights when the step keeps them) on ``eval_loaders`` ({'test': ..., optionally 'val': ...})
-    and writes metrics, curves and checkpoints into ``run.run_dir`` (if not None)."""
+    """Runs epochs of ``step`` (a TrainStep as the speed options run it) over ``train_loader``;
+    after each epoch checks the model (the EMA weights when the step keeps them) on
+    ``eval_loaders`` ({'test': ..., optionally 'val': ...}) and writes metrics, curves and
+    checkpoints into ``run.run_dir`` (if not None)."""
 
-    def __init__(self, step: TrainStep, scheduler, train_loader, eval_loaders, run: RunInfo, *, epochs,
+    def __init__(self, step: FastStep, scheduler, train_loader, eval_loaders, run: RunInfo, *, epochs,
                  eval_config: EvalConfig = RECIPE_CHECK, save_freq=10, quiet=False, sync_every=20,
                  context: distributed.Context = distributed.SINGLE, reseed=None):
         if "test" not in eval_loaders:
