@@ -19,6 +19,7 @@ from train_Tiny_ImageNet_PreActResNet import DEFAULTS as TINY
 from utils.training import cli as train_cli
 from utils.training import step as train_step
 from utils.training.cli import main
+from utils.training.config import as_record, read_record
 
 REPO = Path(__file__).resolve().parents[1]
 # WRN-16-1 keeps script-level tests cheap; the real WRN-34-10 smoke is the same code path.
@@ -56,7 +57,7 @@ def test_resnet_script_smoke_runs_as_a_program(tmp_path):
                              str(tmp_path)], check=False, cwd=REPO, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr
     args = check_smoke_run(tmp_path / "smoke_synthetic_resnet18_trades-ancra_s0", "resnet18", True)
-    assert (args["weight_decay"], args["attack_loss"], args["lr"]) == (2e-4, "ce", 0.01)
+    assert (args["weight_decay"], args["method"], args["lr"]) == (2e-4, "trades", 0.01)
     assert "best chosen on the test subset" in result.stdout
 
 
@@ -67,19 +68,17 @@ def test_train_entry_runs_as_a_program_with_any_method_and_architecture(tmp_path
                             check=False, cwd=REPO, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr
     args = check_smoke_run(tmp_path / "smoke_synthetic_wrn-16-1_pgd-at-ancra_s0", "wrn-16-1", True)
-    assert (args["method"], args["anc"], args["reverse_attention"]) == ("pgd-at", True, True)
+    assert (args["method"], args["anc"], args["ra"]) == ("pgd-at", True, True)
 
 
 def _config(defaults, argv):
-    args, explicit, _, _ = train_cli.parse_args(defaults, ["--smoke", *argv])
-    return train_cli.resolve(defaults, args, explicit)
+    return train_cli.parse(defaults, ["--smoke", *argv])[0]
 
 
 @pytest.mark.parametrize(("defaults", "argv", "name"), [
     (TRAIN, ["--method", "trades"], "trades"), (TRAIN, ["--method", "trades-anc"], "trades-anc"),
     (TRAIN, ["--method", "trades-ra"], "trades-ra"), (TRAIN, [], "trades-ancra"),
-    (TRAIN, ["--method", "mart-ancra", "--no-ra"], "mart-anc"), (TRAIN, ["--method", "TRADES_ANCRA"], "trades-ancra"),
-    (TRAIN, ["--method", "trades", "--no-anc"], "trades"),  # already without ANC: the flag only restates it
+    (TRAIN, ["--method", "mart-ancra", "--no-ra"], "mart-anc"), (TRAIN, ["--method", "TRADES-ANCRA"], "trades-ancra"),
     (RESNET, [], "trades-ancra"), (RESNET, ["--no-anc"], "trades-ra"), (RESNET, ["--no-ra"], "trades-anc"),
     (RESNET, ["--method", "mart", "--no-anc", "--no-ra"], "mart"), (RESNET, ["--method", "pgd-at-ra"], "pgd-at-ra"),
     (BASELINES, [], "pgd-at"), (BASELINES, ["--method", "trades-ancra"], "trades-ancra"),
@@ -87,7 +86,7 @@ def _config(defaults, argv):
 def test_method_names_and_ablation_flags(defaults, argv, name):
     config = _config(defaults, argv)
     assert config.method_name == name
-    assert (config.method.anc, config.model.reverse_attention) == ("anc" in name, name.endswith("ra"))
+    assert (config.anc, config.ra) == ("anc" in name, name.endswith("ra"))
 
 
 def test_paper_scripts_are_the_train_entry_with_their_defaults():
@@ -97,16 +96,16 @@ def test_paper_scripts_are_the_train_entry_with_their_defaults():
         image = ["--image-size", str(defaults.smoke_image_size)]
         paper = _config(defaults, [])
         generic = _config(TRAIN, ["--arch", arch, "--dataset", dataset, "--method", "trades-ancra", *image])
-        assert paper == generic and paper.run.run_name == f"smoke_{dataset}_{arch}_trades-ancra_s0"
+        assert paper == generic and paper.run_name == f"smoke_{dataset}_{arch}_trades-ancra_s0"
     assert _config(BASELINES, []) == _config(TRAIN, ["--method", "pgd-at"])
     wrn = _config(WRN, ["--depth", "28"])
-    assert wrn.model.arch == "wrn-28-10" and wrn.run.run_name == "smoke_synthetic_wrn-28-10_trades-ancra_s0"
+    assert wrn.arch == "wrn-28-10" and wrn.run_name == "smoke_synthetic_wrn-28-10_trades-ancra_s0"
 
 
 def test_wideresnet_script_smoke(tmp_path):
     assert main(WRN, SMALL_WRN + ["--out-dir", str(tmp_path)]) == 0
     args = check_smoke_run(tmp_path / "smoke_synthetic_wrn-16-1_trades-ancra_s0", "wrn-16-1", True)
-    assert args["method_name"] == "trades-ancra" and args["strategy"] == "random_adv"
+    assert (args["method"], args["anc"], args["ra"], args["strategy"]) == ("trades", True, True, "random_adv")
 
 
 def test_separate_bn_ablation_trains_saves_and_reloads_its_own_layout(tmp_path):
@@ -124,7 +123,7 @@ def test_separate_bn_ablation_trains_saves_and_reloads_its_own_layout(tmp_path):
 
 def test_separate_bn_needs_reverse_attention(tmp_path, capsys):
     assert main(WRN, SMALL_WRN + ["--separate-bn", "--no-ra", "--out-dir", str(tmp_path)]) == 2
-    assert "--separate-bn only changes RA models" in capsys.readouterr().err
+    assert "--separate-bn would change nothing here: trades-anc has no RA model" in capsys.readouterr().err
     assert not any(tmp_path.iterdir())
 
 
@@ -141,7 +140,6 @@ def test_baselines_script_smoke_with_validation_split(tmp_path, capsys):
     assert main(BASELINES, argv) == 0
     run = tmp_path / "smoke_synthetic_wrn-16-1_trades_s0"
     args = check_smoke_run(run, "wrn-16-1", False)
-    assert args["attack_loss"] == "kl"  # vanilla TRADES attacks with its KL loss
     records = metrics(run)
     assert all(r["best"]["split"] == "val" and r["val"]["size"] == 8 for r in records)
     assert "best chosen on the validation split" in (run / "log.txt").read_text()
@@ -275,7 +273,8 @@ def test_any_training_command_resumes_a_run_as_it_was_trained(tmp_path, capsys):
     assert json.loads((run / "metrics.jsonl").read_text().splitlines()[-1])["epoch"] == 1
     assert main(BASELINES, ["--resume", str(run), "--epochs", "2", "--quiet"]) == 0
     saved = json.loads((run / "args.json").read_text())
-    assert (saved["method_name"], saved["arch"], saved["epochs"]) == ("trades-ancra", "wrn-16-1", 2)
+    assert (saved["method"], saved["anc"], saved["ra"], saved["arch"], saved["epochs"]) == (
+        "trades", True, True, "wrn-16-1", 2)
 
 
 def test_resume_of_nothing_and_cuda_without_gpu_are_one_line_errors(tmp_path, capsys):
@@ -298,15 +297,13 @@ def test_help_documents_the_recipe(defaults, capsys):
 
 @pytest.mark.parametrize("spelling", [[], ["--eps", "8"], ["--eps", "8/255"], ["--eps", "0.0313725490196"]])
 def test_training_eps_spellings_mean_the_same_radius(spelling):
-    args, explicit, _, _ = train_cli.parse_args(RESNET, ["--smoke", *spelling])
-    config = train_cli.resolve(RESNET, args, explicit)
-    assert config.method.eps == pytest.approx(8 / 255) and config.evaluation.eps == pytest.approx(8 / 255)
+    assert _config(RESNET, spelling).eps == pytest.approx(8 / 255)  # one ε for the attacks and the check
 
 
 def test_runs_saved_with_pixel_eps_resume_with_the_same_radius():
-    args, explicit, _, _ = train_cli.parse_args(RESNET, ["--smoke"])
-    args.eps = 8.0  # args.json of runs written before eps was stored as a fraction
-    assert train_cli.resolve(RESNET, args, explicit).as_args()["eps"] == pytest.approx(8 / 255)
+    saved = as_record(_config(RESNET, []))
+    saved["eps"] = 8.0  # args.json of runs written before eps was stored as a fraction
+    assert read_record(saved).eps == pytest.approx(8 / 255)
 
 
 def test_a_run_written_before_awp_ema_and_arch_options_resumes(tmp_path, capsys):

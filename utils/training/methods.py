@@ -29,13 +29,12 @@ class Method:
 
     ``attacked``: trains on adversarial examples (else the training attack is skipped);
     ``uses_natural``: needs the natural forward even without ANC; ``allows_anc``: may take
-    negatives; ``aliases``: other spellings accepted in labels (e.g. ``pgd_at``); ``awp_warmup``:
+    negatives; ``awp_warmup``:
     epochs before AWP starts by default (as in the AWP authors' code for the method).
     """
 
     name = ""
     label = ""
-    aliases = ()
     default_beta = 0.0
     attacked = True
     uses_natural = True
@@ -66,7 +65,7 @@ def method_names():
 
 
 def get_method(name):
-    """The registered method called ``name`` (or one of its aliases)."""
+    """The registered method called ``name``."""
     if isinstance(name, Method):
         return name
     found = find_method(name)
@@ -76,20 +75,18 @@ def get_method(name):
 
 
 def find_method(name):
-    """The method called ``name`` or with that alias (case-insensitive), else None."""
-    name = str(name).lower()
-    return _REGISTRY.get(name) or next((m for m in _REGISTRY.values() if name in m.aliases), None)
+    """The method called ``name`` (case-insensitive), else None."""
+    return _REGISTRY.get(str(name).lower())
 
 
 def split_method_suffix(name):
-    """``(base, suffix or None)``: ``trades-ancra`` → (``trades``, ``ancra``); ``_`` also separates."""
+    """``(base, suffix or None)``: ``trades-ancra`` → (``trades``, ``ancra``)."""
     name = str(name).lower()
     if find_method(name) is not None:
         return name, None
     for suffix in SUFFIXES:
-        for spelling in (suffix, "_" + suffix[1:]):
-            if name.endswith(spelling):
-                return name[: -len(spelling)], suffix[1:]
+        if name.endswith(suffix):
+            return name[: -len(suffix)], suffix[1:]
     return name, None
 
 
@@ -175,7 +172,6 @@ class PGDAT(Method):
     The natural forward runs only to feed ANC (docs/protocol.md §4). AWP's default γ for it: 1e-2."""
 
     name, label = "pgd-at", "PGD-AT"
-    aliases = ("pgdat", "pgd_at", "at", "pgd")
     uses_natural = False
 
     def loss(self, out, y, *, beta, aux_weight):

@@ -10,9 +10,9 @@ import torch
 
 from models import has_reverse_attention, unwrap
 from utils.attacks import attack_mode, random_start, training_attack
-from utils.training.config import PLAIN_SPEED, MethodConfig, SpeedConfig
+from utils.training.config import TrainConfig
 from utils.training.fast import FastPath
-from utils.training.methods import training_loss
+from utils.training.methods import get_method, training_loss
 from utils.training.negatives import (
     Negatives,
     choose_negatives,
@@ -42,33 +42,37 @@ class TrainStep:
     (no host synchronisation). ``model`` may be wrapped (DDP); the attacks run on the bare
     module. ``epoch`` is 1-based and decides the warm-up of non-random negative strategies
     and of AWP. ``update`` is the :class:`~utils.training.updates.WeightUpdate` (default: a
-    plain optimizer step). With ``speed.compile`` the attacks, the negative choice and the
-    training forward/backward run compiled (:class:`~utils.training.fast.FastPath`, docs/training.md).
+    plain optimizer step). ``config`` is the run's record (:class:`~utils.training.config.TrainConfig`
+    with the device's speed filled in, ``config.on(device)``); its ``ra`` must match the model. With
+    ``config.compile`` the attacks, the negative choice and the training forward/backward run
+    compiled (:class:`~utils.training.fast.FastPath` with ``compile_backend``, docs/training.md).
     """
 
-    def __init__(self, model, optimizer, config: MethodConfig, num_classes, speed: SpeedConfig = PLAIN_SPEED,
-                 update=None):
+    def __init__(self, model, optimizer, config: TrainConfig, num_classes, update=None, *,
+                 compile_backend="inductor"):
+        if config.ra != has_reverse_attention(unwrap(model)):
+            raise ValueError(f"config.ra is {config.ra} but the model {'has' if not config.ra else 'has no'} RA heads")
         self.model = model
         self.attack_model = unwrap(model)  # attacks bypass DDP: no gradient sync, no parameter grads
         self.optimizer = optimizer
         self.config = config
-        self.method = config.unit
+        self.method = get_method(config.method)
+        self.attack_loss = self.method.attack_loss(config.anc, config.ra)
         self.num_classes = num_classes
-        self.speed = speed
         self.update = update if update is not None else WeightUpdate(optimizer)
-        self.reverse_attention = has_reverse_attention(unwrap(model))
-        self.attack_aux_weight = config.aux_weight if self.reverse_attention else 0.0
-        self.fast = FastPath(speed.compile_backend) if speed.compile else None
+        self.attack_aux_weight = config.aux_weight if config.ra else 0.0
+        self.fast = FastPath(compile_backend) if config.compile else None
 
     def _attack_args(self):
         cfg = self.config
-        return {"eps": cfg.eps, "step_size": cfg.step_size, "steps": cfg.steps, "aux_weight": self.attack_aux_weight}
+        return {"eps": cfg.eps, "step_size": cfg.step_size, "steps": cfg.attack_steps,
+                "aux_weight": self.attack_aux_weight}
 
     def can_join(self):
         """Whether both attacks can share one batch: same loss (CE) and both attacked."""
         cfg = self.config
-        return (self.speed.joint_attacks and cfg.anc and cfg.strategy.endswith("_adv")
-                and cfg.attack_loss == "ce" and self.method.attacked)
+        return (cfg.joint_attacks and cfg.anc and cfg.strategy.endswith("_adv")
+                and self.attack_loss == "ce" and self.method.attacked)
 
     def draw(self, x):
         """The step's :class:`Draws` for batch ``x`` from the global RNG."""
@@ -101,7 +105,7 @@ class TrainStep:
         x_adv = x
         if self.method.attacked:
             x_adv = training_attack(model, x, y, random_start(x, cfg.eps, "normal", normal=draws.start),
-                                    loss=cfg.attack_loss, **args)
+                                    loss=self.attack_loss, **args)
         if neg is not None and draws.neg_start is not None:
             neg[0] = training_attack(model, neg[0], y, random_start(neg[0], cfg.eps, "normal", normal=draws.neg_start),
                                      loss="ce", targeted=True, **args)
@@ -125,20 +129,21 @@ class TrainStep:
         cfg = self.config
 
         def loss(model):
-            kwargs = {"beta": cfg.resolved_beta, "zeta": cfg.zeta, "alpha": cfg.alpha, "aux_weight": cfg.aux_weight,
+            beta = self.method.default_beta if cfg.beta is None else cfg.beta
+            kwargs = {"beta": beta, "zeta": cfg.zeta, "alpha": cfg.alpha, "aux_weight": cfg.aux_weight,
                       "neg_valid": None if neg is None else neg.valid}
             args = (self.method, model, x, y, x_adv, None if neg is None else neg.x, None if neg is None else neg.y)
-            with self.speed.autocast(x.device):
+            with self.config.autocast(x.device):
                 if compiled:
                     return self.fast.call("loss", x.device, training_loss, *args, **kwargs)
                 return training_loss(*args, **kwargs)
         return loss
 
     def __call__(self, x, y, epoch):
-        if self.speed.channels_last:
+        if self.config.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         compiled = self.fast is not None and self.fast.takes(x)
-        with self.speed.autocast(x.device):
+        with self.config.autocast(x.device):
             x_adv, neg = self.examples(x, y, epoch, compiled)
         self.model.train()
         return self.update(self.model, self.loss_fn(x, y, x_adv, neg, compiled), epoch)
