@@ -123,7 +123,7 @@ def test_separate_bn_ablation_trains_saves_and_reloads_its_own_layout(tmp_path):
 
 def test_separate_bn_needs_reverse_attention(tmp_path, capsys):
     assert main(WRN, SMALL_WRN + ["--separate-bn", "--no-ra", "--out-dir", str(tmp_path)]) == 2
-    assert "--separate-bn would change nothing here: trades-anc has no RA model" in capsys.readouterr().err
+    assert "--separate-bn would change nothing here: trades-anc trains a plain model (no RA)" in capsys.readouterr().err
     assert not any(tmp_path.iterdir())
 
 
@@ -140,6 +140,7 @@ def test_baselines_script_smoke_with_validation_split(tmp_path, capsys):
     assert main(BASELINES, argv) == 0
     run = tmp_path / "smoke_synthetic_wrn-16-1_trades_s0"
     args = check_smoke_run(run, "wrn-16-1", False)
+    assert (args["method"], args["anc"], args["ra"]) == ("trades", False, False)  # vanilla: its KL attack
     records = metrics(run)
     assert all(r["best"]["split"] == "val" and r["val"]["size"] == 8 for r in records)
     assert "best chosen on the validation split" in (run / "log.txt").read_text()

@@ -84,9 +84,35 @@ BAD_INPUT = {
     "smoke over a real run": ("resnet", ["--smoke", "--out-dir", "{w}/runs", "--run-name", "real"],
                               "never replaces one"),
     "ANC option of a method without ANC": ("train", ["--smoke", "--method", "trades-ra", "--zeta", "2", "--out-dir",
-                                                     "{w}/runs"], "--zeta only changes ANC training"),
+                                                     "{w}/runs"], "--zeta would change nothing here: ANC is off in "
+                                                                  "trades-ra; drop --zeta"),
     "RA option of a plain model": ("baselines", ["--smoke", "--aux-weight", "1", "--out-dir", "{w}/runs"],
-                                   "--aux-weight only changes"),
+                                   "--aux-weight would change nothing here: pgd-at trains a plain model"),
+    # options that would change nothing (issue 28): one line each, nothing touched
+    "beta of a method without one": ("train", ["--smoke", "--method", "pgd-at", "--beta", "5", "--out-dir", "{w}/runs"],
+                                     "--beta would change nothing here: β weighs TRADES' and MART's robust term, and "
+                                     "pgd-at has none; drop --beta"),
+    "no-ra of a plain method": ("train", ["--smoke", "--method", "pgd-at", "--no-ra", "--out-dir", "{w}/runs"],
+                                "--no-ra would change nothing here: pgd-at has no RA to take away"),
+    "no-anc of a method without ANC": ("baselines", ["--smoke", "--method", "trades-ra", "--no-anc", "--out-dir",
+                                                     "{w}/runs"], "--no-anc would change nothing here: trades-ra has no ANC"),
+    "no-anc restating a vanilla method": ("train", ["--smoke", "--method", "trades", "--no-anc", "--out-dir", "{w}/runs"],
+                                          "--no-anc would change nothing here"),
+    "awp-warmup without awp-gamma": ("resnet", ["--smoke", "--awp-warmup", "3", "--out-dir", "{w}/runs"],
+                                     "--awp-warmup would change nothing here: AWP is off; give --awp-gamma"),
+    "separate-bn without RA": ("baselines", ["--smoke", "--arch", "wrn-16-1", "--separate-bn", "--out-dir", "{w}/runs"],
+                               "--separate-bn would change nothing here"),
+    "attack steps of standard training": ("train", ["--smoke", "--method", "standard", "--attack-steps", "3",
+                                                    "--out-dir", "{w}/runs"], "standard runs no training attack"),
+    "joint attacks without a second attack": ("baselines", ["--smoke", "--no-joint-attacks", "--out-dir", "{w}/runs"],
+                                              "--joint-attacks would change nothing here"),
+    "image-size of a real dataset": ("resnet", ["--dataset", "cifar10", "--image-size", "16", "--out-dir", "{w}/runs"],
+                                     "--image-size would change nothing here: it sets the side of synthetic images, "
+                                     "and cifar10 images are 32 pixels wide"),
+    "old method spelling": ("train", ["--smoke", "--method", "pgd_at", "--out-dir", "{w}/runs"],
+                            "unknown method 'pgd_at'"),
+    "attack-loss is the method's": ("train", ["--smoke", "--attack-loss", "kl", "--out-dir", "{w}/runs"],
+                                    "unrecognized arguments: --attack-loss"),
     "RA on an architecture without it": ("train", ["--smoke", "--arch", "preact-resnet18-rb", "--out-dir", "{w}/runs"],
                                          "has no reverse-attention variant"),
     "unknown method suffix": ("train", ["--smoke", "--method", "trades-anra", "--out-dir", "{w}/runs"],
@@ -140,7 +166,7 @@ def test_standard_training_needs_no_anc_and_trains_clean(tmp_path, capsys):
     assert call("baselines", ["--smoke", "--method", "standard", "--out-dir", str(tmp_path), "--quiet",
                               "--arch", "wrn-16-1"], capsys)[0] == 0
     args = json.loads((tmp_path / "smoke_synthetic_wrn-16-1_standard_s0" / "args.json").read_text())
-    assert args["method_name"] == "standard" and args["data_seed"] == 0
+    assert (args["method"], args["anc"], args["ra"], args["data_seed"]) == ("standard", False, False, 0)
 
 
 @pytest.mark.slow
@@ -184,7 +210,8 @@ def test_resume_refuses_another_method_and_a_resume_with_nothing_to_do_writes_no
                 capsys)[0] == 0
     run = tmp_path / "r"
     before = snapshot(tmp_path)
-    refused = [(["--method", "mart"], "method"), (["--no-anc"], "anc"), (["--no-ra"], "holds an RA"),
+    refused = [(["--method", "mart"], "cannot resume as mart-ancra"), (["--no-anc"], "as trades-ra"),
+               (["--no-ra"], "cannot resume as trades-anc: the run was trained as trades-ancra"),
                (["--run-name", "other"], "--run-name points away"), (["--out-dir", str(run)], "--out-dir points"),
                (["--overwrite"], "--overwrite cannot be combined")]
     for change, word in refused:

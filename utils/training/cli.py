@@ -37,7 +37,7 @@ from utils.training.errors import ConfigError, NonFiniteLossError, TrainingInter
 from utils.training.methods import get_method, method_names, parse_method_name, split_method_suffix
 from utils.training.setup import check_resume, run
 
-SMOKE = {"train_size": 32, "batch_size": 16, "epochs": 2, "milestones": (2,), "eval_size": 32, "eval_steps": 2,
+SMOKE_DEFAULTS = {"train_size": 32, "batch_size": 16, "epochs": 2, "milestones": (2,), "eval_size": 32, "eval_steps": 2,
          "attack_steps": 2, "save_freq": 2, "awp_warmup": 0}  # with --awp-gamma, AWP runs from the first smoke epoch
 SMOKE_REAL_DATA = {"train_size": 256, "eval_size": 64}  # --smoke --dataset NAME: a fixed subset of the real images
 
@@ -73,8 +73,8 @@ class Defaults:
         if not smoke:
             return base
         if dataset in (None, "synthetic"):
-            return replace(base, **SMOKE, dataset="synthetic", image_size=self.smoke_image_size)
-        return replace(base, **{**SMOKE, **SMOKE_REAL_DATA})
+            return replace(base, **SMOKE_DEFAULTS, dataset="synthetic", image_size=self.smoke_image_size)
+        return replace(base, **{**SMOKE_DEFAULTS, **SMOKE_REAL_DATA})
 
 
 def method_type(text):
@@ -187,28 +187,22 @@ def _arch_info(arch):
         raise ConfigError(str(err)) from None
 
 
-def _inert_why_ra(r):
-    return f"{r.config.method_name} has no RA model; drop it or pick a method with RA (e.g. --method " \
-           f"{r.config.method}-ra)"
-
-
 # Options that would change nothing, kept as data (utils.cli.refuse_inert). ``r.config`` is the record
 # after the command line; ``r.named``: the (anc, ra) that --method named before --no-anc / --no-ra.
 INERT = (
-    OnlyWith(("strategy", "alpha", "zeta"), lambda r: r.config.anc,
-             lambda r: f"they shape ANC's negatives and term, and {r.config.method_name} has no ANC"),
-    OnlyWith(("aux_weight", "separate_bn"), lambda r: r.config.ra, _inert_why_ra),
+    OnlyWith(("strategy", "alpha", "zeta"), lambda r: r.config.anc, lambda r: f"ANC is off in {r.config.method_name}"),
+    OnlyWith(("aux_weight", "separate_bn"), lambda r: r.config.ra,
+             lambda r: f"{r.config.method_name} trains a plain model (no RA)"),
     OnlyWith(("no_anc",), lambda r: r.named[0], lambda r: f"{r.config.method_name} has no ANC to take away"),
     OnlyWith(("no_ra",), lambda r: r.named[1], lambda r: f"{r.config.method_name} has no RA to take away"),
     OnlyWith(("beta",), lambda r: get_method(r.config.method).default_beta != 0,
-             lambda r: f"β weighs TRADES' and MART's robust term; {r.config.method} has none"),
+             lambda r: f"β weighs TRADES' and MART's robust term, and {r.config.method} has none"),
     OnlyWith(("attack_steps",), lambda r: get_method(r.config.method).attacked or r.config.anc,
              lambda r: f"{r.config.method_name} runs no training attack"),
-    OnlyWith(("awp_warmup",), lambda r: r.config.awp_gamma > 0,
-             "AWP is off (--awp-gamma 0); give --awp-gamma to turn it on"),
+    OnlyWith(("awp_warmup",), lambda r: r.config.awp_gamma > 0, "AWP is off; give --awp-gamma to turn it on"),
     OnlyWith(("joint_attacks",), lambda r: r.config.anc and r.config.strategy.endswith("_adv"),
-             lambda r: f"only ANC with an *_adv strategy runs two training attacks to join, and "
-                       f"{r.config.method_name} with --strategy {r.config.strategy} does not"),
+             lambda r: f"{r.config.method_name} with --strategy {r.config.strategy} runs no second training attack "
+                       f"to join"),
     OnlyWith(("image_size",), lambda r: r.config.dataset == "synthetic",
              lambda r: f"it sets the side of synthetic images, and {r.config.dataset} images are "
                        f"{data.image_size(r.config.dataset)} pixels wide"),

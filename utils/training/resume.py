@@ -34,6 +34,9 @@ def refuse_folder_options(given, run_dir, saved):
 
 def refuse_identity_changes(saved, current):
     """The method, ANC/RA choice, architecture and data of a resumed run cannot change."""
+    if saved.method_name != current.method_name:
+        raise ConfigError(f"cannot resume as {current.method_name}: the run was trained as {saved.method_name}; "
+                          f"start a new run (another --run-name) to change it")
     for key in IDENTITY:
         if getattr(saved, key) != getattr(current, key):
             raise ConfigError(f"cannot resume with {key.replace('_', ' ')} {getattr(current, key)!r}: the run was "
