@@ -1,5 +1,6 @@
 """The train_* scripts end to end on synthetic data: smoke runs, exact resume, Ctrl-C, and the
 error sentences for a missing dataset, an existing run, a wrong checkpoint and a NaN loss."""
+import ast
 import json
 import os
 import signal
@@ -16,10 +17,11 @@ from train_baselines import DEFAULTS as BASELINES
 from train_CIFAR10_ResNet import DEFAULTS as RESNET
 from train_CIFAR10_WideResNet import DEFAULTS as WRN
 from train_Tiny_ImageNet_PreActResNet import DEFAULTS as TINY
+from utils import data
 from utils.training import cli as train_cli
 from utils.training import step as train_step
 from utils.training.cli import main
-from utils.training.config import as_record, read_record
+from utils.training.config import FIELDS, as_record, read_record
 
 REPO = Path(__file__).resolve().parents[1]
 # WRN-16-1 keeps script-level tests cheap; the real WRN-34-10 smoke is the same code path.
@@ -322,3 +324,68 @@ def test_a_run_written_before_awp_ema_and_arch_options_resumes(tmp_path, capsys)
     resumed = _weights(run / "last.pt")
     assert resumed["epoch"] == 2 and "ema" not in resumed
     assert (resumed["args"]["arch"], resumed["args"]["awp_gamma"], resumed["args"]["data_seed"]) == ("wrn-16-1", 0.0, 0)
+
+
+def test_run_names_mark_every_option_that_changes_training():
+    """An AWP, EMA or separate-BN run never takes the plain run's folder; the paper's names stay."""
+    assert _config(TRAIN, []).run_name == "smoke_synthetic_resnet18_trades-ancra_s0"
+    assert _config(TRAIN, ["--awp-gamma", "0.005"]).run_name == "smoke_synthetic_resnet18_trades-ancra_awp0.005_s0"
+    assert _config(TRAIN, ["--ema", "0.999"]).run_name == "smoke_synthetic_resnet18_trades-ancra_ema0.999_s0"
+    assert _config(WRN, ["--separate-bn", "--awp-gamma", "0.01", "--ema", "0.9", "--seed", "3"]).run_name == \
+        "smoke_synthetic_wrn-34-10_trades-ancra_sepbn_awp0.01_ema0.9_s3"
+    fresh = train_cli.parse(RESNET, [])[0]
+    assert (fresh.run_name, fresh.dataset, fresh.epochs) == ("cifar10_resnet18_trades-ancra_s0", "cifar10", 120)
+
+
+def test_smoke_with_a_real_dataset_is_a_small_subset_of_it(tmp_path, capsys):
+    config = _config(TRAIN, ["--dataset", "cifar10"])
+    assert (config.dataset, config.image_size, config.train_size, config.eval_size, config.epochs) == \
+        ("cifar10", 32, 256, 64, 2)
+    assert config.run_name == "smoke_cifar10_resnet18_trades-ancra_s0"
+    assert main(TRAIN, ["--smoke", "--dataset", "cifar10", "--data-dir", str(tmp_path), "--quiet",
+                        "--out-dir", str(tmp_path / "runs")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: CIFAR-10 not found under") and "--image-size" not in err
+
+
+def _toy_loader(root, split, download):
+    """300 training and 80 test 8×8 images of 4 classes (brightness is the class)."""
+    count = 300 if split == "train" else 80
+    y = torch.arange(count) % 4
+    x = (40 + 50 * y).view(-1, 1, 1, 1).expand(count, 3, 8, 8).to(torch.uint8).clone()
+    return data.TensorPair(x, y.long(), [f"level{c}" for c in range(4)])
+
+
+def test_smoke_trains_on_a_few_hundred_images_of_a_real_dataset(tmp_path):
+    data.register_dataset(data.DatasetSpec("toy300", 4, 8, False, _toy_loader, "test dataset"))
+    try:
+        assert main(TRAIN, ["--smoke", "--dataset", "toy300", "--depth", "16", "--widen", "1", "--quiet",
+                            "--data-dir", str(tmp_path), "--out-dir", str(tmp_path / "runs")]) == 0
+    finally:
+        data.unregister_dataset("toy300")
+    run = tmp_path / "runs" / "smoke_toy300_wrn-16-1_trades-ancra_s0"
+    assert "(256 train, 0 val, 64 test images)" in (run / "log.txt").read_text()
+    assert [r["epoch"] for r in metrics(run)] == [1, 2]
+
+
+def test_step_size_is_defined_once_and_read_from_the_record_only():
+    """--step-size is one field of the record (the option is generated from it; no hand-written
+    option, no second carrier); the command line is read into it once and the run reads it from
+    the record at its two uses, the training attack and the per-epoch check."""
+    sources = {p: p.read_text() for p in [*REPO.glob("utils/training/*.py"), *REPO.glob("train*.py"),
+                                           REPO / "utils" / "cli.py"]}
+    trees = {p: ast.parse(text) for p, text in sources.items()}
+    defined = [p.name for p, tree in trees.items() for node in ast.walk(tree)
+               if isinstance(node, ast.AnnAssign) and getattr(node.target, "id", None) == "step_size"]
+    assert defined == ["config.py"]
+    assert not any('"--step-size"' in text for text in sources.values())
+    read = {p.name for p, tree in trees.items() for node in ast.walk(tree)
+            if isinstance(node, ast.Attribute) and node.attr == "step_size"}
+    assert read == {"config.py", "step.py", "monitor.py"}  # its range check; the training attack; the check
+    copied = [p.name for p, tree in trees.items() for node in ast.walk(tree)
+              if isinstance(node, ast.keyword) and node.arg == "step_size"]
+    assert copied == []  # no record built from another: the step and the check read the record itself
+    option = next(a for a in train_cli.build_parser(TRAIN)._actions if a.dest == "step_size")
+    assert option.option_strings == ["--step-size"] and option.help == FIELDS["step_size"].metadata["help"]
+    config = _config(TRAIN, ["--step-size", "0.01"])
+    assert config.step_size == 0.01 and list(as_record(config)).count("step_size") == 1

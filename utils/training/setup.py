@@ -156,7 +156,7 @@ def load_splits(d: TrainConfig):
     train = data.load_dataset(d.dataset, d.data_dir, "train", synthetic_size=d.train_size, **synthetic)
     test = data.load_dataset(d.dataset, d.data_dir, "test", **synthetic)
     if d.train_size is not None:
-        if d.train_size > len(train):
+        if d.train_size > len(train) and not d.smoke:  # --smoke on a small dataset: all of it
             raise ConfigError(f"--train-size {d.train_size} is more than the {len(train)} training images of "
                               f"{d.dataset}; leave it out to train on all of them")
         train = data.fixed_subset(train, d.train_size, seed=d.data_seed)
