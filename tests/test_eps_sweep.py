@@ -1,4 +1,4 @@
-"""Robust accuracy against ε (Carlini et al. 2019; docs/evaluation-review.md#robust-accuracy-against-ε): parsing,
+"""Robust accuracy against ε (Carlini et al. 2019; docs/evaluation.md#robust-accuracy-against-ε): parsing,
 the curves and their checks on hand numbers, and the whole sweep through test_white_attack.py on a
 small linear model (resumable per ε, outside the headline)."""
 import argparse

@@ -175,7 +175,7 @@ def indicators_section(indicators):
         return []
     lines = ["", "## Indicators of attack failure", "",
              "Pintor et al. (NeurIPS 2022); per attack on its own first run re-traced in fp32, and per model. "
-             "What each means and what to do: docs/attack-failure.md.", ""]
+             "What each means and what to do: docs/evaluation.md#indicators-of-attack-failure.", ""]
     for item in indicators:
         lines.append(f"- **{item['status']}** {item['name']} ({item['attack']}): {item['message']} "
                      f"Meaning: {item['meaning']}; see {item['doc']}.")
@@ -187,8 +187,9 @@ def sweep_section(sweep):
     if not sweep:
         return []
     lines = ["", "## Robust accuracy against ε (not part of the headline)", "",
-             f"Accuracy on the same {sweep['n_examples']} examples at each ε (docs/evaluation-review.md#robust-accuracy-"
-             f"against-ε); the headline counts only ε = {sweep['threat_eps_text']}. Figure: eps_sweep.png.", "",
+             f"Accuracy on the same {sweep['n_examples']} examples at each ε "
+             f"(docs/evaluation.md#robust-accuracy-against-ε); the headline counts only ε = {sweep['threat_eps_text']}. "
+             "Figure: eps_sweep.png.", "",
              "| ε | " + " | ".join(sweep["curves"]) + " |", "|---|" + "---|" * len(sweep["curves"])]
     for i, eps in enumerate(sweep["eps_text"]):
         row = [_pct(sweep["curves"][name][i]) for name in sweep["curves"]]
