@@ -127,7 +127,8 @@ def _run_name_pattern():
     """Run folders written by the train_* scripts and reproduce.py:
     [smoke_]<dataset>_<arch>_<method>[_sepbn][_awpG][_emaD]_s<seed>[_e<epochs>], lower case."""
     datasets = "|".join(re.escape(name) for name in data.DATASETS)
-    return re.compile(rf"(smoke_)?({datasets})_[a-z0-9][a-z0-9-]*_[a-z][a-z-]*(_sepbn)?(_awp[0-9.e+-]+)?(_ema[0-9.e+-]+)?_s\d+(_e\d+)?")
+    marks = r"(_sepbn)?(_awp[0-9.e+-]+)?(_ema[0-9.e+-]+)?"
+    return re.compile(rf"(smoke_)?({datasets})_[a-z0-9][a-z0-9-]*_[a-z][a-z-]*{marks}_s\d+(_e\d+)?")
 
 
 def test_run_name_pattern_accepts_the_scripts_names_and_rejects_capitals():
