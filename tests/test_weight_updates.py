@@ -180,6 +180,8 @@ def test_resnet_smoke_with_awp_and_ema(tmp_path):
                              "--smoke", "--quiet", "--out-dir", str(tmp_path)],
                             check=False, cwd=REPO, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr
-    payload = torch.load(tmp_path / "smoke_synthetic_resnet18_trades-ancra_s0" / "last.pt", weights_only=True)
+    # its own folder, never the plain smoke run's (the documented AWP command replaced the demo run)
+    payload = torch.load(tmp_path / "smoke_synthetic_resnet18_trades-ancra_awp0.005_ema0.999_s0" / "last.pt",
+                         weights_only=True)
     assert payload["ema"]["decay"] == 0.999 and payload["ema"]["updates"] == 4
     assert (payload["args"]["awp_gamma"], payload["args"]["awp_warmup"]) == (0.005, 0)  # AWP on from epoch 1
