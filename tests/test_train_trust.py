@@ -517,3 +517,5 @@ def test_an_old_record_whose_attack_loss_the_method_no_longer_uses_is_refused():
     assert read_record({"method": "at", "anc": True, "reverse_attention": False}).method_name == "pgd-at-anc"
     with pytest.raises(ConfigError, match="trained with --attack-loss ce, an option this version no longer has"):
         read_record({"method": "trades", "anc": False, "reverse_attention": False, "attack_loss": "ce"})
+    with pytest.raises(ConfigError, match="the run's saved options are damaged"):
+        read_record({"method": "trades", "epochs": "two"})

@@ -258,7 +258,13 @@ def read_record(saved, model_config=None):
         record["image_size"] = model["image_size"]
     if "eps" in record:
         record["eps"] = eps_fraction(record["eps"])  # runs saved before ε was stored as a fraction: pixel units
-    config = TrainConfig(**record)
+    try:
+        config = TrainConfig(**record)
+    except (TypeError, ValueError) as err:  # a value of the wrong type: a damaged or hand-edited record
+        if isinstance(err, ConfigError):
+            raise
+        raise ConfigError(f"the run's saved options are damaged ({type(err).__name__}: {err}); the run cannot be "
+                          f"continued as it was trained: start a new run") from None
     attack_loss, uses = saved.get("attack_loss"), get_method(method).attack_loss(config.anc, config.ra)
     if attack_loss is not None and attack_loss != uses:
         raise ConfigError(f"the run was trained with --attack-loss {attack_loss}, an option this version no longer has "
