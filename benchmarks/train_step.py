@@ -29,24 +29,24 @@ from torch.utils.flop_counter import flop_registry
 from models import create_model
 from utils import data
 from utils.attacks import attack_mode
-from utils.cli import OneLineArgumentParser, add_device_argument, add_speed_arguments, resolve_device
+from utils.cli import OneLineArgumentParser, add_device_argument, resolve_device
 from utils.training.ancra import TrainStep, method_names, parse_method_name
-from utils.training.config import EvalConfig, MethodConfig, SpeedConfig, prepare_model
+from utils.training.cli import SPEED_OPTIONS, add_options
+from utils.training.config import TrainConfig
 from utils.training.errors import ConfigError
 from utils.training.fast import FastStep
 from utils.training.monitor import monitor_accuracy
-from utils.training.schedule import Schedule, build_optimizer
+from utils.training.schedule import build_optimizer
 
 CIFAR_TRAIN, EVAL_IMAGES = 50_000, 1_000
 
 
 def parse_method(name):
-    """``trades-ancra`` → MethodConfig kwargs (method, anc, ra); plain names are the vanilla baselines."""
+    """``trades-ancra`` → (``trades``, anc, ra); plain names are the vanilla baselines."""
     try:
-        method, anc, ra = parse_method_name(name)
+        return parse_method_name(name)
     except ConfigError as err:
         raise SystemExit(f"error: {err}") from None
-    return {"method": method, "anc": anc, "ra": ra}
 
 
 class FlopCount(TorchDispatchMode):
@@ -145,13 +145,14 @@ def default_image_size(arch):
 
 
 def build_step(arch, method, batch, device, speed, attack_steps, num_classes, image_size=None):
-    """A TrainStep exactly as the training scripts build it, and one synthetic batch."""
-    method_kwargs = parse_method(method)
+    """A TrainStep exactly as the training scripts build it, and one synthetic batch; ``speed`` is
+    a :class:`TrainConfig` holding the speed options for ``device``."""
+    method, anc, ra = parse_method(method)
     image_size = image_size or default_image_size(arch)
-    model = prepare_model(create_model(arch, num_classes, method_kwargs["ra"], image_size).to(device), speed)
-    optimizer = build_optimizer(model, Schedule())
-    step = FastStep(TrainStep(model, optimizer, MethodConfig(attack_steps=attack_steps, **method_kwargs), num_classes),
-                    speed)
+    config = dataclasses.replace(speed, method=method, anc=anc, ra=ra, attack_steps=attack_steps, weight_decay=2e-4)
+    model = create_model(arch, num_classes, ra, image_size).to(device).to(memory_format=config.memory_format())
+    optimizer = build_optimizer(model, config)
+    step = FastStep(TrainStep(model, optimizer, config, num_classes))
     pair = data.make_synthetic("train", batch, image_size, seed=0)
     loader = data.BatchLoader(pair, batch, shuffle=True, augment=True, device=device)
     x, y = next(iter(loader))
@@ -163,7 +164,7 @@ def epoch_estimate(step, images_per_s, device, image_size):
     per-epoch PGD-20 evaluation of 1,000 fixed test images, timed."""
     pair = data.make_synthetic("test", EVAL_IMAGES, image_size, seed=0)
     loader = data.BatchLoader(pair, 256, shuffle=False, augment=False, device=device)
-    eval_s = timed(lambda: monitor_accuracy(step.attack_model, loader, EvalConfig(), step.speed), device, 1)
+    eval_s = timed(lambda: monitor_accuracy(step.attack_model, loader, step.config), device, 1)
     return CIFAR_TRAIN / images_per_s + eval_s, eval_s
 
 
@@ -234,7 +235,7 @@ def build_parser():
                         help="side of the synthetic images (default: 64 for preact-*, else 32; small for CPU smoke runs)")
     parser.add_argument("--peak-tflops", type=float, default=None,
                         help="bf16 peak for peak_fraction, e.g. 989 (H100/H200 dense bf16); default: a measured bf16 matmul")
-    add_speed_arguments(parser)
+    add_options(parser, SPEED_OPTIONS)  # the training command's own speed options
     parser.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's)")
     parser.add_argument("--epoch-estimate", action="store_true",
                         help="also time PGD-20 on 1,000 images and predict a CIFAR epoch")
@@ -255,8 +256,8 @@ def main(argv=None):
         parser.error(str(err))
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
-    speed = SpeedConfig.for_device(device, amp=args.amp, channels_last=args.channels_last,
-                                   joint_attacks=args.joint_attacks, compile=args.compile)
+    speed = TrainConfig(amp=args.amp, channels_last=args.channels_last, joint_attacks=args.joint_attacks,
+                        compile=args.compile).on(device)
     args.peak_source = "nominal (--peak-tflops)" if args.peak_tflops else "measured bf16 matmul"
     peak = args.peak_tflops or matmul_peak_tflops(device)
     rows = []
@@ -268,7 +269,7 @@ def main(argv=None):
                 if args.json:
                     print(json.dumps(row), flush=True)
     if not args.json:
-        print(f"# {rows[0]['device_name']} | torch {torch.__version__} | {speed.describe()} | "
+        print(f"# {rows[0]['device_name']} | torch {torch.__version__} | {speed.describe_speed()} | "
               f"{args.attack_steps}-step attacks | bf16 peak {peak:.2f} TFLOP/s ({args.peak_source}) | "
               f"{torch.get_num_threads()} threads | {os.cpu_count()} cores")
         print_table(rows)

@@ -18,8 +18,8 @@ from models import create_model, unwrap
 from utils import attacks, data, distributed
 from utils.training import ancra
 from utils.training.ancra import TrainStep
-from utils.training.config import MethodConfig
-from utils.training.schedule import Schedule, build_optimizer
+from utils.training.config import TrainConfig
+from utils.training.schedule import build_optimizer
 
 BATCH = 32
 
@@ -36,7 +36,7 @@ def build(context, device, method_config):
         frozen = distributed.freeze_unused_parameters(model, probe)
         assert frozen and all(name.startswith("sub_block1.") for name in frozen), frozen  # TRADES layout
     model = distributed.wrap(context, model, device)
-    optimizer = build_optimizer(model, Schedule(lr=0.1))
+    optimizer = build_optimizer(model, TrainConfig(lr=0.1, weight_decay=2e-4))
     distributed.share_buffers_each_step(context, unwrap(model), optimizer)
     return model, TrainStep(model, optimizer, method_config, num_classes=10)
 
@@ -47,7 +47,7 @@ def flat_parameters(model, buffers=False):
 
 
 def check_sync(context, device, out):
-    model, step = build(context, device, MethodConfig("trades", anc=True, attack_steps=2))
+    model, step = build(context, device, TrainConfig(method="trades", anc=True, attack_steps=2))
     pair = data.make_synthetic("train", BATCH * 3, 8, seed=0)
     loader = data.BatchLoader(pair, BATCH // context.world_size, shuffle=True, augment=True, seed=0,
                               rank=context.rank, world_size=context.world_size)
@@ -73,7 +73,7 @@ def freeze_batchnorm(model):
 
 def check_parity(context, device, out):
     ancra.random_start = lambda x, eps, init, **kw: attacks.random_start(x, eps, "none")  # PGD from x itself
-    model, step = build(context, device, MethodConfig("trades", anc=False, attack_steps=2))
+    model, step = build(context, device, TrainConfig(method="trades", anc=False, attack_steps=2))
     freeze_batchnorm(model)
     pair = data.make_synthetic("train", BATCH, 8, seed=0)
     x, y = pair.float(), pair.y

@@ -6,7 +6,6 @@ partial last batch runs eagerly.
 
 CPU compilation is slow (seconds per graph on a shared 2-core machine), so the tests use a tiny
 conv net with BatchNorm and the ``eager`` / ``aot_eager`` backends; one test uses inductor."""
-import dataclasses
 import shutil
 
 import pytest
@@ -19,7 +18,7 @@ from tests.toys import ToyRA
 from utils import data
 from utils.attacks import attack_mode, pgd, pgd_steps, random_start
 from utils.training.ancra import TrainStep, negative_scores, random_negatives
-from utils.training.config import EvalConfig, MethodConfig, SpeedConfig
+from utils.training.config import TrainConfig
 from utils.training.fast import FastPath, FastStep, compile_mode, graphs_compiled
 from utils.training.records import RunInfo
 from utils.training.trainer import Trainer
@@ -60,8 +59,9 @@ def _build(speed, method="trades", anc=True, ra=True, strategy="random_adv", awp
     model = Toy(ra)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=5e-4)
     update = build_update(optimizer, model, awp_gamma=awp, ema_decay=ema)
-    config = MethodConfig(method=method, anc=anc, ra=ra, strategy=strategy, attack_steps=2)
-    return FastStep(TrainStep(model, optimizer, config, CLASSES, update), speed)
+    options = {k: v for k, v in speed.items() if k != "backend"}
+    config = TrainConfig(method=method, anc=anc, ra=ra, strategy=strategy, attack_steps=2, **options).on("cpu")
+    return FastStep(TrainStep(model, optimizer, config, CLASSES, update), config, backend=speed["backend"])
 
 
 def _trace(speed, steps=2, epoch=1, **kwargs):
@@ -103,9 +103,9 @@ def _compiled_without_breaks(at_least):
     assert not counters["graph_break"], f"graph breaks: {dict(counters['graph_break'])}"
 
 
-EAGER = SpeedConfig()
-TRACED = SpeedConfig(compile=True, compile_backend="eager")  # dynamo's capture, run by the eager kernels
-AOT = SpeedConfig(compile=True, compile_backend="aot_eager")  # plus AOT autograd's forward/backward graphs
+EAGER = {"backend": "inductor"}  # the compile backend and the record's speed options
+TRACED = {"backend": "eager", "compile": True}  # dynamo's capture, run by the eager kernels
+AOT = {"backend": "aot_eager", "compile": True}  # plus AOT autograd's forward/backward graphs
 
 
 @pytest.mark.slow
@@ -125,7 +125,7 @@ def test_compiled_step_with_awp_ema_and_a_logit_rule_gives_the_eager_step():
     """AOT autograd's graphs, AWP's proxy loss (a second module through the compiled loss), EMA,
     the separate attack batches and a negative rule ranking by eval-mode logits (after warm-up)."""
     kwargs = {"method": "trades", "strategy": "hard_adv", "epoch": 11, "awp": 5e-3, "ema": 0.9}
-    separate = lambda speed: dataclasses.replace(speed, joint_attacks=False)
+    separate = lambda speed: {**speed, "joint_attacks": False}
     _assert_close(_trace(separate(EAGER), **kwargs), _trace(separate(AOT), **kwargs))
     _compiled_without_breaks(2)  # examples, the loss (newer torch reuses its graph for AWP's proxy module)
 
@@ -185,13 +185,14 @@ def _fit(speed, epochs, trainer=None):
         torch.manual_seed(0)
         model = Toy(reverse_attention=False)
         optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
-        step = FastStep(TrainStep(model, optimizer, MethodConfig(method="pgd-at", anc=True, ra=False, attack_steps=1),
-                                  CLASSES), speed)
+        config = TrainConfig(method="pgd-at", anc=True, ra=False, attack_steps=1, epochs=epochs,
+                             eval_steps=1, quiet=True, compile=speed.get("compile", False)).on("cpu")
+        step = FastStep(TrainStep(model, optimizer, config, CLASSES), config, backend=speed["backend"])
         train = data.TensorPair((torch.rand(20, 3, 8, 8) * 255).to(torch.uint8), torch.arange(20) % CLASSES, [])
         test = data.TensorPair((torch.rand(6, 3, 8, 8) * 255).to(torch.uint8), torch.arange(6) % CLASSES, [])
         trainer = Trainer(step, torch.optim.lr_scheduler.StepLR(optimizer, 1), data.BatchLoader(train, 8, shuffle=True,
                           augment=False), {"test": data.BatchLoader(test, 6, shuffle=False, augment=False)},
-                          RunInfo(None, {}, {}), epochs=epochs, eval_config=EvalConfig(steps=1), quiet=True)
+                          RunInfo(None, {}, {}), config)
         trainer.fit()
     else:
         trainer.epochs = epochs
@@ -222,6 +223,6 @@ def test_inductor_compiled_step_gives_the_eager_step():
     """The real backend (fused kernels, other summation orders): the same step to float rounding."""
     kwargs = {"steps": 1, "method": "pgd-at", "anc": False, "ra": False}  # the smallest graphs: minutes of C++ builds
     expected = _trace(EAGER, **kwargs)
-    got = _trace(SpeedConfig(compile=True), **kwargs)
+    got = _trace({"backend": "inductor", "compile": True}, **kwargs)
     _compiled_without_breaks(2)
     _assert_close(expected, got, atol=1e-4)

@@ -57,7 +57,7 @@ def test_a_registered_dataset_trains_with_ancra_through_the_training_command(toy
     assert code == 0
     run = tmp_path / "runs" / "toy"
     args = json.loads((run / "args.json").read_text())
-    assert (args["dataset"], args["method_name"], args["reverse_attention"]) == ("toy4", "pgd-at-ancra", True)
+    assert (args["dataset"], args["method"], args["anc"], args["ra"]) == ("toy4", "pgd-at", True, True)
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert len(records) == 1 and records[0]["epoch"] == 1
     assert (run / "last.pt").is_file()

@@ -17,10 +17,9 @@ from models import load_model
 from train_baselines import DEFAULTS as BASELINES
 from utils import data, distributed
 from utils.training.cli import main as train_main
-from utils.training.config import ScheduleConfig
+from utils.training.config import TrainConfig
 from utils.training.errors import ConfigError
 from utils.training.monitor import monitor_accuracy
-from utils.training.schedule import Schedule
 from utils.training.setup import rank_batch
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -109,7 +108,7 @@ def test_evaluation_shards_count_every_example_once():
 
 
 def test_global_batch_is_split_and_must_divide():
-    schedule = ScheduleConfig(epochs=1, batch_size=128, optimizer=Schedule())
+    schedule = TrainConfig(batch_size=128)
     four = distributed.Context(rank=1, world_size=4)
     assert rank_batch(schedule, four) == 32 and rank_batch(schedule, distributed.SINGLE) == 128
     assert rank_batch(replace(schedule, per_rank_batch=True), four) == 128

@@ -125,15 +125,17 @@ def test_readme_smoke_image_sizes_match_the_code():
 
 def _run_name_pattern():
     """Run folders written by the train_* scripts and reproduce.py:
-    [smoke_]<dataset>_<arch>_<method>[_sepbn]_s<seed>[_e<epochs>], lower case."""
+    [smoke_]<dataset>_<arch>_<method>[_sepbn][_awpG][_emaD]_s<seed>[_e<epochs>], lower case."""
     datasets = "|".join(re.escape(name) for name in data.DATASETS)
-    return re.compile(rf"(smoke_)?({datasets})_[a-z0-9][a-z0-9-]*_[a-z][a-z-]*(_sepbn)?_s\d+(_e\d+)?")
+    marks = r"(_sepbn)?(_awp[0-9.e+-]+)?(_ema[0-9.e+-]+)?"
+    return re.compile(rf"(smoke_)?({datasets})_[a-z0-9][a-z0-9-]*_[a-z][a-z-]*{marks}_s\d+(_e\d+)?")
 
 
 def test_run_name_pattern_accepts_the_scripts_names_and_rejects_capitals():
     pattern = _run_name_pattern()
     assert pattern.fullmatch("cifar10_resnet18_trades-ancra_s0")
     assert pattern.fullmatch("smoke_synthetic_wrn-34-10_pgd-at_s3")
+    assert pattern.fullmatch("cifar10_resnet18_trades-ancra_awp0.005_ema0.999_s0")
     assert not pattern.fullmatch("cifar10_resnet18_TRADES-ANCRA_s0")
 
 

@@ -13,6 +13,7 @@ from utils.training import ancra
 from utils.training.ancra import (
     Method,
     TrainStep,
+    find_method,
     format_method_name,
     get_method,
     method_label,
@@ -22,9 +23,9 @@ from utils.training.ancra import (
     register_method,
 )
 from utils.training.cli import build_parser
-from utils.training.config import MethodConfig
+from utils.training.config import TrainConfig
 from utils.training.errors import ConfigError
-from utils.training.schedule import Schedule, build_optimizer
+from utils.training.schedule import build_optimizer
 
 
 def test_the_four_methods_and_their_settings():
@@ -32,7 +33,8 @@ def test_the_four_methods_and_their_settings():
     assert [get_method(m).default_beta for m in ("trades", "mart")] == [6.0, 5.0]
     assert get_method("trades").attack_loss(False, False) == "kl"  # vanilla TRADES: its KL attack
     assert {get_method("trades").attack_loss(anc, ra) for anc, ra in [(1, 1), (1, 0), (0, 1)]} == {"ce"}
-    assert get_method("pgd_at").name == "pgd-at" and not get_method("standard").attacked
+    assert find_method("pgd-at").name == "pgd-at" and not get_method("standard").attacked
+    assert find_method("pgd_at") is None and find_method("at") is None  # no second spellings on the command line
 
 
 @pytest.mark.parametrize("name, parsed", [
@@ -92,8 +94,8 @@ def test_a_new_method_added_from_a_test_file_trains_for_one_step(registry):
     model, lr = TinyNet(), 0.1
     initial = TinyNet()
     initial.load_state_dict(model.state_dict())
-    step = TrainStep(model, build_optimizer(model, Schedule(lr=lr, weight_decay=0.0)),
-                     MethodConfig("toy-alp", anc=False, ra=False, attack_steps=2), num_classes=3)
+    config = TrainConfig(method="toy-alp", anc=False, ra=False, attack_steps=2, lr=lr, weight_decay=0.0)
+    step = TrainStep(model, build_optimizer(model, config), config, num_classes=3)
     seen = {}
     real_examples = step.examples
     step.examples = lambda *args: seen.setdefault("xy", real_examples(*args))
@@ -110,6 +112,6 @@ def test_a_new_method_added_from_a_test_file_trains_for_one_step(registry):
 
 
 def test_benchmark_parses_names_through_the_registry(registry):
-    assert parse_method("standard") == {"method": "standard", "anc": False, "ra": False}
+    assert parse_method("standard") == ("standard", False, False)
     with pytest.raises(SystemExit, match="unknown method 'foo-ra'"):
         parse_method("foo-ra")

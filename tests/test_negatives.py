@@ -9,7 +9,7 @@ import torch
 
 from models import has_reverse_attention
 from utils.training.ancra import STRATEGIES, TrainStep, choose_negatives, effective_strategy, random_negatives
-from utils.training.config import MethodConfig
+from utils.training.config import TrainConfig
 
 
 def gen(seed=0):
@@ -18,8 +18,8 @@ def gen(seed=0):
 
 def anc_step(model, strategy, method="trades", steps=2, eps=8 / 255):
     """The training step of METHOD-ANC(RA) with ``strategy`` on ``model``; lr 0 keeps the weights."""
-    config = MethodConfig(method, anc=True, ra=has_reverse_attention(model), strategy=strategy, attack_steps=steps,
-                          eps=eps)
+    config = TrainConfig(method=method, anc=True, ra=has_reverse_attention(model), strategy=strategy,
+                         attack_steps=steps, eps=eps)
     return TrainStep(model, torch.optim.SGD(model.parameters(), lr=0.0), config, 10)
 
 

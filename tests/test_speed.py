@@ -2,6 +2,7 @@
 attack batch and channels-last give the plain step's loss and update (fp32, CPU, same seed),
 bf16 autocast stays close, and the step never waits for the device."""
 import json
+from dataclasses import replace
 
 import pytest
 import torch
@@ -9,18 +10,17 @@ import torch
 from models import create_model
 from utils import data
 from utils.training.ancra import TrainStep
-from utils.training.config import MethodConfig, SpeedConfig, prepare_model
+from utils.training.config import TrainConfig
 from utils.training.fast import FastStep
-from utils.training.schedule import Schedule, build_optimizer
+from utils.training.schedule import build_optimizer
 
 
 def _run_step(speed, method="trades", anc=True, strategy="random_adv", ra=True, epoch=1, seed=0):
     """One TrainStep from fixed weights and RNG; returns (metrics, parameters after the update)."""
     torch.manual_seed(seed)
-    model = prepare_model(create_model("wrn-16-1", 10, reverse_attention=ra), speed)
-    optimizer = build_optimizer(model, Schedule(lr=0.1))
-    config = MethodConfig(method=method, anc=anc, ra=ra, strategy=strategy, attack_steps=3)
-    step = FastStep(TrainStep(model, optimizer, config, num_classes=10), speed)
+    config = replace(speed, method=method, anc=anc, ra=ra, strategy=strategy, attack_steps=3)
+    model = create_model("wrn-16-1", 10, reverse_attention=ra).to(memory_format=config.memory_format())
+    step = FastStep(TrainStep(model, build_optimizer(model, config), config, num_classes=10), config)
     pair = data.make_synthetic("train", 12, 8, seed)
     torch.manual_seed(seed + 1)
     metrics = step(pair.float(), pair.y, epoch)
@@ -36,7 +36,7 @@ def _assert_same_step(a, b, rtol=1e-4, atol=1e-5):
         torch.testing.assert_close(pa, pb, rtol=rtol, atol=atol)
 
 
-PLAIN = SpeedConfig(joint_attacks=False)
+PLAIN = TrainConfig(joint_attacks=False, lr=0.1, weight_decay=2e-4).on("cpu")  # fp32, NCHW, separate attacks
 
 
 @pytest.mark.parametrize("method, strategy, epoch", [
@@ -46,11 +46,11 @@ PLAIN = SpeedConfig(joint_attacks=False)
 ])
 def test_joint_attack_batch_gives_the_plain_step(method, strategy, epoch):
     _assert_same_step(_run_step(PLAIN, method, strategy=strategy, epoch=epoch),
-                      _run_step(SpeedConfig(joint_attacks=True), method, strategy=strategy, epoch=epoch))
+                      _run_step(replace(PLAIN, joint_attacks=True), method, strategy=strategy, epoch=epoch))
 
 
 def test_channels_last_gives_the_plain_step():
-    _assert_same_step(_run_step(PLAIN), _run_step(SpeedConfig(joint_attacks=True, channels_last=True)))
+    _assert_same_step(_run_step(PLAIN), _run_step(replace(PLAIN, joint_attacks=True, channels_last=True)))
 
 
 def test_speed_options_really_differ_from_a_changed_step():
@@ -61,7 +61,7 @@ def test_speed_options_really_differ_from_a_changed_step():
 
 def test_bf16_autocast_step_stays_close_to_fp32():
     metrics_fp32, params_fp32 = _run_step(PLAIN)
-    metrics_bf16, params_bf16 = _run_step(SpeedConfig(amp=True))
+    metrics_bf16, params_bf16 = _run_step(replace(PLAIN, amp=True))
     assert torch.isfinite(metrics_bf16["loss"])
     torch.testing.assert_close(metrics_bf16["loss"], metrics_fp32["loss"], rtol=0.05, atol=0.05)
     moved = sum((a - b).abs().sum() for a, b in zip(params_fp32, params_bf16))
@@ -71,14 +71,15 @@ def test_bf16_autocast_step_stays_close_to_fp32():
 
 
 def test_speed_defaults_per_device():
-    assert SpeedConfig.for_device("cpu") == SpeedConfig(joint_attacks=True, amp=False, channels_last=False)
-    assert SpeedConfig.for_device("cuda") == SpeedConfig(joint_attacks=True, amp=True, channels_last=True)
-    assert SpeedConfig.for_device("cuda", amp=False, channels_last=None) == SpeedConfig(amp=False, channels_last=False)
-    assert SpeedConfig.for_device("cpu", amp=True) == SpeedConfig(amp=True, channels_last=True)
-    assert SpeedConfig.for_device("cuda", channels_last=False) == SpeedConfig(amp=True, channels_last=False)
+    speed = lambda config: (config.amp, config.channels_last, config.joint_attacks)
+    assert speed(TrainConfig().on("cpu")) == (False, False, True)
+    assert speed(TrainConfig().on("cuda")) == (True, True, True)
+    assert speed(TrainConfig(amp=False).on("cuda")) == (False, False, True)
+    assert speed(TrainConfig(amp=True).on("cpu")) == (True, True, True)
+    assert speed(TrainConfig(channels_last=False).on("cuda")) == (True, False, True)
 
 
-@pytest.mark.parametrize("speed", [PLAIN, SpeedConfig(joint_attacks=True)])
+@pytest.mark.parametrize("speed", [PLAIN, replace(PLAIN, joint_attacks=True)])
 def test_training_step_never_synchronises_with_the_device(monkeypatch, speed):
     """No .item(), .tolist(), bool() or float() of a tensor anywhere in the step (each would
     stall a GPU queue); checked by making them raise."""
@@ -112,5 +113,5 @@ def test_benchmark_rejects_an_unknown_method():
 
     with pytest.raises(SystemExit, match="unknown method 'trades-ancr'"):
         parse_method("trades-ancr")
-    assert parse_method("trades") == {"method": "trades", "anc": False, "ra": False}
-    assert parse_method("mart-ancra") == {"method": "mart", "anc": True, "ra": True}
+    assert parse_method("trades") == ("trades", False, False)
+    assert parse_method("mart-ancra") == ("mart", True, True)

@@ -1,5 +1,6 @@
 """The train_* scripts end to end on synthetic data: smoke runs, exact resume, Ctrl-C, and the
 error sentences for a missing dataset, an existing run, a wrong checkpoint and a NaN loss."""
+import ast
 import json
 import os
 import signal
@@ -16,9 +17,11 @@ from train_baselines import DEFAULTS as BASELINES
 from train_CIFAR10_ResNet import DEFAULTS as RESNET
 from train_CIFAR10_WideResNet import DEFAULTS as WRN
 from train_Tiny_ImageNet_PreActResNet import DEFAULTS as TINY
+from utils import data
 from utils.training import ancra
 from utils.training import cli as train_cli
 from utils.training.cli import main
+from utils.training.config import FIELDS, as_record, read_record
 
 REPO = Path(__file__).resolve().parents[1]
 # WRN-16-1 keeps script-level tests cheap; the real WRN-34-10 smoke is the same code path.
@@ -56,7 +59,7 @@ def test_resnet_script_smoke_runs_as_a_program(tmp_path):
                              str(tmp_path)], check=False, cwd=REPO, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr
     args = check_smoke_run(tmp_path / "smoke_synthetic_resnet18_trades-ancra_s0", "resnet18", True)
-    assert (args["weight_decay"], args["attack_loss"], args["lr"]) == (2e-4, "ce", 0.01)
+    assert (args["weight_decay"], args["method"], args["lr"]) == (2e-4, "trades", 0.01)
     assert "best chosen on the test subset" in result.stdout
 
 
@@ -67,19 +70,17 @@ def test_train_entry_runs_as_a_program_with_any_method_and_architecture(tmp_path
                             check=False, cwd=REPO, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr
     args = check_smoke_run(tmp_path / "smoke_synthetic_wrn-16-1_pgd-at-ancra_s0", "wrn-16-1", True)
-    assert (args["method"], args["anc"], args["reverse_attention"]) == ("pgd-at", True, True)
+    assert (args["method"], args["anc"], args["ra"]) == ("pgd-at", True, True)
 
 
 def _config(defaults, argv):
-    args, explicit, _, _ = train_cli.parse_args(defaults, ["--smoke", *argv])
-    return train_cli.resolve(defaults, args, explicit)
+    return train_cli.parse(defaults, ["--smoke", *argv])[0]
 
 
 @pytest.mark.parametrize(("defaults", "argv", "name"), [
     (TRAIN, ["--method", "trades"], "trades"), (TRAIN, ["--method", "trades-anc"], "trades-anc"),
     (TRAIN, ["--method", "trades-ra"], "trades-ra"), (TRAIN, [], "trades-ancra"),
-    (TRAIN, ["--method", "mart-ancra", "--no-ra"], "mart-anc"), (TRAIN, ["--method", "TRADES_ANCRA"], "trades-ancra"),
-    (TRAIN, ["--method", "trades", "--no-anc"], "trades"),  # already without ANC: the flag only restates it
+    (TRAIN, ["--method", "mart-ancra", "--no-ra"], "mart-anc"), (TRAIN, ["--method", "TRADES-ANCRA"], "trades-ancra"),
     (RESNET, [], "trades-ancra"), (RESNET, ["--no-anc"], "trades-ra"), (RESNET, ["--no-ra"], "trades-anc"),
     (RESNET, ["--method", "mart", "--no-anc", "--no-ra"], "mart"), (RESNET, ["--method", "pgd-at-ra"], "pgd-at-ra"),
     (BASELINES, [], "pgd-at"), (BASELINES, ["--method", "trades-ancra"], "trades-ancra"),
@@ -87,7 +88,7 @@ def _config(defaults, argv):
 def test_method_names_and_ablation_flags(defaults, argv, name):
     config = _config(defaults, argv)
     assert config.method_name == name
-    assert (config.method.anc, config.model.reverse_attention) == ("anc" in name, name.endswith("ra"))
+    assert (config.anc, config.ra) == ("anc" in name, name.endswith("ra"))
 
 
 def test_paper_scripts_are_the_train_entry_with_their_defaults():
@@ -97,16 +98,16 @@ def test_paper_scripts_are_the_train_entry_with_their_defaults():
         image = ["--image-size", str(defaults.smoke_image_size)]
         paper = _config(defaults, [])
         generic = _config(TRAIN, ["--arch", arch, "--dataset", dataset, "--method", "trades-ancra", *image])
-        assert paper == generic and paper.run.run_name == f"smoke_{dataset}_{arch}_trades-ancra_s0"
+        assert paper == generic and paper.run_name == f"smoke_{dataset}_{arch}_trades-ancra_s0"
     assert _config(BASELINES, []) == _config(TRAIN, ["--method", "pgd-at"])
     wrn = _config(WRN, ["--depth", "28"])
-    assert wrn.model.arch == "wrn-28-10" and wrn.run.run_name == "smoke_synthetic_wrn-28-10_trades-ancra_s0"
+    assert wrn.arch == "wrn-28-10" and wrn.run_name == "smoke_synthetic_wrn-28-10_trades-ancra_s0"
 
 
 def test_wideresnet_script_smoke(tmp_path):
     assert main(WRN, SMALL_WRN + ["--out-dir", str(tmp_path)]) == 0
     args = check_smoke_run(tmp_path / "smoke_synthetic_wrn-16-1_trades-ancra_s0", "wrn-16-1", True)
-    assert args["method_name"] == "trades-ancra" and args["strategy"] == "random_adv"
+    assert (args["method"], args["anc"], args["ra"], args["strategy"]) == ("trades", True, True, "random_adv")
 
 
 def test_separate_bn_ablation_trains_saves_and_reloads_its_own_layout(tmp_path):
@@ -124,7 +125,7 @@ def test_separate_bn_ablation_trains_saves_and_reloads_its_own_layout(tmp_path):
 
 def test_separate_bn_needs_reverse_attention(tmp_path, capsys):
     assert main(WRN, SMALL_WRN + ["--separate-bn", "--no-ra", "--out-dir", str(tmp_path)]) == 2
-    assert "--separate-bn only changes RA models" in capsys.readouterr().err
+    assert "--separate-bn would change nothing here: trades-anc trains a plain model (no RA)" in capsys.readouterr().err
     assert not any(tmp_path.iterdir())
 
 
@@ -141,7 +142,7 @@ def test_baselines_script_smoke_with_validation_split(tmp_path, capsys):
     assert main(BASELINES, argv) == 0
     run = tmp_path / "smoke_synthetic_wrn-16-1_trades_s0"
     args = check_smoke_run(run, "wrn-16-1", False)
-    assert args["attack_loss"] == "kl"  # vanilla TRADES attacks with its KL loss
+    assert (args["method"], args["anc"], args["ra"]) == ("trades", False, False)  # vanilla: its KL attack
     records = metrics(run)
     assert all(r["best"]["split"] == "val" and r["val"]["size"] == 8 for r in records)
     assert "best chosen on the validation split" in (run / "log.txt").read_text()
@@ -275,7 +276,8 @@ def test_any_training_command_resumes_a_run_as_it_was_trained(tmp_path, capsys):
     assert json.loads((run / "metrics.jsonl").read_text().splitlines()[-1])["epoch"] == 1
     assert main(BASELINES, ["--resume", str(run), "--epochs", "2", "--quiet"]) == 0
     saved = json.loads((run / "args.json").read_text())
-    assert (saved["method_name"], saved["arch"], saved["epochs"]) == ("trades-ancra", "wrn-16-1", 2)
+    assert (saved["method"], saved["anc"], saved["ra"], saved["arch"], saved["epochs"]) == (
+        "trades", True, True, "wrn-16-1", 2)
 
 
 def test_resume_of_nothing_and_cuda_without_gpu_are_one_line_errors(tmp_path, capsys):
@@ -298,15 +300,13 @@ def test_help_documents_the_recipe(defaults, capsys):
 
 @pytest.mark.parametrize("spelling", [[], ["--eps", "8"], ["--eps", "8/255"], ["--eps", "0.0313725490196"]])
 def test_training_eps_spellings_mean_the_same_radius(spelling):
-    args, explicit, _, _ = train_cli.parse_args(RESNET, ["--smoke", *spelling])
-    config = train_cli.resolve(RESNET, args, explicit)
-    assert config.method.eps == pytest.approx(8 / 255) and config.evaluation.eps == pytest.approx(8 / 255)
+    assert _config(RESNET, spelling).eps == pytest.approx(8 / 255)  # one ε for the attacks and the check
 
 
 def test_runs_saved_with_pixel_eps_resume_with_the_same_radius():
-    args, explicit, _, _ = train_cli.parse_args(RESNET, ["--smoke"])
-    args.eps = 8.0  # args.json of runs written before eps was stored as a fraction
-    assert train_cli.resolve(RESNET, args, explicit).as_args()["eps"] == pytest.approx(8 / 255)
+    saved = as_record(_config(RESNET, []))
+    saved["eps"] = 8.0  # args.json of runs written before eps was stored as a fraction
+    assert read_record(saved).eps == pytest.approx(8 / 255)
 
 
 def test_a_run_written_before_awp_ema_and_arch_options_resumes(tmp_path, capsys):
@@ -324,3 +324,68 @@ def test_a_run_written_before_awp_ema_and_arch_options_resumes(tmp_path, capsys)
     resumed = _weights(run / "last.pt")
     assert resumed["epoch"] == 2 and "ema" not in resumed
     assert (resumed["args"]["arch"], resumed["args"]["awp_gamma"], resumed["args"]["data_seed"]) == ("wrn-16-1", 0.0, 0)
+
+
+def test_run_names_mark_every_option_that_changes_training():
+    """An AWP, EMA or separate-BN run never takes the plain run's folder; the paper's names stay."""
+    assert _config(TRAIN, []).run_name == "smoke_synthetic_resnet18_trades-ancra_s0"
+    assert _config(TRAIN, ["--awp-gamma", "0.005"]).run_name == "smoke_synthetic_resnet18_trades-ancra_awp0.005_s0"
+    assert _config(TRAIN, ["--ema", "0.999"]).run_name == "smoke_synthetic_resnet18_trades-ancra_ema0.999_s0"
+    assert _config(WRN, ["--separate-bn", "--awp-gamma", "0.01", "--ema", "0.9", "--seed", "3"]).run_name == \
+        "smoke_synthetic_wrn-34-10_trades-ancra_sepbn_awp0.01_ema0.9_s3"
+    fresh = train_cli.parse(RESNET, [])[0]
+    assert (fresh.run_name, fresh.dataset, fresh.epochs) == ("cifar10_resnet18_trades-ancra_s0", "cifar10", 120)
+
+
+def test_smoke_with_a_real_dataset_is_a_small_subset_of_it(tmp_path, capsys):
+    config = _config(TRAIN, ["--dataset", "cifar10"])
+    assert (config.dataset, config.image_size, config.train_size, config.eval_size, config.epochs) == \
+        ("cifar10", 32, 256, 64, 2)
+    assert config.run_name == "smoke_cifar10_resnet18_trades-ancra_s0"
+    assert main(TRAIN, ["--smoke", "--dataset", "cifar10", "--data-dir", str(tmp_path), "--quiet",
+                        "--out-dir", str(tmp_path / "runs")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: CIFAR-10 not found under") and "--image-size" not in err
+
+
+def _toy_loader(root, split, download):
+    """300 training and 80 test 8×8 images of 4 classes (brightness is the class)."""
+    count = 300 if split == "train" else 80
+    y = torch.arange(count) % 4
+    x = (40 + 50 * y).view(-1, 1, 1, 1).expand(count, 3, 8, 8).to(torch.uint8).clone()
+    return data.TensorPair(x, y.long(), [f"level{c}" for c in range(4)])
+
+
+def test_smoke_trains_on_a_few_hundred_images_of_a_real_dataset(tmp_path):
+    data.register_dataset(data.DatasetSpec("toy300", 4, 8, False, _toy_loader, "test dataset"))
+    try:
+        assert main(TRAIN, ["--smoke", "--dataset", "toy300", "--depth", "16", "--widen", "1", "--quiet",
+                            "--data-dir", str(tmp_path), "--out-dir", str(tmp_path / "runs")]) == 0
+    finally:
+        data.unregister_dataset("toy300")
+    run = tmp_path / "runs" / "smoke_toy300_wrn-16-1_trades-ancra_s0"
+    assert "(256 train, 0 val, 64 test images)" in (run / "log.txt").read_text()
+    assert [r["epoch"] for r in metrics(run)] == [1, 2]
+
+
+def test_step_size_is_defined_once_and_read_from_the_record_only():
+    """--step-size is one field of the record (the option is generated from it; no hand-written
+    option, no second carrier); the command line is read into it once and the run reads it from
+    the record at its two uses, the training attack and the per-epoch check."""
+    sources = {p: p.read_text() for p in [*REPO.glob("utils/training/*.py"), *REPO.glob("train*.py"),
+                                           REPO / "utils" / "cli.py"]}
+    trees = {p: ast.parse(text) for p, text in sources.items()}
+    defined = [p.name for p, tree in trees.items() for node in ast.walk(tree)
+               if isinstance(node, ast.AnnAssign) and getattr(node.target, "id", None) == "step_size"]
+    assert defined == ["config.py"]
+    assert not any('"--step-size"' in text for text in sources.values())
+    read = {p.name for p, tree in trees.items() for node in ast.walk(tree)
+            if isinstance(node, ast.Attribute) and node.attr == "step_size"}
+    assert read == {"config.py", "step.py", "monitor.py"}  # its range check; the training attack; the check
+    copied = [p.name for p, tree in trees.items() for node in ast.walk(tree)
+              if isinstance(node, ast.keyword) and node.arg == "step_size"]
+    assert copied == []  # no record built from another: the step and the check read the record itself
+    option = next(a for a in train_cli.build_parser(TRAIN)._actions if a.dest == "step_size")
+    assert option.option_strings == ["--step-size"] and option.help == FIELDS["step_size"].metadata["help"]
+    config = _config(TRAIN, ["--step-size", "0.01"])
+    assert config.step_size == 0.01 and list(as_record(config)).count("step_size") == 1

@@ -84,9 +84,35 @@ BAD_INPUT = {
     "smoke over a real run": ("resnet", ["--smoke", "--out-dir", "{w}/runs", "--run-name", "real"],
                               "never replaces one"),
     "ANC option of a method without ANC": ("train", ["--smoke", "--method", "trades-ra", "--zeta", "2", "--out-dir",
-                                                     "{w}/runs"], "--zeta only changes ANC training"),
+                                                     "{w}/runs"], "--zeta would change nothing here: ANC is off in "
+                                                                  "trades-ra; drop --zeta"),
     "RA option of a plain model": ("baselines", ["--smoke", "--aux-weight", "1", "--out-dir", "{w}/runs"],
-                                   "--aux-weight only changes"),
+                                   "--aux-weight would change nothing here: pgd-at trains a plain model"),
+    # options that would change nothing (issue 28): one line each, nothing touched
+    "beta of a method without one": ("train", ["--smoke", "--method", "pgd-at", "--beta", "5", "--out-dir", "{w}/runs"],
+                                     "--beta would change nothing here: β weighs TRADES' and MART's robust term, and "
+                                     "pgd-at has none; drop --beta"),
+    "no-ra of a plain method": ("train", ["--smoke", "--method", "pgd-at", "--no-ra", "--out-dir", "{w}/runs"],
+                                "--no-ra would change nothing here: pgd-at has no RA to take away"),
+    "no-anc of a method without ANC": ("baselines", ["--smoke", "--method", "trades-ra", "--no-anc", "--out-dir",
+                                                     "{w}/runs"], "--no-anc would change nothing here: trades-ra has no ANC"),
+    "no-anc restating a vanilla method": ("train", ["--smoke", "--method", "trades", "--no-anc", "--out-dir", "{w}/runs"],
+                                          "--no-anc would change nothing here"),
+    "awp-warmup without awp-gamma": ("resnet", ["--smoke", "--awp-warmup", "3", "--out-dir", "{w}/runs"],
+                                     "--awp-warmup would change nothing here: AWP is off; give --awp-gamma"),
+    "separate-bn without RA": ("baselines", ["--smoke", "--arch", "wrn-16-1", "--separate-bn", "--out-dir", "{w}/runs"],
+                               "--separate-bn would change nothing here"),
+    "attack steps of standard training": ("train", ["--smoke", "--method", "standard", "--attack-steps", "3",
+                                                    "--out-dir", "{w}/runs"], "standard runs no training attack"),
+    "joint attacks without a second attack": ("baselines", ["--smoke", "--no-joint-attacks", "--out-dir", "{w}/runs"],
+                                              "--joint-attacks would change nothing here"),
+    "image-size of a real dataset": ("resnet", ["--dataset", "cifar10", "--image-size", "16", "--out-dir", "{w}/runs"],
+                                     "--image-size would change nothing here: it sets the side of synthetic images, "
+                                     "and cifar10 images are 32 pixels wide"),
+    "old method spelling": ("train", ["--smoke", "--method", "pgd_at", "--out-dir", "{w}/runs"],
+                            "unknown method 'pgd_at'"),
+    "attack-loss is the method's": ("train", ["--smoke", "--attack-loss", "kl", "--out-dir", "{w}/runs"],
+                                    "unrecognized arguments: --attack-loss"),
     "RA on an architecture without it": ("train", ["--smoke", "--arch", "preact-resnet18-rb", "--out-dir", "{w}/runs"],
                                          "has no reverse-attention variant"),
     "unknown method suffix": ("train", ["--smoke", "--method", "trades-anra", "--out-dir", "{w}/runs"],
@@ -140,7 +166,7 @@ def test_standard_training_needs_no_anc_and_trains_clean(tmp_path, capsys):
     assert call("baselines", ["--smoke", "--method", "standard", "--out-dir", str(tmp_path), "--quiet",
                               "--arch", "wrn-16-1"], capsys)[0] == 0
     args = json.loads((tmp_path / "smoke_synthetic_wrn-16-1_standard_s0" / "args.json").read_text())
-    assert args["method_name"] == "standard" and args["data_seed"] == 0
+    assert (args["method"], args["anc"], args["ra"], args["data_seed"]) == ("standard", False, False, 0)
 
 
 @pytest.mark.slow
@@ -184,7 +210,8 @@ def test_resume_refuses_another_method_and_a_resume_with_nothing_to_do_writes_no
                 capsys)[0] == 0
     run = tmp_path / "r"
     before = snapshot(tmp_path)
-    refused = [(["--method", "mart"], "method"), (["--no-anc"], "anc"), (["--no-ra"], "holds an RA"),
+    refused = [(["--method", "mart"], "cannot resume as mart-ancra"), (["--no-anc"], "as trades-ra"),
+               (["--no-ra"], "cannot resume as trades-anc: the run was trained as trades-ancra"),
                (["--run-name", "other"], "--run-name points away"), (["--out-dir", str(run)], "--out-dir points"),
                (["--overwrite"], "--overwrite cannot be combined")]
     for change, word in refused:
@@ -410,3 +437,85 @@ def test_resumed_args_holding_nan_are_refused(tmp_path, capsys):
 def test_milestones_beyond_the_epochs_are_noted_in_the_log(tmp_path, capsys):
     run = _train(tmp_path, capsys, "r", "--epochs", "1", "--milestones", "2", "5")
     assert "note: milestone(s) 2 5 lie beyond --epochs 1" in (run / "log.txt").read_text()
+
+
+# --------------------------------------------------------------------------- issue 28: training side
+
+
+def _read_only(monkeypatch, folder):
+    """Make ``folder`` and everything under it unwritable as a read-only filesystem is (the
+    training checks with ``os.access``, which root also sees refused on a read-only mount)."""
+    real, folder = os.access, Path(folder).resolve()
+
+    def access(path, mode, *args, **kwargs):
+        inside = Path(path).resolve() == folder or folder in Path(path).resolve().parents
+        return False if inside and mode & os.W_OK else real(path, mode, *args, **kwargs)
+
+    monkeypatch.setattr(os, "access", access)
+
+
+@pytest.mark.parametrize("kind", ["new run", "resume"])
+def test_a_read_only_folder_is_one_line_exit_2_and_touches_nothing(tmp_path, capsys, monkeypatch, kind):
+    if kind == "resume":
+        run = _train(tmp_path, capsys, "r", "--epochs", "1")
+        _read_only(monkeypatch, run)
+        argv, message = ["--resume", str(run), "--epochs", "2"], f"cannot resume {run}: the folder is not writable"
+    else:
+        (tmp_path / "ro").mkdir()
+        _read_only(monkeypatch, tmp_path / "ro")
+        argv = SMALL_WRN + ["--out-dir", str(tmp_path / "ro" / "x")]
+        message = f"cannot create the run folder {tmp_path / 'ro' / 'x'}"
+    before = snapshot(tmp_path)
+    code, err = call("wideresnet", argv, capsys)
+    assert code == 2 and err.startswith(f"error: {message}") and err.count("\n") == 1, err
+    assert "not writable (read-only or no permission)" in err
+    assert snapshot(tmp_path) == before
+
+
+def test_any_paper_script_resumes_a_plain_run_as_it_was_trained(tmp_path, capsys):
+    """A run trained as plain `train.py --method trades` resumes as plain TRADES from every command,
+    the paper scripts included (whose bare --method means the ANCRA variant)."""
+    code, err = call("train", SMALL_WRN + ["--method", "trades", "--out-dir", str(tmp_path), "--run-name", "plain",
+                                           "--epochs", "1"], capsys)
+    assert code == 0, err
+    run = tmp_path / "plain"
+    for kind, epochs in [("resnet", 2), ("wideresnet", 3), ("tiny", 4), ("baselines", 5)]:
+        code, err = call(kind, ["--resume", str(run), "--epochs", str(epochs)], capsys)
+        assert code == 0, f"{kind}: {err}"
+        args = json.loads((run / "args.json").read_text())
+        assert (args["method"], args["anc"], args["ra"], args["epochs"]) == ("trades", False, False, epochs)
+    assert torch.load(run / "last.pt", weights_only=True)["model_config"]["reverse_attention"] is False
+
+
+def test_an_old_record_with_old_spellings_resumes_bit_exactly(tmp_path, capsys):
+    """args.json / checkpoint args of earlier versions (an alias with `_`, `reverse_attention`,
+    `attack_loss`, `method_name`, `resume`, `overwrite`, no `ra`) resume as the same run."""
+    options = ["--smoke", "--arch", "wrn-16-1", "--quiet", "--out-dir", str(tmp_path)]
+    assert call("baselines", [*options, "--run-name", "straight"], capsys)[0] == 0
+    assert call("baselines", [*options, "--run-name", "old", "--epochs", "1"], capsys)[0] == 0
+    run = tmp_path / "old"
+    payload = torch.load(run / "last.pt", weights_only=True)
+    old = {k: v for k, v in payload["args"].items() if k not in ("ra", "anc")}
+    old.update(method="pgd_at", reverse_attention=False, attack_loss="ce", method_name="pgd_at", resume=None,
+               overwrite=False)
+    payload["args"] = old
+    torch.save(payload, run / "last.pt")
+    (run / "args.json").write_text(json.dumps(old))
+    code, err = call("resnet", ["--resume", str(run), "--epochs", "2"], capsys)  # a paper script: ANCRA by default
+    assert code == 0, err
+    resumed, straight = (torch.load(tmp_path / name / "last.pt", weights_only=True) for name in ("old", "straight"))
+    assert all(torch.equal(resumed["model"][k], straight["model"][k]) for k in straight["model"])
+    assert (resumed["args"]["method"], resumed["args"]["anc"], resumed["args"]["ra"]) == ("pgd-at", False, False)
+    assert "attack_loss" not in resumed["args"] and "reverse_attention" not in resumed["args"]
+
+
+def test_an_old_record_whose_attack_loss_the_method_no_longer_uses_is_refused():
+    from utils.training.config import read_record
+    from utils.training.errors import ConfigError
+
+    assert read_record({"method": "trades_ancra"}, {"reverse_attention": True}).method_name == "trades-ancra"
+    assert read_record({"method": "at", "anc": True, "reverse_attention": False}).method_name == "pgd-at-anc"
+    with pytest.raises(ConfigError, match="trained with --attack-loss ce, an option this version no longer has"):
+        read_record({"method": "trades", "anc": False, "reverse_attention": False, "attack_loss": "ce"})
+    with pytest.raises(ConfigError, match="the run's saved options are damaged"):
+        read_record({"method": "trades", "epochs": "two"})

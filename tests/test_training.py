@@ -24,15 +24,15 @@ from utils.checkpoint import (
     scheduler_state,
     write_metrics,
 )
-from utils.training import ancra, resume
+from utils.training import ancra
 from utils.training.ancra import TrainStep
-from utils.training.config import PLAIN_SPEED, EvalConfig, MethodConfig, SpeedConfig
+from utils.training.config import TrainConfig
 from utils.training.curves import plot_curves
 from utils.training.errors import ConfigError
 from utils.training.fast import FastStep
 from utils.training.monitor import monitor_accuracy
 from utils.training.records import RunInfo, resumed_records
-from utils.training.schedule import Schedule, build_optimizer, build_scheduler
+from utils.training.schedule import build_optimizer, build_scheduler
 from utils.training.trainer import Trainer
 
 
@@ -41,38 +41,32 @@ def _batch(n=8, size=8, seed=0):
     return pair.float(), pair.y
 
 
-def _step(method="trades", anc=True, ra=True, seed=0, speed=PLAIN_SPEED):
+def _step(method="trades", anc=True, ra=True, seed=0, joint=False):
     torch.manual_seed(seed)
     model = create_model("wrn-16-1", 10, reverse_attention=ra)
-    optimizer = build_optimizer(model, Schedule(lr=0.05))
-    config = MethodConfig(method=method, anc=anc, ra=ra, attack_steps=1)
-    return FastStep(TrainStep(model, optimizer, config, num_classes=10), speed)
+    config = TrainConfig(method=method, anc=anc, ra=ra, attack_steps=1, lr=0.05, weight_decay=2e-4,
+                         joint_attacks=joint)
+    return FastStep(TrainStep(model, build_optimizer(model, config), config, num_classes=10))
 
 
 def test_method_names_and_invalid_combinations():
-    assert MethodConfig("trades").name(True) == "trades-ancra"
-    assert MethodConfig("mart", anc=False).name(True) == "mart-ra"
-    assert MethodConfig("pgd-at").name(False) == "pgd-at-anc"
-    assert MethodConfig("trades", anc=False).name(False) == "trades"
+    assert TrainConfig(method="trades").method_name == "trades-ancra"
+    assert TrainConfig(method="mart", anc=False).method_name == "mart-ra"
+    assert TrainConfig(method="pgd-at", ra=False).method_name == "pgd-at-anc"
+    assert TrainConfig(method="trades", anc=False, ra=False).method_name == "trades"
     with pytest.raises(ConfigError, match="--no-anc"):
-        MethodConfig("standard", anc=True)
+        TrainConfig(method="standard", anc=True)
     with pytest.raises(ConfigError, match="strategy"):
-        MethodConfig(strategy="closest")
+        TrainConfig(strategy="closest")
+    with pytest.raises(ValueError, match="config.ra is True but the model has no RA heads"):
+        TrainStep(create_model("wrn-16-1", 10, reverse_attention=False), None, TrainConfig(), 10)
 
 
 def test_the_step_takes_ra_from_the_config_and_refuses_a_model_that_disagrees():
     for ra in (True, False):
         model = create_model("wrn-16-1", 10, reverse_attention=not ra)
         with pytest.raises(ValueError, match="RA heads"):
-            TrainStep(model, build_optimizer(model, Schedule()), MethodConfig("trades", ra=ra), 10)
-
-
-def test_resume_refuses_a_run_trained_with_another_attack_loss_than_its_method_gives():
-    """--attack-loss is gone (the method decides); a run made with an override does not resume silently."""
-    saved = {"method": "trades", "anc": False, "reverse_attention": False, "attack_loss": "ce"}
-    with pytest.raises(ConfigError, match="attack loss 'kl'.*trained with 'ce'"):
-        resume.refuse_identity_changes(saved, dict(saved, attack_loss="kl"))
-    resume.refuse_identity_changes(saved, dict(saved))
+            TrainStep(model, build_optimizer(model, TrainConfig()), TrainConfig(method="trades", ra=ra), 10)
 
 
 def test_the_step_takes_beta_from_the_config_and_none_is_the_methods_default():
@@ -82,8 +76,8 @@ def test_the_step_takes_beta_from_the_config_and_none_is_the_methods_default():
     x_adv = (x + 0.01).clamp(0, 1)
     losses = []
     for beta, used in ((None, 5.0), (1.5, 1.5)):
-        config = MethodConfig("mart", anc=False, ra=False, beta=beta)
-        _, got = TrainStep(model, build_optimizer(model, Schedule()), config, 10).loss(model, x, y, x_adv, None)
+        config = TrainConfig(method="mart", anc=False, ra=False, beta=beta)
+        _, got = TrainStep(model, build_optimizer(model, config), config, 10).loss(model, x, y, x_adv, None)
         _, want = ancra.training_loss("mart", model, x, y, x_adv, ra=False, beta=used)
         assert torch.equal(got["loss"], want["loss"])
         losses.append(got["loss"])
@@ -120,7 +114,7 @@ def test_train_step_attack_settings(monkeypatch, method, anc, ra, joint, want):
         return real_attack(model, x, y, *args, **kwargs)
 
     monkeypatch.setattr(ancra, "pgd_steps", recording_attack)  # the step's one attack entry
-    step = _step(method, anc, ra, speed=SpeedConfig(joint_attacks=joint))
+    step = _step(method, anc, ra, joint=joint)
     step(*_batch(), epoch=12)
     assert calls == want
 
@@ -150,7 +144,7 @@ def test_monitor_accuracy_matches_hand_computed_accuracies():
     pair = data.TensorPair(levels.view(-1, 1, 1, 1).expand(-1, 3, 4, 4).contiguous(), labels, ["a", "b"])
     loader = data.BatchLoader(pair, 3, shuffle=False, augment=False)
     model = MeanThreshold()
-    result = monitor_accuracy(model.train(), loader, EvalConfig(steps=20))
+    result = monitor_accuracy(model.train(), loader, TrainConfig(eval_steps=20))
     assert result == {"nat": 0.75, "pgd": 0.5, "size": 8}
     assert model.training and model.scale.requires_grad
 
@@ -168,7 +162,7 @@ def test_rng_capture_restore_round_trip_is_weights_only_safe(tmp_path):
 
 def test_scheduler_state_round_trip_continues_the_schedule(tmp_path):
     params = nn.Linear(1, 1)
-    schedule = Schedule(lr=0.1, milestones=(2, 4))
+    schedule = TrainConfig(lr=0.1, weight_decay=2e-4, milestones=(2, 4))
     optimizer = build_optimizer(params, schedule)
     scheduler = build_scheduler(optimizer, schedule)
     optimizer.step()
@@ -222,13 +216,13 @@ def test_pgd_at_is_clearly_more_robust_than_standard_training():
     for method in ("standard", "pgd-at"):
         torch.manual_seed(0)
         model = create_model("wrn-16-1", 10, reverse_attention=False)
-        schedule = Schedule(lr=0.05, weight_decay=5e-4, milestones=(3,))
-        optimizer = build_optimizer(model, schedule)
-        config = MethodConfig(method=method, anc=False, ra=False, attack_steps=3, step_size=2.5 * (8 / 255) / 3)
-        trainer = Trainer(FastStep(TrainStep(model, optimizer, config, 10)), build_scheduler(optimizer, schedule),
+        config = TrainConfig(method=method, anc=False, ra=False, attack_steps=3, step_size=2.5 * (8 / 255) / 3,
+                             lr=0.05, weight_decay=5e-4, milestones=(3,), epochs=3, eval_steps=10, quiet=True)
+        optimizer = build_optimizer(model, config)
+        trainer = Trainer(FastStep(TrainStep(model, optimizer, config, 10)), build_scheduler(optimizer, config),
                           data.BatchLoader(train, 64, shuffle=True, augment=False),
                           {"test": data.BatchLoader(test, 200, shuffle=False, augment=False)},
-                          RunInfo(None, {}, {}), epochs=3, eval_config=EvalConfig(steps=10), quiet=True)
+                          RunInfo(None, {}, {}), config)
         results[method] = trainer.fit()[-1]["test"]
     print(results)
     assert results["pgd-at"]["nat"] > 0.8
@@ -280,7 +274,7 @@ def test_resumed_records_take_the_checkpoints_own_record(tmp_path):
 @pytest.mark.parametrize("value", [float("nan"), float("inf")])
 def test_schedule_refuses_non_finite_values(field, value):
     with pytest.raises(ConfigError, match="finite"):
-        Schedule(**{field: value})
+        TrainConfig(**{field: value})
 
 
 class _FullDisk(io.FileIO):

@@ -14,11 +14,11 @@ from train_CIFAR10_WideResNet import DEFAULTS as WRN
 from utils import data
 from utils.training.ancra import TrainStep, WeightUpdate
 from utils.training.cli import main
-from utils.training.config import EvalConfig, MethodConfig
+from utils.training.config import TrainConfig
 from utils.training.fast import FastStep
 from utils.training.monitor import monitor_accuracy
 from utils.training.records import RunInfo
-from utils.training.schedule import Schedule, build_optimizer, build_scheduler
+from utils.training.schedule import build_optimizer, build_scheduler
 from utils.training.trainer import Trainer
 from utils.training.updates import AWP, EMA, build_update
 
@@ -102,7 +102,7 @@ def test_awp_with_an_ancra_step_on_an_ra_model_restores_every_parameter():
     model = create_model("wrn-16-1", 10, reverse_attention=True)
     optimizer = NoStep(model.parameters(), lr=0.1)
     update = WeightUpdate(optimizer, [AWP(0.01)])
-    step = TrainStep(model, optimizer, MethodConfig("mart", anc=True, attack_steps=1), 10, update=update)
+    step = TrainStep(model, optimizer, TrainConfig(method="mart", anc=True, attack_steps=1), 10, update=update)
     before = {k: p.detach().clone() for k, p in model.named_parameters()}
     pair = data.make_synthetic("train", 8, 8, seed=0)
     metrics = step(pair.float(), pair.y, epoch=1)
@@ -134,17 +134,17 @@ def test_ema_equals_the_closed_form_and_copies_buffers():
 def _trainer(tmp_path, ema_decay):
     torch.manual_seed(0)
     model = create_model("wrn-16-1", 10, reverse_attention=False)
-    schedule = Schedule(lr=0.05, milestones=(5,))
-    optimizer = build_optimizer(model, schedule)
+    config = TrainConfig(method="pgd-at", anc=False, ra=False, attack_steps=1, lr=0.05, weight_decay=2e-4,
+                         milestones=(5,), epochs=1, eval_steps=2, quiet=True)
+    optimizer = build_optimizer(model, config)
     update = build_update(optimizer, model, ema_decay=ema_decay)
-    step = FastStep(TrainStep(model, optimizer, MethodConfig("pgd-at", anc=False, ra=False, attack_steps=1), 10,
-                              update=update))
+    step = FastStep(TrainStep(model, optimizer, config, 10, update=update))
     train = data.make_synthetic("train", 32, 8, seed=0)
     test = data.BatchLoader(data.make_synthetic("test", 16, 8, seed=0), 16, shuffle=False, augment=False)
-    return Trainer(step, build_scheduler(optimizer, schedule), data.BatchLoader(train, 16, shuffle=True, augment=False),
+    return Trainer(step, build_scheduler(optimizer, config), data.BatchLoader(train, 16, shuffle=True, augment=False),
                    {"test": test}, RunInfo(tmp_path, {}, {"arch": "wrn-16-1", "num_classes": 10,
                                                           "reverse_attention": False, "image_size": 8}),
-                   epochs=1, eval_config=EvalConfig(steps=2), quiet=True), test
+                   config), test
 
 
 def test_ema_weights_are_checked_each_epoch_and_saved_in_the_loadable_format(tmp_path):
@@ -158,7 +158,7 @@ def test_ema_weights_are_checked_each_epoch_and_saved_in_the_loadable_format(tmp
     averaged, config = load_model(payload)
     assert config["weights"] == "ema"
     assert record["eval_weights"] == "ema"
-    assert record["test"] == monitor_accuracy(averaged, test, EvalConfig(steps=2))
+    assert record["test"] == monitor_accuracy(averaged, test, TrainConfig(eval_steps=2))
 
 
 @pytest.mark.slow
@@ -181,6 +181,8 @@ def test_resnet_smoke_with_awp_and_ema(tmp_path):
                              "--smoke", "--quiet", "--out-dir", str(tmp_path)],
                             check=False, cwd=REPO, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr
-    payload = torch.load(tmp_path / "smoke_synthetic_resnet18_trades-ancra_s0" / "last.pt", weights_only=True)
+    # its own folder, never the plain smoke run's (the documented AWP command replaced the demo run)
+    payload = torch.load(tmp_path / "smoke_synthetic_resnet18_trades-ancra_awp0.005_ema0.999_s0" / "last.pt",
+                         weights_only=True)
     assert payload["ema"]["decay"] == 0.999 and payload["ema"]["updates"] == 4
     assert (payload["args"]["awp_gamma"], payload["args"]["awp_warmup"]) == (0.005, 0)  # AWP on from epoch 1

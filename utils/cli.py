@@ -1,5 +1,5 @@
 """Small pieces every command-line script shares: the one-line argument parser, the generic
-argument types (ε, numbers, batch size, device), the speed flags and the ``main`` wrapper that
+argument types (ε, numbers, batch size, device) and the ``main`` wrapper that
 turns the library's expected errors into ``error: ...`` and exit code 2."""
 import argparse
 import math
@@ -214,19 +214,6 @@ def resolve_device(name="auto"):
 def add_device_argument(parser, default="auto"):
     """The one ``--device`` option of every script (see :func:`device_type`)."""
     parser.add_argument("--device", type=device_type, default=default, help=DEVICE_HELP)
-
-
-def add_speed_arguments(group):
-    """--amp / --channels-last / --joint-attacks / --compile (utils.training.config.SpeedConfig)."""
-    group.add_argument("--amp", action=argparse.BooleanOptionalAction, default=None,
-                       help="bf16 autocast for attacks, losses and the per-epoch evaluation (default: on for CUDA)")
-    group.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None,
-                       help="NHWC memory format for weights and inputs (default: with bf16)")
-    group.add_argument("--joint-attacks", action=argparse.BooleanOptionalAction, default=True,
-                       help="run the adversarial and the negatives' targeted attack as one 2B batch")
-    group.add_argument("--compile", action=argparse.BooleanOptionalAction, default=False,
-                       help="compiled training step: attacks, negatives and loss through torch.compile, CUDA graphs "
-                            "on CUDA (docs/training.md#compiled-step; off until measured; minutes of warm-up)")
 
 
 @contextmanager

@@ -38,8 +38,9 @@ from utils import recipe
 from utils.attacks import EPS, pgd
 from utils.cli import add_device_argument, eps_type, nonnegative_float, positive_int, resolve_device
 from utils.evaluation.options import write_bytes
-from utils.training.ancra import STRATEGIES, choose_negatives, effective_strategy, get_method, method_names, split_method_suffix
+from utils.training.ancra import STRATEGIES, choose_negatives, effective_strategy, get_method, method_names
 from utils.training.ancra import method_label as registry_label
+from utils.training.config import saved_method_name
 
 METRIC_KEYS = ("pp_cos", "pp_l2", "np_cos", "np_l2")
 META_KEYS = ("checkpoint", "label", "target_label", "dataset", "strategy", "attack", "seed", "n_examples")
@@ -103,15 +104,15 @@ def method_label(args, reverse_attention=None):
 
     Tolerant of missing keys: ANC comes from ``anc``/``no_anc``/``zeta``, RA from the model
     itself (``reverse_attention``) or ``ra``/``no_ra``, else from an ``-ancra``-style suffix."""
-    name, suffix = split_method_suffix(args.get("method") or "model")
+    name, named_anc, named_ra = saved_method_name(args.get("method") or "model")
     anc = _flag(args, "anc", "no_anc")
-    if anc is None and args.get("zeta") is not None and suffix is None:
+    if anc is None and args.get("zeta") is not None and named_anc is None:
         anc = float(args["zeta"]) > 0
     if anc is None:
-        anc = suffix in ("ancra", "anc")
+        anc = bool(named_anc)
     ra = reverse_attention if reverse_attention is not None else _flag(args, "ra", "no_ra")
     if ra is None:
-        ra = suffix in ("ancra", "ra")
+        ra = bool(named_ra)
     return registry_label(name, anc, ra)
 
 

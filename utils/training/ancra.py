@@ -39,12 +39,11 @@ class Method:
     """A training method: class attributes (its registry entry) and :meth:`loss`.
 
     ``attacked``: trains on adversarial examples (else no training attack); ``uses_natural``:
-    needs the natural forward even without ANC; ``allows_anc``: may take negatives; ``aliases``:
-    other spellings accepted in old labels (``pgd_at``); ``awp_warmup``: epochs before AWP starts
+    needs the natural forward even without ANC; ``allows_anc``: may take negatives; ``awp_warmup``: epochs before AWP starts
     by default (as in the AWP authors' code for the method).
     """
 
-    name, label, aliases = "", "", ()
+    name, label = "", ""
     default_beta = 0.0
     attacked = uses_natural = allows_anc = True
     awp_warmup = 0
@@ -73,13 +72,12 @@ def method_names():
 
 
 def find_method(name):
-    """The method called ``name`` or with that alias (case-insensitive), else None."""
-    name = str(name).lower()
-    return _REGISTRY.get(name) or next((m for m in _REGISTRY.values() if name in m.aliases), None)
+    """The method called ``name`` (case-insensitive), else None."""
+    return _REGISTRY.get(str(name).lower())
 
 
 def get_method(name):
-    """The registered method called ``name`` (or one of its aliases); a Method is returned as is."""
+    """The registered method called ``name``; a Method is returned as is."""
     found = name if isinstance(name, Method) else find_method(name)
     if found is None:
         raise ConfigError(f"unknown training method {name!r}; choose one of {', '.join(method_names())}")
@@ -87,13 +85,12 @@ def get_method(name):
 
 
 def split_method_suffix(name):
-    """``(base, suffix or None)``: ``trades-ancra`` → (``trades``, ``ancra``); ``_`` also separates."""
+    """``(base, suffix or None)``: ``trades-ancra`` → (``trades``, ``ancra``)."""
     name = str(name).lower()
     if find_method(name) is None:
         for suffix in SUFFIXES:
-            for spelling in (suffix, "_" + suffix[1:]):
-                if name.endswith(spelling):
-                    return name[: -len(spelling)], suffix[1:]
+            if name.endswith(suffix):
+                return name[: -len(suffix)], suffix[1:]
     return name, None
 
 
@@ -226,7 +223,7 @@ class PGDAT(Method):
     """PGD-AT (Madry et al. 2018): ``CE(x_a, y)``, x_a from PGD on the CE loss (paper Eq. 2). The
     natural forward runs only to feed ANC (docs/protocol.md §4). AWP's default γ for it: 1e-2."""
 
-    name, label, aliases = "pgd-at", "PGD-AT", ("pgdat", "pgd_at", "at", "pgd")
+    name, label = "pgd-at", "PGD-AT"
     uses_natural = False
 
     def loss(self, out, y, *, beta, aux_weight):

@@ -1,7 +1,7 @@
 """The speed options around the training step (docs/training.md, "Speed" and "Compiled step").
 
-:class:`FastStep` runs a :class:`~utils.training.ancra.TrainStep` as a
-:class:`~utils.training.config.SpeedConfig` says, without changing what it computes: NHWC
+:class:`FastStep` runs a :class:`~utils.training.ancra.TrainStep` as the speed options of the
+run's record (:class:`~utils.training.config.TrainConfig`) say, without changing what it computes: NHWC
 (channels-last) inputs, bf16 autocast around the step's two pure functions (the examples: random
 starts from pre-drawn noise, the negative choice, every PGD iteration of both attacks; and the
 training loss), the joint 2B attack batch, and with ``compile`` those two functions through
@@ -19,8 +19,6 @@ import time
 
 import torch
 from torch._dynamo.utils import counters as dynamo_counters
-
-from utils.training.config import PLAIN_SPEED
 
 
 def compile_mode(device):
@@ -84,13 +82,18 @@ class FastPath:
 
 class FastStep:
     """``step`` as ``speed`` runs it; everything else (``model``, ``optimizer``, ``update``, ...)
-    is the step's own. Wrapping replaces the step's :meth:`~utils.training.ancra.TrainStep.examples`
-    and :meth:`~utils.training.ancra.TrainStep.loss` by the same functions under autocast (and,
-    with ``speed.compile``, compiled) and sets its ``joint_attacks``."""
+    is the step's own. ``speed`` is the run's record with the device's defaults filled in
+    (:meth:`~utils.training.config.TrainConfig.on`; its ``amp``, ``channels_last``,
+    ``joint_attacks`` and ``compile``); by default the step's own ``config``. ``backend`` is
+    torch.compile's backend (tests use ``aot_eager``). Wrapping replaces the step's
+    :meth:`~utils.training.ancra.TrainStep.examples` and :meth:`~utils.training.ancra.TrainStep.loss`
+    by the same functions under autocast (and, with ``speed.compile``, compiled) and sets its
+    ``joint_attacks``."""
 
-    def __init__(self, step, speed=PLAIN_SPEED):
+    def __init__(self, step, speed=None, *, backend="inductor"):
+        speed = step.config if speed is None else speed
         self.step, self.speed = step, speed
-        self.path = FastPath(speed.compile_backend) if speed.compile else None
+        self.path = FastPath(backend) if speed.compile else None
         self.compiled_now = False
         step.joint_attacks = speed.joint_attacks
         step.examples = self._around("examples", step.examples)

@@ -3,16 +3,18 @@
 import torch
 
 from utils.attacks import pgd
-from utils.training.config import PLAIN_SPEED, RECIPE_CHECK, EvalConfig, SpeedConfig
+from utils.training.config import PAPER, TrainConfig
+
+NOISE_SEED = 0  # every epoch's check starts PGD from the same noise
 
 
-def monitor_accuracy(model, loader, config: EvalConfig = RECIPE_CHECK, speed: SpeedConfig = PLAIN_SPEED,
-                     reduce=None):
+def monitor_accuracy(model, loader, config: TrainConfig = PAPER, reduce=None):
     """Natural and PGD accuracy of ``model`` over ``loader`` (eval mode, argmax RA masks).
 
-    The PGD start noise comes from a generator seeded with ``config.seed``, so every epoch is
-    attacked with the same noise and the global RNG (and with it resume) is untouched. ``speed``
-    gives the training run's autocast and memory format (the final evaluation,
+    PGD-``config.eval_steps`` (CE, uniform start) at the run's ``eps`` and ``step_size``; the start
+    noise comes from a generator seeded with :data:`NOISE_SEED`, so every epoch is attacked with the
+    same noise and the global RNG (and with it resume) is untouched. ``config``'s ``amp`` and
+    ``channels_last`` are the training run's autocast and memory format (the final evaluation,
     ``test_white_attack.py``, judges every example in fp32). ``reduce`` sums the counts of a sharded loader over
     ranks. Returns ``{"nat", "pgd", "size"}`` with accuracies in [0, 1].
     """
@@ -21,15 +23,15 @@ def monitor_accuracy(model, loader, config: EvalConfig = RECIPE_CHECK, speed: Sp
     generator = correct_nat = correct_pgd = None
     total = 0
     for x, y in loader:
-        x = x.contiguous(memory_format=speed.memory_format())
+        x = x.contiguous(memory_format=config.memory_format())
         if generator is None:
-            generator = torch.Generator(device=x.device).manual_seed(config.seed)
+            generator = torch.Generator(device=x.device).manual_seed(NOISE_SEED)
             correct_nat = torch.zeros((), device=x.device)
             correct_pgd = torch.zeros((), device=x.device)
-        with speed.autocast(x.device):
+        with config.autocast(x.device):
             with torch.no_grad():
                 correct_nat += (model(x).argmax(1) == y).sum()
-            x_adv = pgd(model, x, y, config.eps, config.step_size, config.steps, loss="ce", init="uniform",
+            x_adv = pgd(model, x, y, config.eps, config.step_size, config.eval_steps, loss="ce", init="uniform",
                         generator=generator)
             with torch.no_grad():
                 correct_pgd += (model(x_adv).argmax(1) == y).sum()

@@ -1,9 +1,12 @@
 """Setting up a training run from resolved options: every check first (outputs, data, memory,
 architecture), only then the run folder, locked for the whole run (one writer per folder); then
 the model, the step, the trainer and the loop."""
+import os
 import sys
 from contextlib import contextmanager
+from dataclasses import replace
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 
@@ -22,7 +25,7 @@ from utils.cli import resolve_device
 from utils.locks import FolderLock, check_unlocked
 from utils.training import resume
 from utils.training.ancra import TrainStep
-from utils.training.config import ModelConfig, TrainConfig, prepare_model
+from utils.training.config import TrainConfig, as_record
 from utils.training.errors import ConfigError
 from utils.training.fast import FastStep
 from utils.training.records import RunInfo, write_reason
@@ -42,15 +45,12 @@ def _describe(config):
 
 
 def check_resume(payload, config: TrainConfig):
-    """Refuse to resume a checkpoint whose model, method or data differ from what ``config`` asks for."""
-    saved, wanted = payload["model_config"], config.model.as_dict()
+    """Refuse to resume a checkpoint whose model differs from the one ``config`` builds."""
+    saved, wanted = payload["model_config"], config.model_config(data.num_classes(config.dataset))
     keys = ("arch", "num_classes", "reverse_attention", "image_size", "separate_bn")
     if any(saved.get(k) != wanted.get(k) for k in keys):
-        raise CheckpointError(f"cannot resume {config.run.resume}: it holds {_describe(saved)} but this command and "
+        raise CheckpointError(f"cannot resume this checkpoint: it holds {_describe(saved)} but this command and "
                               f"its options build {_describe(wanted)}; resume it with the options that created it")
-    current = config.as_args()
-    resume.refuse_identity_changes(payload["args"], current)
-    resume.refuse_split_changes(payload["args"], current)
 
 
 def available_memory():
@@ -64,9 +64,8 @@ def available_memory():
     return None
 
 
-def check_inputs(data_config):
+def check_inputs(d: TrainConfig):
     """The data folder exists (a typo is not created by a download) and a synthetic --train-size fits in memory."""
-    d = data_config
     missing = not Path(d.data_dir).expanduser().is_dir()
     if d.dataset in ("cifar10", "cifar100") and d.data_dir != data.DEFAULT_DATA_DIR and missing:
         raise ConfigError(f"--data-dir {d.data_dir} is not a folder; pass the folder that holds "
@@ -80,23 +79,39 @@ def check_inputs(data_config):
                               f"use a smaller --train-size")
 
 
-def check_outputs(run_config, context, payload, run_dir):
-    """The run directory to write, checked (nothing created or deleted yet): not in use by another
-    training, and for a resume a readable ``metrics.jsonl``."""
-    r = run_config
-    if payload is None:
-        out_dir = Path(r.out_dir)
+def check_writable(folder, resumed):
+    """Refuse a run folder (or, for a new run, the nearest existing folder above it) that cannot be
+    written: a read-only filesystem or no permission. Creates nothing."""
+    probe = Path(folder)
+    while not resumed and not probe.exists():
+        probe = probe.parent
+    if not os.access(probe, os.W_OK | os.X_OK):
+        if resumed:
+            raise ConfigError(f"cannot resume {folder}: the folder is not writable (read-only or no permission), and "
+                              f"a resumed run writes its checkpoints there; copy the run folder somewhere writable "
+                              f"and resume the copy")
+        raise ConfigError(f"cannot create the run folder {folder}: {probe} is not writable (read-only or no "
+                          f"permission); pass another --out-dir")
+
+
+def check_outputs(config: TrainConfig, launch, context):
+    """The run directory to write, checked (nothing created or deleted yet): writable, not in use
+    by another training, and for a resume a readable ``metrics.jsonl``."""
+    run_dir = launch.run_dir
+    if launch.payload is None:
+        out_dir = Path(config.out_dir)
         if out_dir.exists() and not out_dir.is_dir():
             raise ConfigError(f"--out-dir {out_dir} is a file, not a folder; pass the folder that should hold the runs")
-        run_dir = out_dir / r.run_name
+        run_dir = out_dir / config.run_name
     run_dir = Path(run_dir)
 
     def check():
+        if launch.payload is None:
+            check_run_dir(run_dir, overwrite=launch.overwrite or config.smoke, smoke=config.smoke)
+        check_writable(run_dir, resumed=launch.payload is not None)
         if run_dir.is_dir():
             check_unlocked(run_dir, "a training run")
-        if payload is None:
-            check_run_dir(run_dir, overwrite=r.overwrite, smoke=r.smoke)
-        else:
+        if launch.payload is not None:
             read_metrics(run_dir)
 
     distributed.run_on_main(context, check)
@@ -104,20 +119,23 @@ def check_outputs(run_config, context, payload, run_dir):
 
 
 @contextmanager
-def claimed_run_dir(context, run_dir, run_config, payload):
+def claimed_run_dir(context, run_dir, config, launch):
     """Rank 0 creates ``run_dir`` (if new), takes its lock for the duration, and only then deletes
     an overwritten run's files and the temporary files of interrupted writes. Other ranks wait
     for it and share its refusal (:class:`~utils.locks.LockError` when another process holds the lock)."""
     lock = FolderLock(run_dir, "a training run")
 
+    overwrite = launch.overwrite or config.smoke  # a smoke run replaces its own smoke run folder
+    payload = launch.payload
+
     def claim():
         if payload is None:
-            check_run_dir(run_dir, overwrite=run_config.overwrite, smoke=run_config.smoke)
+            check_run_dir(run_dir, overwrite=overwrite, smoke=config.smoke)
             run_dir.mkdir(parents=True, exist_ok=True)
         lock.acquire()
         try:
             if payload is None:
-                prepare_run_dir(run_dir, run_config.overwrite, run_config.smoke)
+                prepare_run_dir(run_dir, overwrite, config.smoke)
             removed = remove_stale_temp_files(run_dir)
         except BaseException:
             lock.release()
@@ -133,50 +151,48 @@ def claimed_run_dir(context, run_dir, run_config, payload):
         lock.release()
 
 
-def load_splits(data_config, seed):
-    """``(train, val or None, test subset)`` TensorPairs; ``seed`` (the run's) draws the validation split."""
-    d = data_config
-    synthetic = {"synthetic_image_size": d.image_size, "seed": d.seed}
+def load_splits(d: TrainConfig):
+    """``(train, val or None, test subset)`` TensorPairs; the run's ``seed`` draws the validation split."""
+    synthetic = {"synthetic_image_size": d.image_size, "seed": d.data_seed}
     train = data.load_dataset(d.dataset, d.data_dir, "train", synthetic_size=d.train_size, **synthetic)
     test = data.load_dataset(d.dataset, d.data_dir, "test", **synthetic)
     if d.train_size is not None:
-        if d.train_size > len(train):
+        if d.train_size > len(train) and not d.smoke:  # --smoke on a small dataset: all of it
             raise ConfigError(f"--train-size {d.train_size} is more than the {len(train)} training images of "
                               f"{d.dataset}; leave it out to train on all of them")
-        train = data.fixed_subset(train, d.train_size, seed=d.seed)
+        train = data.fixed_subset(train, d.train_size, seed=d.data_seed)
     val = None
     if d.val_size:
         if d.val_size >= len(train):
             raise ConfigError(f"--val-size {d.val_size} leaves no training data ({len(train)} images)")
-        train, val = data.split_holdout(train, d.val_size, seed)
-    return train, val, data.fixed_subset(test, d.eval_size or None, seed=d.seed)
+        train, val = data.split_holdout(train, d.val_size, d.seed)
+    return train, val, data.fixed_subset(test, d.eval_size or None, seed=d.data_seed)
 
 
-def build_model(model_config: ModelConfig, device):
-    """The model ``model_config`` describes, on ``device`` (an unknown architecture is a ConfigError)."""
-    m = model_config
+def build_model(config: TrainConfig, device):
+    """The model ``config`` describes, on ``device`` (an unknown architecture is a ConfigError)."""
     try:
-        model = create_model(m.arch, m.num_classes, m.reverse_attention, m.image_size,
-                             **({"separate_bn": True} if m.separate_bn else {}))
+        model = create_model(config.arch, data.num_classes(config.dataset), config.ra, config.image_size,
+                             **({"separate_bn": True} if config.separate_bn else {}))
     except ValueError as err:
         raise ConfigError(str(err)) from None
     return model.to(device)
 
 
-def rank_batch(schedule, context):
+def rank_batch(config, context):
     """This process's batch size: the global --batch-size split evenly, or --per-rank-batch as is."""
-    if schedule.per_rank_batch or not context.enabled:
-        return schedule.batch_size
-    if schedule.batch_size % context.world_size:
-        raise ConfigError(f"--batch-size {schedule.batch_size} cannot be split over {context.world_size} processes; "
+    if config.per_rank_batch or not context.enabled:
+        return config.batch_size
+    if config.batch_size % context.world_size:
+        raise ConfigError(f"--batch-size {config.batch_size} cannot be split over {context.world_size} processes; "
                           f"use a multiple of {context.world_size} or --per-rank-batch")
-    return schedule.batch_size // context.world_size
+    return config.batch_size // context.world_size
 
 
-def probe_loss(model, model_config, device):
+def probe_loss(model, config, device):
     """A scalar depending on every parameter a training forward uses (for freezing unused ones)."""
-    x = torch.zeros(2, 3, model_config.image_size, model_config.image_size, device=device)
-    if model_config.reverse_attention:
+    x = torch.zeros(2, 3, config.image_size, config.image_size, device=device)
+    if config.ra:
         logits, aux = model(x, torch.zeros(2, dtype=torch.long, device=device), return_aux=True)
         return sum(o.sum() for o in [logits, *aux])
     return model(x).sum()
@@ -185,99 +201,103 @@ def probe_loss(model, model_config, device):
 def distributed_model(model, config, context, device):
     """DDP around ``model`` (unused parameters frozen first), or ``model`` itself in a single process."""
     if context.enabled:
-        frozen = distributed.freeze_unused_parameters(model, lambda: probe_loss(model, config.model, device))
+        frozen = distributed.freeze_unused_parameters(model, lambda: probe_loss(model, config, device))
         if frozen and context.is_main:
             print(f"parameters unused by the forward pass, frozen for DDP: {', '.join(frozen)}", file=sys.stderr)
-    return distributed.wrap(context, model, device, sync_bn=config.run.sync_bn)
+    return distributed.wrap(context, model, device, sync_bn=config.sync_bn)
 
 
 def build_trainer(config: TrainConfig, model, splits, device, context, run_dir):
-    """The step (with its weight update) and the trainer around it."""
+    """The step (with its weight update) and the trainer around it; ``config`` is the run's record
+    (:meth:`TrainConfig.on` fills the device's speed defaults for the step and the check)."""
     train, val, test = splits
-    schedule, run_config = config.schedule, config.run
-    speed = config.speed.on(device)
-    model = distributed_model(prepare_model(model, speed), config, context, device)
-    optimizer = build_optimizer(model, schedule.optimizer)
-    if not run_config.sync_bn:
+    record, config = config, config.on(device)
+    model = distributed_model(model.to(memory_format=config.memory_format()), config, context, device)
+    optimizer = build_optimizer(model, config)
+    if not config.sync_bn:
         distributed.share_buffers_each_step(context, unwrap(model), optimizer)
-    update = build_update(optimizer, model, awp_gamma=schedule.awp_gamma, awp_warmup=schedule.awp_warmup,
-                          ema_decay=schedule.ema)
-    step = FastStep(TrainStep(model, optimizer, config.method, config.model.num_classes, update), speed)
+    update = build_update(optimizer, model, awp_gamma=config.awp_gamma, awp_warmup=config.awp_warmup,
+                          ema_decay=config.ema)
+    step = FastStep(TrainStep(model, optimizer, config, data.num_classes(config.dataset), update), config)
     shard = {"rank": context.rank, "world_size": context.world_size, "device": device}
     eval_loader = lambda split: data.BatchLoader(split, EVAL_BATCH, shuffle=False, augment=False,
                                                  pad=False, **shard)
     loaders = {"test": eval_loader(test), **({"val": eval_loader(val)} if val is not None else {})}
-    train_loader = data.BatchLoader(train, rank_batch(schedule, context), shuffle=True, seed=run_config.seed,
-                                    augment=data.default_augment(config.data.dataset), **shard)
-    info = RunInfo(run_dir if context.is_main else None, config.as_args(context.world_size), config.model.as_dict(),
-                   title=f"{run_config.run_name} ({config.method_name})")
-    reseed = (lambda epoch: seed_everything(distributed.epoch_seed(run_config.seed, context.rank, epoch))
+    train_loader = data.BatchLoader(train, rank_batch(config, context), shuffle=True, seed=config.seed,
+                                    augment=data.default_augment(config.dataset), **shard)
+    info = RunInfo(run_dir if context.is_main else None, as_record(record),
+                   config.model_config(data.num_classes(config.dataset)), title=f"{config.run_name} ({config.method_name})")
+    reseed = (lambda epoch: seed_everything(distributed.epoch_seed(config.seed, context.rank, epoch))
               if context.enabled else None)
-    return Trainer(step, build_scheduler(optimizer, schedule.optimizer), train_loader, loaders, info,
-                   epochs=schedule.epochs, eval_config=config.evaluation, save_freq=run_config.save_freq,
-                   quiet=run_config.quiet, context=context, reseed=reseed)
+    return Trainer(step, build_scheduler(optimizer, config), train_loader, loaders, info, config,
+                   context=context, reseed=reseed)
 
 
-def _log_start(trainer, config, splits, device, context, run_dir, payload):
+def _log_start(trainer, config, splits, device, context, run_dir, launch):
     train, val, test = splits
-    batch = rank_batch(config.schedule, context)
+    batch = rank_batch(config, context)
     processes = (f" | {context.world_size} processes x batch {batch} (global {batch * context.world_size})"
-                 + (", SyncBatchNorm" if config.run.sync_bn else "") if context.enabled else "")
-    trainer.log(f"{config.method_name} | {config.model.arch} on {config.data.dataset} ({len(train)} train, "
+                 + (", SyncBatchNorm" if config.sync_bn else "") if context.enabled else "")
+    trainer.log(f"{config.method_name} | {config.arch} on {config.dataset} ({len(train)} train, "
                 f"{len(val) if val is not None else 0} val, {len(test)} test images) | device {device} "
-                f"({trainer.step.speed.describe()}){processes} | run {run_dir}")
-    epochs = config.schedule.epochs
-    beyond = [m for m in config.schedule.optimizer.milestones if m > epochs]
+                f"({config.on(device).describe_speed()}){processes} | run {run_dir}")
+    epochs = config.epochs
+    beyond = [m for m in config.milestones if m > epochs]
     if beyond:
         trainer.log(f"note: milestone(s) {' '.join(map(str, beyond))} lie beyond --epochs {epochs}: they decay "
                     f"the lr only if the run is resumed with a larger --epochs")
-    if payload is not None:
-        changed = resume.changed_options(payload["args"], config.as_args(context.world_size))
-        trainer.log(f"resuming {config.run.resume} (epoch {payload['epoch']}; the next epoch starts from this "
+    if launch.payload is not None:
+        changed = resume.changed_options(launch.saved, config)
+        trainer.log(f"resuming {launch.resume} (epoch {launch.payload['epoch']}; the next epoch starts from this "
                     f"epoch-end checkpoint)" + (f" with changed options: {', '.join(changed)}" if changed else ""))
 
 
-def training_device(run_config, context):
+def training_device(config, context):
     """The device of this process: ``--device`` (under torchrun, CUDA is one GPU per local rank)."""
     if context.enabled:
-        if run_config.device.startswith("cuda:"):
-            raise ConfigError(f"--device {run_config.device}: under torchrun each process uses the GPU of its local "
+        if config.device.startswith("cuda:"):
+            raise ConfigError(f"--device {config.device}: under torchrun each process uses the GPU of its local "
                               f"rank; use --device cuda (or auto)")
-        return distributed.init(context, run_config.device)
+        return distributed.init(context, config.device)
     try:
-        return resolve_device(run_config.device)
+        return resolve_device(config.device)
     except ValueError as err:
         raise ConfigError(str(err)) from None
 
 
-def run(config: TrainConfig, payload=None, run_dir=None):
-    """Train as ``config`` says (resuming ``payload`` when given); returns the epoch records.
-    Under torchrun every process runs this; rank 0 alone writes the run folder."""
-    if payload is not None and payload["epoch"] >= config.schedule.epochs:
-        print(f"nothing to do: {config.run.resume} already finished {payload['epoch']} of --epochs "
-              f"{config.schedule.epochs} (pass a larger --epochs to go on); nothing was changed")
+def run(config: TrainConfig, launch=None):
+    """Train as ``config`` says; returns the epoch records. ``launch`` (from
+    :func:`utils.training.cli.parse`) holds a resumed run's ``payload``, ``saved`` record,
+    ``run_dir`` and ``resume`` path, and ``overwrite``. Under torchrun every process runs this;
+    rank 0 alone writes the run folder."""
+    launch = launch or SimpleNamespace(payload=None, run_dir=None, overwrite=False)
+    payload = launch.payload
+    if payload is not None and payload["epoch"] >= config.epochs:
+        print(f"nothing to do: {launch.resume} already finished {payload['epoch']} of --epochs "
+              f"{config.epochs} (pass a larger --epochs to go on); nothing was changed")
         return []
     context = distributed.from_env()
-    rank_batch(config.schedule, context)
-    device = training_device(config.run, context)
-    if config.run.sync_bn:
+    config = replace(config, world_size=context.world_size)
+    rank_batch(config, context)
+    device = training_device(config, context)
+    if config.sync_bn:
         distributed.check_sync_bn(context, device)
-    run_dir = check_outputs(config.run, context, payload, run_dir)
-    check_inputs(config.data)
-    seed_everything(config.run.seed)
-    model = build_model(config.model, device)  # the architecture is checked before any data is decoded
-    splits = distributed.run_on_main(context, lambda: load_splits(config.data, config.run.seed))  # rank 0 downloads first
-    splits = splits if context.is_main else load_splits(config.data, config.run.seed)
-    with claimed_run_dir(context, run_dir, config.run, payload):
+    run_dir = check_outputs(config, launch, context)
+    check_inputs(config)
+    seed_everything(config.seed)
+    model = build_model(config, device)  # the architecture is checked before any data is decoded
+    splits = distributed.run_on_main(context, lambda: load_splits(config))  # rank 0 downloads first
+    splits = splits if context.is_main else load_splits(config)
+    with claimed_run_dir(context, run_dir, config, launch):
         trainer = build_trainer(config, model, splits, device, context, run_dir)
         if context.is_main:
-            write_args(run_dir, config.as_args(context.world_size))
-        _log_start(trainer, config, splits, device, context, run_dir, payload)
+            write_args(run_dir, as_record(config))
+        _log_start(trainer, config, splits, device, context, run_dir, launch)
         start = 1
         if payload is not None:
             start = trainer.restore(payload)
-            if resume.schedule_changed(payload["args"], config.as_args()):
-                trainer.scheduler = reschedule(trainer.optimizer, config.schedule.optimizer, payload["epoch"])
+            if resume.schedule_changed(launch.saved, config):
+                trainer.scheduler = reschedule(trainer.optimizer, config, payload["epoch"])
         return trainer.fit(start)
 
 

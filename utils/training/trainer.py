@@ -19,7 +19,7 @@ from utils.checkpoint import (
     atomic_save,
     restore_rng,
 )
-from utils.training.config import RECIPE_CHECK, EvalConfig
+from utils.training.config import TrainConfig
 from utils.training.errors import ConfigError, NonFiniteLossError, TrainingInterrupted
 from utils.training.fast import FastStep
 from utils.training.monitor import monitor_accuracy
@@ -38,14 +38,14 @@ from utils.training.updates import EMA
 
 
 class Trainer:
-    """Runs epochs of ``step`` (a TrainStep as the speed options run it) over ``train_loader``;
-    after each epoch checks the model (the EMA weights when the step keeps them) on
-    ``eval_loaders`` ({'test': ..., optionally 'val': ...}) and writes metrics, curves and
-    checkpoints into ``run.run_dir`` (if not None)."""
+    """Runs ``config.epochs`` epochs of ``step`` (a TrainStep as the speed options run it, a
+    :class:`~utils.training.fast.FastStep`) over ``train_loader``; after each epoch checks the
+    model (the EMA weights when the step keeps them) on ``eval_loaders`` ({'test': ..., optionally
+    'val': ...}) with PGD-``config.eval_steps`` and writes metrics, curves and checkpoints (every
+    ``config.save_freq`` epochs an ``epoch_N.pt``) into ``run.run_dir`` (if not None)."""
 
-    def __init__(self, step: FastStep, scheduler, train_loader, eval_loaders, run: RunInfo, *, epochs,
-                 eval_config: EvalConfig = RECIPE_CHECK, save_freq=10, quiet=False, sync_every=20,
-                 context: distributed.Context = distributed.SINGLE, reseed=None):
+    def __init__(self, step: FastStep, scheduler, train_loader, eval_loaders, run: RunInfo, config: TrainConfig, *,
+                 sync_every=20, context: distributed.Context = distributed.SINGLE, reseed=None):
         if "test" not in eval_loaders:
             raise ConfigError("the trainer needs a 'test' evaluation loader")
         self.step = step
@@ -55,10 +55,9 @@ class Trainer:
         self.train_loader = train_loader
         self.eval_loaders = eval_loaders
         self.run = run
-        self.epochs = epochs
-        self.eval_config = eval_config
-        self.save_freq = save_freq
-        self.quiet = quiet
+        self.config = config
+        self.epochs = config.epochs
+        self.attack_name = f"PGD-{config.eval_steps}"
         self.sync_every = max(1, sync_every)
         self.context = context
         self.reseed = reseed  # reseed(epoch): per-rank RNG at each epoch start (distributed runs)
@@ -110,7 +109,8 @@ class Trainer:
 
     def _save_epoch(self, epoch, is_best):
         if self.run.run_dir is not None:
-            save_epoch_files(self.run, self.records, self.checkpoint(epoch), is_best=is_best, save_freq=self.save_freq)
+            save_epoch_files(self.run, self.records, self.checkpoint(epoch), is_best=is_best,
+                             save_freq=self.config.save_freq)
 
     def _stop_now(self, epoch, mid_epoch=True):
         """Raise TrainingInterrupted; ``last.pt`` is the epoch-end checkpoint and is left as it is."""
@@ -144,7 +144,7 @@ class Trainer:
     def train_epoch(self, epoch):
         """One pass over the training data; returns the epoch means of the step metrics."""
         self.train_loader.set_epoch(epoch)
-        bars = not self.quiet and self.context.is_main and sys.stderr.isatty()
+        bars = not self.config.quiet and self.context.is_main and sys.stderr.isatty()
         bar = tqdm(self.train_loader, desc=f"epoch {epoch}/{self.epochs}", leave=False, dynamic_ncols=True,
                    disable=not bars)
         sums, means = {}, {}
@@ -170,9 +170,9 @@ class Trainer:
 
     def evaluate_all(self):
         """``{split: monitor_accuracy(...)}`` for each evaluation loader."""
-        model, speed = self.monitored_model(), self.step.speed
+        model = self.monitored_model()
         reduce = lambda counts: distributed.all_reduce_sum(self.context, counts)
-        return {split: monitor_accuracy(model, loader, self.eval_config, speed, reduce)
+        return {split: monitor_accuracy(model, loader, self.config, reduce)
                 for split, loader in self.eval_loaders.items()}
 
     def run_epoch(self, epoch):
@@ -185,7 +185,7 @@ class Trainer:
         compile_s = self.step.take_compile_seconds()  # --compile: the calls that compiled a graph
         self.scheduler.step()
         results = self.evaluate_all()
-        record = {"epoch": epoch, "lr": lr, "train": train, **results, "eval_attack": self.eval_config.attack_name}
+        record = {"epoch": epoch, "lr": lr, "train": train, **results, "eval_attack": self.attack_name}
         if compile_s:
             record["compile_seconds"] = round(compile_s, 3)
             self.log(f"compiled the training step in {compile_s:.1f} s (epoch {epoch})")
@@ -224,6 +224,6 @@ class Trainer:
                 if self.stop.agreed(device):
                     self._stop_now(epoch, mid_epoch=False)
         self.stop.finish()
-        self.log(f"done: {self.best.describe()}: {self.eval_config.attack_name} "
+        self.log(f"done: {self.best.describe()}: {self.attack_name} "
                  f"{100 * self.best.score:.2f}% at epoch {self.best.epoch}")
         return self.records
