@@ -381,7 +381,7 @@ def test_step_size_is_defined_once_and_read_from_the_record_only():
     assert not any('"--step-size"' in text for text in sources.values())
     read = {p.name for p, tree in trees.items() for node in ast.walk(tree)
             if isinstance(node, ast.Attribute) and node.attr == "step_size"}
-    assert read == {"config.py", "step.py", "monitor.py"}  # its range check; the training attack; the check
+    assert read == {"config.py", "ancra.py", "monitor.py"}  # its range check; the training attack; the check
     copied = [p.name for p, tree in trees.items() for node in ast.walk(tree)
               if isinstance(node, ast.keyword) and node.arg == "step_size"]
     assert copied == []  # no record built from another: the step and the check read the record itself
