@@ -39,8 +39,8 @@ class Method:
     """A training method: class attributes (its registry entry) and :meth:`loss`.
 
     ``attacked``: trains on adversarial examples (else no training attack); ``uses_natural``:
-    needs the natural forward even without ANC; ``allows_anc``: may take negatives; ``awp_warmup``: epochs before AWP starts
-    by default (as in the AWP authors' code for the method).
+    needs the natural forward even without ANC; ``allows_anc``: may take negatives;
+    ``awp_warmup``: epochs before AWP starts by default (as in the AWP authors' code for the method).
     """
 
     name, label = "", ""
@@ -413,8 +413,9 @@ class WeightUpdate:
 class TrainStep:
     """One optimisation step: ``step(x, y, epoch)`` returns the batch's metrics as detached 0-dim
     tensors on the device (no host synchronisation). ``model`` may be wrapped (DDP); the attacks
-    run on the bare module. ``config`` gives ``method, anc, ra, strategy, alpha, zeta, beta,
-    aux_weight, eps, step_size, attack_steps``; ``epoch`` (1-based) decides the negatives' warm-up
+    run on the bare module. ``config`` is the run's record (utils/training/config.py); the step
+    reads its ``method, anc, ra, strategy, alpha, zeta, beta, aux_weight, eps, step_size,
+    attack_steps``; ``epoch`` (1-based) decides the negatives' warm-up
     (and AWP's, in ``update``: a :class:`WeightUpdate`, by default a plain optimizer step).
     :meth:`examples` and :meth:`loss` are pure (no RNG, no host sync): utils/training/fast.py runs
     them under autocast or torch.compile from outside."""
