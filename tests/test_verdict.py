@@ -662,3 +662,14 @@ def test_a_verdict_without_finished_rows_has_no_numbers():
     assert table["verdict"]["pending"] == ["pgd-at", "trades", "trades-ancra"]
     paragraph = table["verdict_paragraph"]
     assert "waits for both rows" in paragraph and "%" not in paragraph.split("Intervals:")[0]
+
+
+def test_a_row_without_a_robust_figure_is_refused_not_counted():
+    """An evaluation whose worst case is null (no threat-model attack ran on every example) gives
+    no verdict number: one sentence saying why, never the clean accuracy as a robust figure."""
+    results = gated_row()
+    results["worst_case"] = {"accuracy": None, "robust_count": None, "correct": None, "over": [],
+                             "missing": "no attack of the threat model ran"}
+    with pytest.raises(ValueError, match=r"^a verdict row's evaluation has no robust figure \(no attack of the "
+                                         r"threat model ran\); evaluate it again"):
+        verdict.row_verdict(results)

@@ -82,7 +82,12 @@ def _attack(results, name):
 
 
 def row_verdict(results):
-    """The verdict's numbers for one row's results.json."""
+    """The verdict's numbers for one row's results.json (ValueError, one sentence, for a row whose
+    evaluation has no robust figure: no attack of the threat model ran on every example it counts)."""
+    if (results.get("worst_case") or {}).get("correct") is None:
+        why = (results.get("worst_case") or {}).get("missing") or "no attack of the threat model ran"
+        raise ValueError(f"a verdict row's evaluation has no robust figure ({why}); evaluate it again with the "
+                         "study's attacks (rerun the study)")
     n = len(results["clean"]["correct"])
     worst = [bool(v) for v in results["worst_case"]["correct"]]
     protocol = paper_protocol_survivors(results)
