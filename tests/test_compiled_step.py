@@ -14,7 +14,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch._dynamo.utils import counters
 
-from tests.toys import ToyRA
+from toys import ToyRA
 from utils import data
 from utils.attacks import pgd, random_start, training_attack
 from utils.training.config import EvalConfig, MethodConfig, SpeedConfig

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from benchmarks import eval_cascade
-from tests.test_eval_trust import _checkpoint
+from test_eval_trust import _checkpoint
 
 ATTACKS = "fgsm,pgd10,st-pgd-ce-t1,transfer-nora"
 

@@ -21,8 +21,8 @@ import draw_umap
 import feature_distance
 import test_white_attack
 from models import create_model
-from tests.test_adaptive import result_like
-from tests.test_evaluation import prototype_data, trained_tiny
+from test_adaptive import result_like
+from test_evaluation import prototype_data, trained_tiny
 from utils import data as datasets
 from utils import locks
 from utils.analysis.features import METRIC_KEYS, save_npz
