@@ -40,7 +40,9 @@ def add_arguments(parser):
                             "default) into OUT_DIR/eps_sweep.json and .png; outside the headline; resumable per ε")
     group.add_argument("--indicators", type=non_negative_int, default=100, metavar="N",
                        help="indicators of attack failure on the first N clean-correct examples (default 100; 0: off)")
-    group.add_argument("--model-dir", default=None, help="with --robustbench: RobustBench's model folder (default ./models)")
+    group.add_argument("--model-dir", default=None,
+                       help="with --robustbench: RobustBench's weight folder (its DIR/DATASET/THREAT/NAME.pt layout) "
+                            f"(default {robustbench.DEFAULT_MODEL_DIR})")
     group.add_argument("--threat-model", choices=robustbench.THREAT_MODELS, default=None,
                        help="with --robustbench: which weights (default Linf); our attacks are always L∞")
     group.add_argument("--rb-dataset", choices=robustbench.RB_DATASETS, default=None,
@@ -56,7 +58,7 @@ def check_args(parser, args):
     rb_only = [name for name in ("model_dir", "threat_model", "rb_dataset") if getattr(args, name) is not None]
     if rb_only and not args.robustbench:
         parser.error(f"--{rb_only[0].replace('_', '-')} goes with --robustbench NAME")
-    args.model_dir = args.model_dir or "./models"
+    args.model_dir = args.model_dir or robustbench.DEFAULT_MODEL_DIR
     args.threat_model = args.threat_model or "Linf"
     args.rb_dataset = args.rb_dataset or "cifar10"
 
