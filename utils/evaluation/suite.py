@@ -135,7 +135,8 @@ def evaluate_model(model, x, y, attacks="all", eps=recipe.EPS, *, aux_weight=rec
     evaluation.meta = dict({"arch": type(model).__name__, "reverse_attention": has_reverse_attention(model),
                             "n_examples": evaluation.n, "eps": eps, "eps_text": eps_text(eps),
                             "aux_weight": aux_weight, "budget": budget, "seed": seed, "device": str(device),
-                            "cascade": cascade, "full_set": list(full_set), "attack_dtype": attack_dtype},
+                            "cascade": cascade, "full_set": list(full_set), "attack_dtype": attack_dtype,
+                            "smoke": not BUDGETS[budget].evaluation},
                            **(meta or {}))
     package = import_autoattack().name if any(spec.needs_autoattack for spec in specs) else None
     evaluation.meta.update(batch_size=batch_size, batch_size_note=note, autoattack_package=package)
