@@ -58,6 +58,9 @@ def check_args(parser, args):
     rb_only = [name for name in ("model_dir", "threat_model", "rb_dataset") if getattr(args, name) is not None]
     if rb_only and not args.robustbench:
         parser.error(f"--{rb_only[0].replace('_', '-')} goes with --robustbench NAME")
+    if args.export_robustbench and not BUDGETS[args.budget].evaluation:
+        parser.error(f"--budget {args.budget} is a smoke check, not an evaluation: it is never exported; drop "
+                     "--export-robustbench or use --budget full")
     args.model_dir = args.model_dir or robustbench.DEFAULT_MODEL_DIR
     args.threat_model = args.threat_model or "Linf"
     args.rb_dataset = args.rb_dataset or "cifar10"
