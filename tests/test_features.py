@@ -216,3 +216,16 @@ def test_draw_umap_is_reproducible(checkpoint, tmp_path):
         image = mpimg.imread(out / "umap.png")
         assert image.shape[0] > 300 and image.std() > 0.05
     np.testing.assert_array_equal(embeddings[0], embeddings[1])
+
+
+def test_more_examples_than_the_test_set_holds_is_refused_in_one_line(checkpoint, tmp_path, capsys):
+    """As the evaluation: never silently fewer examples than asked (the synthetic test split holds 500)."""
+    path, _ = checkpoint
+    assert draw_umap.main(["--ckpt", str(path), "--n-examples", "1000", "--out-dir", str(tmp_path / "u"), *FAST]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "--n-examples 1000 is more than the 500 test images" in err
+    assert feature_distance.main(["--ckpt", str(path), "--n-examples", "1000", "--out-dir", str(tmp_path / "f"),
+                                  *FAST]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "test images of class 0; use at most 50" in err
+    assert not (tmp_path / "u").exists() and not (tmp_path / "f").exists()
