@@ -28,7 +28,9 @@ def parse_args(argv=None):
     parser.add_argument("--data-dir", default=None, help="where datasets live (default ./data)")
     parser.add_argument("--n-examples", type=int, default=None,
                         help="test examples evaluated (default 1000; smoke 16)")
-    parser.add_argument("--seed", type=int, default=0, help="training and attack seed (default 0)")
+    parser.add_argument("--seeds", "--seed", dest="seeds", default="0", metavar="S[,S...]",
+                        help="training and attack seeds: every row is trained and evaluated once per seed, on the "
+                             "same test images (default 0; one seed keeps the run folders of earlier versions)")
     parser.add_argument("--gpus", default=None, metavar="0,1,...",
                         help="run independent rows concurrently, one per GPU (or per group of --nproc-per-row); "
                              "a GPU named twice takes two rows")

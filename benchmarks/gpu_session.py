@@ -1,4 +1,4 @@
-"""Everything a session with a lent GPU measures, in one time-boxed command (docs/gpu-session.md).
+"""Everything a session with a lent GPU measures, in one time-boxed command (docs/reproduce.md#the-gpu-session).
 
 Parts, each a subprocess with its own time box (a part that fails or runs out of time is
 reported as such and the next one runs):

@@ -284,7 +284,7 @@ def load_model(path_or_payload, arch=None, num_classes=None, reverse_attention=N
 
     Our checkpoints are rebuilt from their saved ``model_config`` (read first, so any registered
     architecture loads); foreign state dicts are recognised by their parameter names (see
-    ``docs/checkpoints.md``). Arguments left as None come from the checkpoint; ones given must
+    ``docs/training.md``, "Foreign checkpoints"). Arguments left as None come from the checkpoint; ones given must
     agree with it. A foreign state dict does not say whether it is RA or plain, so
     ``reverse_attention`` must then be given (plain-only architectures excepted).
     ``use_ema``: take the EMA weights when present. ``normalization``: None, a preset/explicit

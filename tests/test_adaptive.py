@@ -249,15 +249,24 @@ def test_tolerance_is_one_example_or_half_a_percent():
     assert sanity.tolerance(1000) == pytest.approx(0.005)
 
 
-def test_more_steps_flag_needs_two_examples_on_fifty():
+def test_more_steps_flag_needs_evidence_beyond_noise():
+    # exact one-sided McNemar on the examples pgd40 broke that pgd100 left (k) against the other way (m):
+    # p = P(X >= k), X ~ Bin(k + m, 1/2). k = 4, m = 0: 1/16 = 0.0625 > 0.05 (pass); k = 5: 1/32 (FLAG);
+    # k = 6, m = 1: (7 + 1)/128 = 0.0625 (pass)
     clean = [1] * 50
     base = [1] * 20 + [0] * 30
-    one_more = [1] * 21 + [0] * 29
-    two_more = [1] * 22 + [0] * 28
-    ok = hand_evaluation(clean, {"pgd40": ("paper", False, base), "pgd100": ("sanity", False, one_more)})
-    bad = hand_evaluation(clean, {"pgd40": ("paper", False, base), "pgd100": ("sanity", False, two_more)})
-    assert statuses(ok)["more steps/restarts never help"] == "pass"
-    assert statuses(bad)["more steps/restarts never help"] == "FLAG"
+
+    def status(stronger):
+        return statuses(hand_evaluation(clean, {"pgd40": ("paper", False, base),
+                                                "pgd100": ("sanity", False, stronger)}))["more steps/restarts never help"]
+    assert status([1] * 21 + [0] * 29) == "pass"
+    assert status([1] * 24 + [0] * 26) == "pass"
+    assert status([1] * 25 + [0] * 25) == "FLAG"
+    assert status([0] + [1] * 25 + [0] * 24) == "pass"  # 6 examples one way, 1 the other
+    check = {c["name"]: c for c in sanity.run_checks(hand_evaluation(clean, {
+        "pgd40": ("paper", False, base), "pgd100": ("sanity", False, [1] * 25 + [0] * 25)}))}
+    message = check["more steps/restarts never help"]["message"]
+    assert "exact one-sided McNemar test at level 0.05: 5 examples against 0, p = 0.031" in message
 
 
 def test_paper_count_above_clean_is_flagged():
@@ -268,18 +277,29 @@ def test_paper_count_above_clean_is_flagged():
     assert check["status"] == "FLAG" and "80.00 %" in check["message"] and "60.00 %" in check["message"]
 
 
+def test_noise_at_small_n_raises_no_flag():
+    # one example above clean (paper's count) and 2 of 50 left at ε = 1 are within noise at n = 50
+    clean = [1] * 30 + [0] * 20
+    evaluation = hand_evaluation(clean, {"pgd40": ("paper", False, clean, [1] * 31 + [0] * 19),
+                                         "pgd40-eps1": ("sanity", False, [1] * 2 + [0] * 48)})
+    checks = {c["name"]: c for c in sanity.run_checks(evaluation)}
+    assert checks["robust ≤ clean"]["status"] == "pass" and checks["ε = 1 reaches ~0 %"]["status"] == "pass"
+    assert checks["ε = 1 reaches ~0 %"]["numbers"]["p"] == pytest.approx(1 - 0.98 ** 50 - 50 * 0.02 * 0.98 ** 49)
+
+
 def test_square_beating_pgd_and_unbounded_eps_are_flagged():
     clean = [1] * 50
     evaluation = hand_evaluation(clean, {
         "fgsm": ("paper", False, [1] * 45 + [0] * 5),
         "pgd40": ("paper", False, [1] * 40 + [0] * 10),
         "square": ("black-box", False, [1] * 30 + [0] * 20),
-        "pgd40-eps1": ("sanity", False, [1] * 2 + [0] * 48),
+        "pgd40-eps1": ("sanity", False, [1] * 5 + [0] * 45),
     })
     checks = {c["name"]: c for c in sanity.run_checks(evaluation)}
     assert checks["black-box/transfer never beat white-box"]["status"] == "FLAG"
     assert checks["black-box/transfer never beat white-box"]["numbers"]["broken_only_by"] == {"square": 10}
-    assert checks["ε = 1 reaches ~0 %"]["status"] == "FLAG"       # 4 % > max(2 %, one example)
+    # 5 of 50 left at ε = 1: P(X >= 5), X ~ Bin(50, 2 %), is 0.0032 (FLAG); 2 of 50 would be 0.26 (noise)
+    assert checks["ε = 1 reaches ~0 %"]["status"] == "FLAG" and "p = 0.0032" in checks["ε = 1 reaches ~0 %"]["message"]
     assert checks["iterative beats single-step"]["status"] == "pass"
     assert checks["aux/final agreement"]["status"] == "n/a"
 

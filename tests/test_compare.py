@@ -1,6 +1,7 @@
-"""Several checkpoints in one command (docs/evaluation-review.md#comparing-models): the Wilson interval and the
-paper-protocol column on hand numbers, sub-folder names, and test_white_attack.py --ckpt a.pt b.pt
-(one subset, one table, each model resumable in its own folder, bad input refused before any work)."""
+"""Several checkpoints in one command (docs/evaluation.md#comparing-models): the Wilson interval and the
+paper-protocol column on hand numbers, the paired difference and when pairing is refused, sub-folder names,
+and test_white_attack.py --ckpt a.pt b.pt (one subset, one table, each model resumable in its own folder,
+bad input refused before any work)."""
 import json
 
 import pytest
@@ -8,15 +9,47 @@ import torch
 
 import test_white_attack
 from models import create_model
-from utils.evaluation import compare
+from utils.evaluation import compare, stats
 
 
-def test_wilson_interval_matches_hand_values():
+def test_comparison_uses_the_one_statistics_module():
+    assert compare.wilson_interval is stats.wilson_interval
+    assert compare.paired_difference_interval is stats.paired_difference_interval
     low, high = compare.wilson_interval(50, 100)
     assert low == pytest.approx(0.4038, abs=1e-4) and high == pytest.approx(0.5962, abs=1e-4)
     low, high = compare.wilson_interval(0, 100)
     assert low == 0.0 and high == pytest.approx(0.0370, abs=1e-4)
-    assert compare.wilson_interval(10, 10)[1] == pytest.approx(1.0) and compare.wilson_interval(0, 0) == (0.0, 1.0)
+
+
+def _report(worst, indices=(0, 1, 2, 3), labels=(3, 1, 4, 1)):
+    return {"meta": {"indices": None if indices is None else list(indices)},
+            "labels": None if labels is None else list(labels), "worst_case": {"correct": list(worst)}}
+
+
+def test_paired_difference_to_the_first_model():
+    a, b = _report([1, 1, 0, 0]), _report([1, 0, 0, 0])
+    assert compare.pairing_refusal(["a", "b"], [a, b]) is None
+    pair, = compare.paired_rows(["a", "b"], [a, b])
+    # b − a on the same four examples: (a, b, c, d) = (1, 0, 1, 2), difference −1/4, Newcombe's method 10
+    assert pair["difference"] == -0.25 and (pair["only_first"], pair["only_second"]) == (0, 1)
+    assert (pair["low"], pair["high"]) == pytest.approx(stats.newcombe_paired_interval(1, 0, 1, 2))
+    assert pair["claim"] == "not resolved by these 4 examples"
+    lines = "\n".join(compare.paired_markdown([pair], None))
+    assert "| b | -25.00 | [" in lines and "not training seeds, other test sets or other attacks" in lines
+    n = 40
+    up = compare.paired_rows(["a", "b"], [_report([0] * n, range(n), [0] * n), _report([1] * n, range(n), [0] * n)])
+    assert up[0]["claim"] == "b above a" and up[0]["low"] > 0
+
+
+def test_pairing_is_refused_without_the_same_recorded_images_and_labels():
+    a = _report([1, 1, 0, 0])
+    unrecorded = compare.pairing_refusal(["a", "b"], [a, _report([1, 0, 0, 0], indices=None)])
+    assert unrecorded.startswith("b's results.json records no test-image indices")
+    both_unrecorded = [_report([1, 0, 0, 0], indices=None), _report([1, 0, 0, 0], indices=None)]
+    assert "records no test-image indices" in compare.pairing_refusal(["a", "b"], both_unrecorded)  # None == None is no pairing
+    assert "other test images" in compare.pairing_refusal(["a", "b"], [a, _report([1, 0, 0, 0], indices=(0, 1, 2, 5))])
+    assert "other labels" in compare.pairing_refusal(["a", "b"], [a, _report([1, 0, 0, 0], labels=(3, 1, 4, 2))])
+    assert compare.paired_markdown([], "x differs") == ["", "No paired worst-case differences: x differs."]
 
 
 def test_folder_names_are_distinct():
@@ -62,6 +95,10 @@ def test_script_compares_models_on_one_subset_and_resumes(tmp_path, capsys):
         assert low <= row["worst_case"] <= high
     md = (out / "comparison.md").read_text()
     assert "| model | clean | paper protocol | worst case | 95 % interval | FLAGs |" in md and md in capsys.readouterr().out
+    pair, = table["paired"]  # b − a on the same eight images
+    assert table["paired_refusal"] is None and pair["model"] == "b" and pair["baseline"] == "a" and pair["n"] == 8
+    worst = {r["model"]: r["worst_case"] for r in table["models"]}
+    assert pair["difference"] == pytest.approx(worst["b"] - worst["a"]) and "Paired worst-case differences to a" in md
     # a finished model is reused; a lost one is evaluated again
     kept = (out / "a" / "results.json").stat().st_mtime_ns
     (out / "b" / "results.json").unlink()

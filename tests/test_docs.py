@@ -220,3 +220,28 @@ def test_every_cited_docs_page_exists():
     files = _project_files(".py", ".md", ".txt")
     cited = {m for p in files for m in re.findall(r"docs/[\w-]+\.md", p.read_text(errors="ignore"))}
     assert sorted(c for c in cited if not (ROOT / c).is_file()) == []
+
+
+def test_every_cited_docs_anchor_exists():
+    """``docs/<page>.md#<anchor>`` in code, docs and tests names a heading of that page."""
+    files = _project_files(".py", ".md", ".txt", ".cfg", ".toml")
+    cited = {m for p in files for m in re.findall(r"docs/([\w-]+\.md)#([\w-]+)", p.read_text(errors="ignore"))}
+    assert len(cited) >= 5
+    assert sorted(f"{page}#{a}" for page, a in cited
+                  if not (ROOT / "docs" / page).is_file() or a not in _anchors(ROOT / "docs" / page)) == []
+
+
+def test_indicator_links_in_reports_name_headings_of_their_page():
+    """Each indicator of attack failure points the report's reader at its own section of the docs."""
+    from utils.evaluation import indicators
+    page, _, _ = indicators._anchor("silent success").partition("#")
+    anchors = _anchors(ROOT / page)
+    assert [name for name in indicators.MEANINGS if indicators._anchor(name).partition("#")[2] not in anchors] == []
+
+
+def test_docs_are_the_readme_plus_at_most_five_pages_all_listed_in_it():
+    """A researcher's evening: README plus at most 5 pages, each in the README's documentation table."""
+    pages = sorted(p.name for p in (ROOT / "docs").glob("*.md"))
+    table = _section(README.read_text(), "## Documentation")
+    assert len(pages) <= 5
+    assert [p for p in pages if f"(docs/{p})" not in table] == []

@@ -1,4 +1,4 @@
-"""Indicators of attack failure (Pintor et al., NeurIPS 2022; docs/attack-failure.md): the PGD record hook
+"""Indicators of attack failure (Pintor et al., NeurIPS 2022; docs/evaluation.md): the PGD record hook
 only observes, the rules on hand tensors, and each indicator fires on a toy model built to fail it and
 stays quiet on a plain linear model."""
 import numpy as np
@@ -195,10 +195,10 @@ def test_run_indicators_traces_our_pgds_and_reports_them(tiny_model):
     # a head or a transfer surrogate is not what the model classifies: not traced
     assert attacks == [a for a in ("fgsm+p", "pgd40", "joint-pgd-ce-w2", "st-pgd-ce-t1") for _ in range(3)] + [
         "model", "model"]
-    assert all(item["doc"].startswith("docs/attack-failure.md#") for item in items)
+    assert all(item["doc"].startswith("docs/evaluation.md#") for item in items)
     evaluation = Evaluation(y.numpy(), np.ones(6, bool), {}, [], indicators=items)
     text = "\n".join(flag_summary([], items) + checks_table([], items))
-    assert "pgd40" in text and "docs/attack-failure.md#" in text
+    assert "pgd40" in text and "docs/evaluation.md#" in text
     for name, meaning in indicators.MEANINGS.items():  # each meaning said once, not once per attack
         assert text.count(meaning) <= 1 and (meaning in text) == (name in {i["name"] for i in items})
     assert json_report(evaluation, [], {})["attack_failure"] == items

@@ -1,5 +1,5 @@
 """RobustBench models by name, offline, and RobustBench's model-info export
-(docs/evaluation-review.md#robustbench-models). Most tests use a registry of the test's own; the ones marked
+(docs/evaluation.md#robustbench-models). Most tests use a registry of the test's own; the ones marked
 below use the robustbench package's registry and skip when it is not installed (it is an optional
 extra: requirements-robustbench.txt)."""
 import importlib.util

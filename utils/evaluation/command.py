@@ -96,7 +96,7 @@ def name_list(text):
 def _model_arguments(parser):
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--ckpt", nargs="+", help="checkpoint in this project's format, or a reference state dict; "
-                                                  "several: compare them on one subset (docs/evaluation-review.md)")
+                                                  "several: compare them on one subset (docs/evaluation.md#for-reviewers)")
     source.add_argument("--model-factory", metavar="FILE.py:FUNCTION",
                         help="build any model: FUNCTION() in FILE.py returns an nn.Module mapping [0,1] images to logits")
     review.add_model_source(source)
@@ -156,7 +156,7 @@ def parse_args(argv=None):
     _attack_arguments(parser)
     run = parser.add_argument_group("run")
     run.add_argument("--batch-size", type=batch_size_type, default="auto",
-                     help="examples per batch, or auto (default): from free CUDA memory (docs/gpu-session.md), 128 on CPU")
+                     help="examples per batch, or auto (default): from free CUDA memory (docs/evaluation.md), 128 on CPU")
     add_device_argument(run)
     run.add_argument("--out-dir", default=None, help="default: CKPT_FOLDER/eval_TIMESTAMP (./eval_TIMESTAMP with "
                                                       "--model-factory)")

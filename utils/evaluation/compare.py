@@ -1,13 +1,14 @@
 """Several checkpoints evaluated on the same fixed subset in one command
-(``test_white_attack.py --ckpt a.pt b.pt ...``, docs/evaluation-review.md#comparing-models): each model's
+(``test_white_attack.py --ckpt a.pt b.pt ...``, docs/evaluation.md#comparing-models): each model's
 evaluation in its own sub-folder of --out-dir (a finished one is reused, an interrupted one resumed),
-then one table — clean, the paper protocol, the worst case with a 95 % Wilson interval, FLAGs — as
+then one table — clean, the paper protocol, the worst case with a 95 % Wilson interval, FLAGs — and,
+when every model was evaluated on the same recorded test images with the same labels, each model's
+paired worst-case difference to the first (Newcombe's method 10, utils/evaluation/stats.py), as
 comparison.md and comparison.json."""
 from __future__ import annotations
 
 import copy
 import json
-import math
 from datetime import datetime
 from pathlib import Path
 
@@ -16,19 +17,7 @@ import numpy as np
 from utils.checkpoint import atomic_write_json, atomic_write_text
 from utils.evaluation.catalogue import EvaluationError
 from utils.evaluation.options import check_output_dir
-
-Z95 = 1.959964
-
-
-def wilson_interval(k, n, z=Z95):
-    """95 % Wilson score interval of a proportion k/n (Wilson 1927); (0, 1) when n = 0."""
-    if n == 0:
-        return 0.0, 1.0
-    p = k / n
-    denom = 1 + z * z / n
-    centre = (p + z * z / (2 * n)) / denom
-    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
-    return max(0.0, centre - half), min(1.0, centre + half)
+from utils.evaluation.stats import interval_text, paired_difference_interval, wilson_interval
 
 
 def folder_names(paths):
@@ -66,7 +55,7 @@ def flags_of(report, out_dir):
 def row(name, report, out_dir):
     n = len(report["labels"])
     k = report["worst_case"]["robust_count"]
-    low, high = wilson_interval(k, n)
+    low, high = wilson_interval(k, n) if n else (0.0, 1.0)
     paper, paper_attacks = paper_protocol(report)
     return {"model": name, "checkpoint": report["meta"].get("checkpoint"), "n": n,
             "clean": report["clean"]["accuracy"], "paper_protocol": paper, "paper_attacks": paper_attacks,
@@ -78,7 +67,7 @@ def _pct(v):
     return f"{100 * v:.2f} %"
 
 
-def markdown_table(rows, meta):
+def markdown_table(rows, meta, pairs=(), refusal=None):
     lines = [f"# Comparison on one fixed subset ({meta['dataset']} test, n = {meta['n']}, subset seed "
              f"{meta['subset_seed']}, ε = {meta['eps_text']})", "",
              "Paper protocol: per example, the worst of the paper's attacks that ran on every example; worst case: "
@@ -89,8 +78,62 @@ def markdown_table(rows, meta):
         flags = ", ".join(r["flags"]) if r["flags"] else "none"
         lines.append(f"| {r['model']} | {_pct(r['clean'])} | {_pct(r['paper_protocol'])} | {_pct(r['worst_case'])} "
                      f"({r['worst_case_count']}/{r['n']}) | {_pct(low)} – {_pct(high)} | {flags} |")
-    lines += ["", "Each model's own report: its sub-folder's report.md (docs/evaluation-review.md#comparing-models)."]
+    lines += paired_markdown(list(pairs), refusal)
+    lines += ["", "Each model's own report: its sub-folder's report.md (docs/evaluation.md#comparing-models)."]
     return "\n".join(lines) + "\n"
+
+
+def pairing_refusal(names, reports):
+    """Why the results.json ``reports`` (of ``names``) cannot be paired, as a clause, or None: pairing
+    needs every one to record its test images (meta.indices) and labels, all the same (two missing
+    records are not "the same")."""
+    for name, report in zip(names, reports):
+        if (report.get("meta") or {}).get("indices") is None or report.get("labels") is None:
+            return (f"{name}'s results.json records no test-image indices or labels (meta.indices); evaluate it "
+                    "again with this version to pair it")
+    first = reports[0]
+    for name, report in zip(names[1:], reports[1:]):
+        if list(report["meta"]["indices"]) != list(first["meta"]["indices"]):
+            return f"{name} was evaluated on other test images than {names[0]}"
+        if list(report["labels"]) != list(first["labels"]):
+            return f"{name}'s test images carry other labels than {names[0]}'s"
+    return None
+
+
+def paired_rows(names, reports):
+    """Each model's worst case minus the first model's, paired on the same examples (method 10)."""
+    base = reports[0]["worst_case"]["correct"]
+    rows = []
+    for name, report in zip(names[1:], reports[1:]):
+        ci = paired_difference_interval(report["worst_case"]["correct"], base)
+        rows.append(dict(ci, model=name, baseline=names[0], claim=difference_claim(ci, name, names[0])))
+    return rows
+
+
+def difference_claim(ci, name, baseline):
+    """The words a paired interval allows: above/below only when it excludes 0."""
+    if ci["low"] > 0:
+        return f"{name} above {baseline}"
+    if ci["high"] < 0:
+        return f"{name} below {baseline}"
+    return f"not resolved by these {ci['n']} examples"
+
+
+def paired_markdown(pairs, refusal):
+    """The paired-difference section of comparison.md."""
+    if refusal:
+        return ["", f"No paired worst-case differences: {refusal}."]
+    if not pairs:
+        return []
+    lines = ["", f"Paired worst-case differences to {pairs[0]['baseline']} (percentage points, same examples; "
+             f"{pairs[0]['method']}; the interval covers which test images were drawn, not training seeds, other "
+             "test sets or other attacks):", "",
+             "| model | difference | 95 % interval | survived only this model | only the first | reading |",
+             "|---|---|---|---|---|---|"]
+    for p in pairs:
+        lines.append(f"| {p['model']} | {100 * p['difference']:+.2f} | {interval_text(p['low'], p['high'], decimals=2)} "
+                     f"| {p['only_first']} | {p['only_second']} | {p['claim']} |")
+    return lines
 
 
 def _finished(sub):
@@ -161,9 +204,12 @@ def run_compare(args, evaluate_one, load=None, started=None):
                                                          "budget", "attacks_requested", "indices")}
     meta["n"] = len(reports[0]["labels"])
     rows = [row(name, report, out_dir / name) for name, report in zip(names, reports)]
-    text = markdown_table(rows, meta)
+    refusal = pairing_refusal(names, reports)
+    pairs = [] if refusal else paired_rows(names, reports)
+    text = markdown_table(rows, meta, pairs, refusal)
     atomic_write_text(out_dir / "comparison.md", text)
-    atomic_write_json(out_dir / "comparison.json", {"meta": meta, "models": rows})
+    atomic_write_json(out_dir / "comparison.json", {"meta": meta, "models": rows, "paired": pairs,
+                                                    "paired_refusal": refusal})
     print(text)
     print(f"saved {out_dir / 'comparison.md'} and {out_dir / 'comparison.json'}")
     return rows

@@ -1,6 +1,6 @@
 """Indicators of attack failure (Pintor et al., "Indicators of Attack Failure: Debugging and Improving
 Optimization of Adversarial Examples", NeurIPS 2022), computed per attack of our own PGD and per
-model, and reported beside the sanity checks. docs/attack-failure.md says what each one means and
+model, and reported beside the sanity checks. docs/evaluation.md ("Indicators of attack failure") says what each one means and
 what to do when it fires.
 
 Per attack (read off the per-iterate trace our PGD hands to its ``record`` hook, re-running the
@@ -23,7 +23,7 @@ from utils.evaluation.context import AttackContext, full_precision
 from utils.evaluation.runner import attack_seed
 from utils.evaluation.sanity import tolerance
 
-DOC = "docs/attack-failure.md"
+DOC = "docs/evaluation.md"
 TAIL_FRACTION = 0.1           # "the last 10 % of steps"
 RISE_TOLERANCE = 0.01         # a best-so-far loss rise above 1 % (relative, floor 0.01) counts as still rising
 INCOMPLETE_SHARE = 0.1        # FLAG when more than 10 % of the unbroken examples still rise

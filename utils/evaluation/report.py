@@ -111,7 +111,7 @@ def checks_table(checks, indicators):
         result = group[0]["message"] if len(group) == 1 else f"{len(group)} attacks; per-attack numbers in results.json"
         lines.append(f"| {name} | {status} | {on} | {result} |")
     if meanings:
-        lines += ["", "What each indicator of attack failure checks (Pintor et al., NeurIPS 2022; docs/attack-failure.md):"]
+        lines += ["", "What each indicator of attack failure checks (Pintor et al., NeurIPS 2022; docs/evaluation.md#indicators-of-attack-failure):"]
         lines += [f"- {name}: {meaning} ({doc})." for name, (meaning, doc) in meanings.items()]
     return lines
 
@@ -250,8 +250,9 @@ def sweep_section(sweep):
     if not sweep:
         return []
     lines = ["", "## Robust accuracy against ε (not part of the headline)", "",
-             f"Accuracy on the same {sweep['n_examples']} examples at each ε (docs/evaluation-review.md#robust-accuracy-"
-             f"against-ε); the headline counts only ε = {sweep['threat_eps_text']}. Figure: eps_sweep.png.", "",
+             f"Accuracy on the same {sweep['n_examples']} examples at each ε "
+             f"(docs/evaluation.md#robust-accuracy-against-ε); the headline counts only ε = {sweep['threat_eps_text']}. "
+             "Figure: eps_sweep.png.", "",
              "| ε | " + " | ".join(sweep["curves"]) + " |", "|---|" + "---|" * len(sweep["curves"])]
     for i, eps in enumerate(sweep["eps_text"]):
         row = [_pct(sweep["curves"][name][i]) for name in sweep["curves"]]

@@ -1,5 +1,5 @@
 """What ``test_white_attack.py`` does around the main evaluation so a reviewer can trust it at a glance
-(docs/evaluation-review.md): the indicators of attack failure, the ε-sweep after the run into the same
+(docs/evaluation.md#for-reviewers): the indicators of attack failure, the ε-sweep after the run into the same
 out-dir, RobustBench models by name and RobustBench's model-info export. The options live here;
 ``utils/evaluation/command.py`` calls these functions at fixed points of its run."""
 from __future__ import annotations
@@ -34,7 +34,7 @@ def add_model_source(source):
 
 
 def add_arguments(parser):
-    group = parser.add_argument_group("review (docs/evaluation-review.md)")
+    group = parser.add_argument_group("review (docs/evaluation.md#for-reviewers)")
     group.add_argument("--eps-sweep", type=sweep.parse_eps_sweep, default=None, metavar="LIST|default",
                        help="after the run, the same attacks at every ε of LIST (e.g. 0,1,2,4,8,16,32,64/255 or "
                             "default) into OUT_DIR/eps_sweep.json and .png; outside the headline; resumable per ε")

@@ -1,5 +1,5 @@
 """RobustBench models by name, offline, and RobustBench's model-info JSON for a result
-(docs/evaluation-review.md#robustbench-models). Optional: ``pip install -r requirements-robustbench.txt``.
+(docs/evaluation.md#robustbench-models). Optional: ``pip install -r requirements-robustbench.txt``.
 
 The architecture comes from RobustBench's own registry (``robustbench.model_zoo.model_dicts``);
 the weights from its folder layout ``MODEL_DIR/DATASET/THREAT/NAME.pt``, read with

@@ -1,6 +1,6 @@
 """Robust accuracy against ε (Carlini et al. 2019, "On Evaluating Adversarial Robustness", §5.4:
 accuracy must fall as ε grows and reach chance or zero at large ε; a curve that does not suggests
-the attacks fail, not that the model is robust). docs/evaluation-review.md#robust-accuracy-against-ε.
+the attacks fail, not that the model is robust). docs/evaluation.md#robust-accuracy-against-ε.
 
 At every ε of the sweep the same examples are attacked by the run's attacks of the threat model
 rescaled to that ε (the final-logit PGD-40 and, for an RA model, the head-aware PGD-40+p and the

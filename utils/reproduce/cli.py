@@ -11,7 +11,9 @@ from utils.reproduce.schedule import device_slots
 from utils.reproduce.studies import (
     STUDIES,
     describe_studies,
+    parse_seeds,
     scale_milestones,
+    seeded_rows,
     select_rows,
 )
 from utils.reproduce.verdict import record_refusal
@@ -70,7 +72,10 @@ def make_plan(args):
     if args.study is None:
         raise ValueError("name a study (or pass --list to see them)")
     study = STUDIES[args.study]
-    rows = select_rows(study, args.only)
+    seeds = parse_seeds(args.seeds)
+    if len(seeds) > 1 and not study.evaluate:
+        raise ValueError(f"the {study.name} study draws its figures from one trained model per row; give one seed")
+    rows = seeded_rows(select_rows(study, args.only), seeds)
     if args.smoke and args.dataset not in (None, "synthetic"):
         raise ValueError("--smoke trains and evaluates on synthetic data; drop --dataset, or drop --smoke to use "
                          f"{args.dataset}")
@@ -90,8 +95,8 @@ def make_plan(args):
     if out_dir.exists() and not out_dir.is_dir():
         raise ValueError(f"--out-dir {args.out_dir} exists and is not a folder")
     data_dir = str(Path(args.data_dir).resolve()) if args.data_dir else None
-    return Plan(study, rows, out_dir, dataset, epochs, milestones, n_examples, args.seed, args.smoke, data_dir,
-                slots, args.nproc_per_row)
+    return Plan(study, rows, out_dir, dataset, epochs, milestones, n_examples, seeds[0], args.smoke, data_dir,
+                slots, args.nproc_per_row, seeds if len(seeds) > 1 else ())
 
 
 def main(args, command=None):

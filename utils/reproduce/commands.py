@@ -36,7 +36,7 @@ def train_command(plan, row, resume):
     if resume:
         return command + ["--resume", str(run_dir), "--quiet"]
     command += list(row.options) + ["--dataset", plan.dataset, "--epochs", str(plan.epochs), "--milestones",
-                                    *map(str, plan.milestones), "--seed", str(plan.seed), "--out-dir",
+                                    *map(str, plan.milestones), "--seed", str(plan.seed_of(row)), "--out-dir",
                                     str(plan.runs_dir(row)), "--run-name", run_dir.name, "--quiet"]
     if plan.smoke:
         command += ["--smoke", *SMOKE_OPTIONS.get(row.kind, ())]
@@ -86,7 +86,7 @@ def evaluate_command(plan, row, tool, resume):
     command = python_command(plan, "test_white_attack.py") + [
         "--ckpt", str(plan.run_dir(row) / "best.pt"), "--attacks", tool.attacks(plan.smoke),
         "--n-examples", str(plan.n_examples), "--budget", plan.budget, "--out-dir", str(plan.eval_dir(row)),
-        "--seed", str(plan.seed), "--quiet"] + _data_dir(plan)
+        "--seed", str(plan.seed_of(row)), "--quiet"] + _data_dir(plan)
     if not plan.smoke:  # the table's AA columns: AutoAttack on every example, not only on cascade survivors
         command += ["--full-set", "autoattack,autoattack+p"]
     return command + (["--resume"] if resume and tool.resume else [])

@@ -32,6 +32,16 @@ class Plan:
     data_dir: str | None = None
     slots: tuple = (None,)   # CUDA_VISIBLE_DEVICES of each concurrent row ("0", "1,2", ...) or (None,)
     nproc: int = 1           # processes per training run (torchrun when > 1)
+    seeds: tuple = ()        # every training seed when there are several (each row then has its seed); else ()
+
+    @property
+    def seed_list(self):
+        """The training seeds of this invocation (one row per seed and study row)."""
+        return tuple(self.seeds) or (self.seed,)
+
+    def seed_of(self, row):
+        """The training (and attack) seed of ``row``."""
+        return self.seed if row.seed is None else row.seed
 
     @property
     def budget(self):
@@ -49,7 +59,7 @@ class Plan:
 
     def run_dir(self, row):
         """The row's training run folder."""
-        return self.runs_dir(row) / run_name(row, self.dataset, self.seed, self.epochs, self.smoke)
+        return self.runs_dir(row) / run_name(row, self.dataset, self.seed_of(row), self.epochs, self.smoke)
 
     def eval_dir(self, row):
         """The row's evaluation folder inside its run folder (size and budget in the name)."""

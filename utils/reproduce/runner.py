@@ -326,8 +326,8 @@ class StudyRun:
         """The invocation's settings as the table reports them."""
         plan = self.plan
         return {"dataset": plan.dataset, "epochs": plan.epochs, "milestones": list(plan.milestones),
-                "seed": plan.seed, "n_examples": plan.n_examples, "budget": plan.budget, "smoke": plan.smoke,
-                "commit": self.commit}
+                "seed": plan.seed, "seeds": list(plan.seed_list), "n_examples": plan.n_examples, "budget": plan.budget,
+                "smoke": plan.smoke, "commit": self.commit}
 
     def write_table(self):
         """Rewrite table.json and table.md (or, for the figures study, the list of figures)."""

@@ -28,6 +28,18 @@ class Row:
     reverse_attention: bool
     paper: str | None = None  # key into paper.REPORTED
     home: str | None = None   # study whose run folder holds the run (None: this study)
+    seed: int | None = None   # with several --seeds: this row's training seed (None: the invocation's one seed)
+    base: str | None = None   # with several --seeds: the study row this is one seed of
+
+    @property
+    def method_row(self):
+        """The study row's name, the same for every seed of it."""
+        return self.base or self.name
+
+    @property
+    def seed_label(self):
+        """The paper's name, with the seed when the row is one of several seeds."""
+        return self.label if self.seed is None else f"{self.label} (seed {self.seed})"
 
     @property
     def script(self):
@@ -172,6 +184,26 @@ def select_rows(study, only):
         raise ValueError(f"study {study.name} has no row {', '.join(unknown)}; its rows are "
                          f"{', '.join(r.name for r in study.rows)}")
     return tuple(r for r in study.rows if r.name in wanted)
+
+
+def seeded_rows(rows, seeds):
+    """The rows once per training seed: unchanged for one seed (today's names and run folders), else
+    ``NAME-sSEED`` rows, seed by seed (all rows of the first seed, then the next), so the rows of
+    one seed run side by side before the next seed's."""
+    if len(seeds) == 1:
+        return tuple(rows)
+    return tuple(replace(row, name=f"{row.name}-s{seed}", seed=seed, base=row.name) for seed in seeds for row in rows)
+
+
+def parse_seeds(text):
+    """``"0,1,2"`` → ``(0, 1, 2)``; empty, negative, repeated or non-integer seeds raise ValueError."""
+    try:
+        seeds = tuple(int(part) for part in str(text).split(","))
+    except ValueError:
+        raise ValueError(f"--seeds takes integers separated by commas (e.g. 0,1,2), got {text!r}") from None
+    if any(seed < 0 for seed in seeds) or len(set(seeds)) != len(seeds):
+        raise ValueError(f"--seeds takes distinct seeds of 0 or more, got {text!r}")
+    return seeds
 
 
 def describe_studies():

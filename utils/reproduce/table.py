@@ -68,9 +68,10 @@ def row_record(item, settings):
     row, results = item.row, item.results
     paper = reported(row.paper)
     record = {
-        "row": row.name, "label": row.label, "status": item.status, "run_dir": item.run_dir,
+        "row": row.name, "label": row.seed_label,
+        "method_row": row.method_row, "method_label": row.label, "status": item.status, "run_dir": item.run_dir,
         "commit": item.commit, "epochs": settings["epochs"], "milestones": list(settings["milestones"]),
-        "seed": settings["seed"], "n_examples": settings["n_examples"],
+        "seed": settings["seed"] if row.seed is None else row.seed, "n_examples": settings["n_examples"],
         "paper": None if paper is None else {"source": paper.source, "dataset": paper.dataset, "note": paper.note,
                                              "figures": dict(paper.figures)},
         "ours": None, "reference": None, "worst_case": None, "flags": None,
@@ -97,9 +98,12 @@ def build_table(study, settings, items):
              "checkpoint": "best.pt", "reference_label": REFERENCE_LABEL,
              "rows": [row_record(item, settings) for item in items]}
     if getattr(study, "verdict", False):
-        table["verdict"] = build_verdict({item.row.name: item.results for item in items})
-        table["verdict_paragraph"] = verdict_paragraph(
-            table["verdict"], {item.row.name: item.row.label for item in items}, settings, recipe.EPOCHS)
+        labels = {item.row.method_row: item.row.label for item in items}
+        labels.update({item.row.name: item.row.seed_label for item in items})
+        seeds = {item.row.name: (item.row.method_row, item.row.seed if item.row.seed is not None else settings["seed"])
+                 for item in items}
+        table["verdict"] = build_verdict({item.row.name: item.results for item in items}, seeds, labels)
+        table["verdict_paragraph"] = verdict_paragraph(table["verdict"], labels, settings, recipe.EPOCHS)
     return table
 
 
@@ -188,6 +192,11 @@ def _summary_section(table):
     return lines
 
 
+def _seeds_text(settings):
+    seeds = settings.get("seeds") or [settings["seed"]]
+    return f"seed {seeds[0]}" if len(seeds) == 1 else f"seeds {', '.join(map(str, seeds))} (one row per seed)"
+
+
 def render_markdown(table):
     """table.md from :func:`build_table`'s dict."""
     s = table["settings"]
@@ -195,7 +204,7 @@ def render_markdown(table):
     header = [f"# {table['study']}: {table['title']}", "",
               f"Ours: dataset {s['dataset']}, {s['epochs']} epochs with lr x0.1 after epochs "
               f"{' '.join(map(str, s['milestones']))} (the paper: {paper['epochs']} epochs, "
-              f"{' '.join(map(str, paper['milestones']))}), seed {s['seed']}, {s['n_examples']} test examples, "
+              f"{' '.join(map(str, paper['milestones']))}), {_seeds_text(s)}, {s['n_examples']} test examples, "
               f"attack budget {s['budget']}, checkpoint {table['checkpoint']}, code {s.get('commit', 'unknown')}."
               + (" Smoke run: synthetic data, tiny sizes; AutoAttack, APGD and Square not run." if s["smoke"] else ""),
               "", ("The BatchNorm columns (RA WideResNet / PreActResNet only) give clean accuracy with the running "

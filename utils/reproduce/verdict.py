@@ -3,23 +3,39 @@ above TRADES once the evaluation sees through RA's argmax gate?
 
 From each row's results.json (per-example correctness of every attack): the worst case with a 95 %
 Wilson interval, which attack families broke examples the paper's protocol (docs/protocol.md §2)
-left, the paired TRADES-ANCRA − TRADES worst-case gap, the paper-protocol AutoAttack − worst-case
-gap of every row, and a paragraph generated from these numbers. Nothing here is typed by hand.
+left, the paired TRADES-ANCRA − TRADES worst-case gap of every training seed (Newcombe's method 10,
+only on the same recorded test images with the same labels), the paper-protocol AutoAttack −
+worst-case gap of every row, the seeds' spread, and a paragraph generated from these numbers in
+short sentences. A sentence claims a direction only when its interval excludes 0, and "collapses"
+only when an exact test says so (utils/evaluation/stats.py). Nothing here is typed by hand.
 """
 from __future__ import annotations
 
+import statistics
 from pathlib import Path
 
 from utils.checkpoint import atomic_write_text
-from utils.reproduce.stats import paired_difference_interval, wilson_interval
+from utils.evaluation.compare import pairing_refusal
+from utils.evaluation.stats import (
+    BINOMIAL_TEST,
+    LEVEL,
+    binomial_lower_tail,
+    interval_text,
+    number_text,
+    paired_counts,
+    paired_difference_interval,
+    wilson_interval,
+)
 
 # Families beyond the paper's protocol, in the order the verdict lists them (catalogue names → words).
 FAMILIES = {"aux-head": "aux heads", "joint": "joint", "straight-through": "straight-through",
             "enumeration": "enumeration", "transfer": "transfer", "black-box": "Square",
             "sanity": "more PGD steps/restarts"}
 SUBJECT, BASELINE = "trades-ancra", "trades"
-# A worst case below this fraction of the row's paper-protocol figure "collapses".
+# A worst case below this fraction of the row's paper-protocol figure "collapses" (tested exactly).
 COLLAPSE_FRACTION = 0.5
+PAIRED_NAME = "Newcombe's paired method 10 (Statistics in Medicine 1998, 17(22):2635-2650)"
+COUNT_WORDS = {1: "One", 2: "Two", 3: "Three", 4: "Four", 5: "Five"}
 
 
 def _threat_model(results):
@@ -79,102 +95,215 @@ def row_verdict(results):
               "autoattack": None, "autoattack_gap": None, "device": results.get("meta", {}).get("device"),
               "torch": results.get("meta", {}).get("torch"), "started": results.get("meta", {}).get("started"),
               "protocol_gap": paired_difference_interval(protocol, worst)}
+    reference = protocol
     if aa is not None and aa.get("accuracy") is not None:
         aa_correct = [bool(c) and bool(r) for c, r in zip(results["clean"]["correct"], aa["correct"])]
         record["autoattack"] = _proportion(sum(aa_correct), n)
         record["autoattack_gap"] = paired_difference_interval(aa_correct, worst)
+        reference = aa_correct
+    record["collapse"] = collapse_test(reference, worst, "AutoAttack" if record["autoattack"] else "the paper protocol")
     record["collapsed"] = collapsed(record)
     return record
 
 
+def collapse_test(reference, worst, name):
+    """Of the ``left`` examples the reference (AutoAttack, else the paper protocol) left, ``kept``
+    survive the worst case; the exact one-sided binomial test of "fewer than COLLAPSE_FRACTION of them
+    survive": p = P(X <= kept), X ~ Binomial(left, COLLAPSE_FRACTION)."""
+    a, b, _, _ = paired_counts(reference, worst)
+    left, kept = a + b, a
+    p = binomial_lower_tail(kept, left, COLLAPSE_FRACTION) if left else 1.0
+    return {"reference": name, "left": left, "kept": kept, "p": p, "level": LEVEL}
+
+
 def collapsed(record):
-    """The worst case fell below COLLAPSE_FRACTION of the paper-protocol figure (AutoAttack when run)."""
-    reference = (record["autoattack"] or record["paper_protocol"])["accuracy"]
-    return reference > 0 and record["worst_case"]["accuracy"] < COLLAPSE_FRACTION * reference
+    """The worst case keeps fewer than COLLAPSE_FRACTION of the examples the paper-protocol figure
+    (AutoAttack when run) left, beyond noise: the exact one-sided binomial test rejects at LEVEL and
+    the paired gap's interval excludes 0."""
+    test = record["collapse"]
+    gap = record["autoattack_gap"] or record["protocol_gap"]
+    return (test["left"] > 0 and test["kept"] < COLLAPSE_FRACTION * test["left"] and test["p"] <= test["level"]
+            and gap["low"] > 0)
 
 
-def build_verdict(rows):
-    """``rows``: ``{row name: results.json or None}``. The verdict dict of table.json (rows not
-    finished are listed as pending; the comparison needs both TRADES rows on the same examples)."""
+def _comparison(seed, subject, baseline, labels):
+    """The paired TRADES-ANCRA − TRADES worst-case gap of one seed, or why there is none."""
+    record = {"seed": seed, "subject": SUBJECT, "baseline": BASELINE, "refusal": None, "interval": None}
+    if subject is None or baseline is None:
+        record["refusal"] = "pending"
+        return record
+    refusal = pairing_refusal([labels.get(SUBJECT, SUBJECT), labels.get(BASELINE, BASELINE)], [subject, baseline])
+    if refusal:
+        record["refusal"] = refusal
+    else:
+        record["interval"] = paired_difference_interval(subject["worst_case"]["correct"],
+                                                        baseline["worst_case"]["correct"])
+    return record
+
+
+def _spread(values):
+    values = [v for v in values if v is not None]
+    if not values:
+        return None
+    return {"values": values, "mean": statistics.fmean(values), "min": min(values), "max": max(values),
+            "sd": statistics.stdev(values) if len(values) > 1 else None}
+
+
+def build_verdict(rows, seeds=None, labels=None):
+    """``rows``: ``{row name: results.json or None}``; ``seeds``: ``{row name: (study row, seed)}``
+    when the rows are one per training seed (default: every row its own study row, one seed, None).
+    The verdict dict of table.json: each row's numbers, the pending rows, each seed's paired
+    comparison, how many seeds resolve the gap in each direction, and the seeds' spread."""
+    seeds = seeds or {name: (name, None) for name in rows}
+    labels = labels or {}
     done = {name: results for name, results in rows.items() if results is not None}
-    verdict = {"rows": {name: row_verdict(results) for name, results in done.items()},
-               "pending": [name for name, results in rows.items() if results is None], "comparison": None,
-               "collapse_rule": f"worst case below {COLLAPSE_FRACTION:g} x the paper-protocol figure"}
-    if SUBJECT in done and BASELINE in done:
-        same = done[SUBJECT]["meta"].get("indices") == done[BASELINE]["meta"].get("indices")
-        verdict["comparison"] = {"same_examples": same, "subject": SUBJECT, "baseline": BASELINE, "interval": (
-            paired_difference_interval(done[SUBJECT]["worst_case"]["correct"], done[BASELINE]["worst_case"]["correct"])
-            if same else None)}
+    verdict = {"rows": {}, "pending": [name for name, results in rows.items() if results is None],
+               "seeds": [], "comparisons": [], "level": LEVEL,
+               "collapse_rule": (f"the worst case keeps fewer than {COLLAPSE_FRACTION:g} of the examples the "
+                                 f"paper-protocol figure left ({BINOMIAL_TEST}) and the paired gap excludes 0")}
+    for name, results in done.items():
+        verdict["rows"][name] = dict(row_verdict(results), row=seeds[name][0], seed=seeds[name][1])
+    by_seed = {}
+    for name, (row, seed) in seeds.items():
+        by_seed.setdefault(seed, {})[row] = rows.get(name)
+    verdict["seeds"] = list(by_seed)
+    for seed, members in by_seed.items():
+        if SUBJECT in members and BASELINE in members:
+            verdict["comparisons"].append(_comparison(seed, members[SUBJECT], members[BASELINE], labels))
+    intervals = [c["interval"] for c in verdict["comparisons"] if c["interval"]]
+    verdict["agreement"] = {"seeds": len(verdict["comparisons"]), "paired": len(intervals),
+                            "above": sum(1 for ci in intervals if ci["low"] > 0),
+                            "below": sum(1 for ci in intervals if ci["high"] < 0)}
+    verdict["spread"] = {}
+    if len(by_seed) > 1:
+        for row in dict.fromkeys(r for r, _ in seeds.values()):
+            worst = [verdict["rows"][n]["worst_case"]["accuracy"] for n, (r, _) in seeds.items()
+                     if r == row and n in verdict["rows"]]
+            verdict["spread"][row] = _spread(worst)
+        verdict["spread"]["gap"] = _spread([ci["difference"] for ci in intervals])
     return verdict
 
 
 # ---------------------------------------------------------------- words
 
 def _pct(value):
-    return f"{100 * value:.1f} %"
+    return f"{number_text(100 * value)} %"
 
 
 def _points(value):
-    return f"{100 * value:+.1f} points"
+    return f"{number_text(100 * value, sign=True)} points"
 
 
 def _interval(record):
-    return f"[{100 * record['low']:.1f}, {100 * record['high']:.1f}]"
+    return interval_text(record["low"], record["high"])
 
 
-def _comparison_sentence(verdict, labels):
-    comparison = verdict["comparison"]
-    if comparison is None:
-        return f"The TRADES-ANCRA − TRADES comparison waits for both rows ({', '.join(verdict['pending'])} pending)."
-    if not comparison["same_examples"]:
-        return ("TRADES-ANCRA and TRADES were evaluated on different test examples, so no paired comparison is "
-                "made; rerun both with the same --n-examples and --seed.")
-    ci = comparison["interval"]
+def _seed_label(label, seed):
+    return label if seed is None else f"{label} (seed {seed})"
+
+
+def _gap_sentences(comparison, labels, several):
+    """One seed's paired gap: the numbers, then the one claim they allow."""
     subject, baseline = labels.get(SUBJECT, SUBJECT), labels.get(BASELINE, BASELINE)
+    where = f"Seed {comparison['seed']}: the" if several else "The"
+    if comparison["refusal"] == "pending":
+        return [f"{where} {subject} − {baseline} comparison waits for both rows."]
+    if comparison["refusal"]:
+        return [f"{where} {subject} − {baseline} comparison is not made: {comparison['refusal']}."]
+    ci = comparison["interval"]
+    lines = [f"{where} worst-case gap {subject} − {baseline} is {_points(ci['difference'])}, 95 % interval "
+             f"{_interval(ci)}, on the same {ci['n']} test images ({ci['only_first']} survived only {subject}, "
+             f"{ci['only_second']} only {baseline})."]
     if ci["low"] > 0:
-        answer = f"{subject} keeps its worst case above {baseline}"
+        lines.append(f"{subject} keeps its worst case above {baseline}.")
     elif ci["high"] < 0:
-        answer = f"{subject}'s worst case is below {baseline}'s"
+        lines.append(f"{subject}'s worst case is below {baseline}'s.")
     else:
-        answer = f"these {ci['n']} examples do not resolve a difference between {subject} and {baseline}"
-    return (f"Worst-case gap {subject} − {baseline}: {_points(ci['difference'])}, 95 % interval "
-            f"{_interval(ci)} points ({ci['method']}, from per-example correctness on the same {ci['n']} "
-            f"examples; {ci['only_first']} survived only {subject}, {ci['only_second']} only {baseline}): {answer}.")
+        lines.append(f"These {ci['n']} test images do not resolve a difference between {subject} and {baseline}.")
+    return lines
 
 
-def _row_sentence(label, r):
+def _agreement_sentences(verdict, labels):
+    """How many seeds resolve the gap in each direction (never more than the intervals show)."""
+    agree = verdict["agreement"]
+    total = agree["seeds"]
+    if total < 2:
+        return []
+    subject, baseline = labels.get(SUBJECT, SUBJECT), labels.get(BASELINE, BASELINE)
+    lines = [f"In {agree['above']} of {total} seeds {subject}'s worst case is above {baseline}'s with an interval "
+             "excluding 0.",
+             f"In {agree['below']} of {total} seeds it is below with an interval excluding 0."]
+    unresolved = agree["paired"] - agree["above"] - agree["below"]
+    if unresolved:
+        lines.append(f"In {unresolved} of {total} seeds the test images do not resolve the gap.")
+    if agree["paired"] < total:
+        lines.append(f"{total - agree['paired']} of {total} seeds have no paired comparison yet.")
+    return lines
+
+
+def _models_sentence(settings):
+    seeds = settings.get("seeds") or [settings.get("seed", 0)]
+    if len(seeds) == 1:
+        return (f"One trained model per method (seed {seeds[0]}): each interval covers which test images were drawn, "
+                "not the variation between training seeds.")
+    count = COUNT_WORDS.get(len(seeds), str(len(seeds)))
+    return (f"{count} trained models per method (seeds {', '.join(map(str, seeds))}): each interval covers one "
+            "seed's test images; the table shows the spread between seeds.")
+
+
+def _row_sentences(label, r):
+    """One row's short sentences: worst case, AutoAttack (or the paper protocol) and their gap, the
+    families beyond the protocol, a collapse, FLAGs."""
     worst = r["worst_case"]
-    text = f"{label}: worst case {_pct(worst['accuracy'])} {_interval(worst)} over {r['attacks']} attacks"
+    lines = [f"{label}: worst case {_pct(worst['accuracy'])} {_interval(worst)} over {r['attacks']} attacks."]
     if r["autoattack"] is not None:
-        gap = r["autoattack_gap"]
-        text += (f"; paper-protocol AutoAttack {_pct(r['autoattack']['accuracy'])}, so AutoAttack overstates it by "
-                 f"{_points(gap['difference'])} {_interval(gap)}")
+        gap, name = r["autoattack_gap"], "AutoAttack"
+        lines.append(f"Its paper-protocol AutoAttack figure is {_pct(r['autoattack']['accuracy'])}.")
+        claim = f"AutoAttack overstates its worst case by {_points(gap['difference'])} {_interval(gap)}."
     else:
-        gap = r["protocol_gap"]
-        text += (f"; AutoAttack not run, the paper protocol's attacks together leave "
-                 f"{_pct(r['paper_protocol']['accuracy'])}, {_points(gap['difference'])} {_interval(gap)} above it")
+        gap, name = r["protocol_gap"], "the paper protocol's attacks together"
+        lines.append(f"AutoAttack was not run; the paper protocol's attacks together leave "
+                     f"{_pct(r['paper_protocol']['accuracy'])}.")
+        claim = f"The paper protocol overstates its worst case by {_points(gap['difference'])} {_interval(gap)}."
+    if gap["low"] > 0:
+        lines.append(claim)
+    else:
+        lines.append(f"These {gap['n']} test images do not resolve a gap between {name} and its worst case "
+                     f"({_points(gap['difference'])} {_interval(gap)}).")
     broke = [f"{FAMILIES[f]} {k}" for f, k in r["families"].items() if k]
-    text += (f"; attacks beyond the paper protocol broke {r['beyond_protocol']} examples it left"
-             + (f" ({', '.join(broke)})" if broke else ""))
+    lines.append(f"Attacks beyond the paper protocol broke {r['beyond_protocol']} examples it left"
+                 + (f" ({', '.join(broke)})." if broke else "."))
     if r["collapsed"]:
-        text += ". **Its worst case collapses** (below half of the paper-protocol figure)"
+        test = r["collapse"]
+        lines.append(f"**Its worst case collapses**: {test['kept']} of the {test['left']} examples {test['reference']} "
+                     f"left survive, fewer than half ({BINOMIAL_TEST}, p = {test['p']:.2g}).")
     if r["flags"]:
-        text += f"; sanity FLAGs: {', '.join(r['flags'])}"
-    return text + "."
+        lines.append(f"Sanity FLAGs: {', '.join(r['flags'])}.")
+    return lines
 
 
 def verdict_paragraph(verdict, labels, settings, paper_epochs):
-    """The generated paragraph: what the numbers show (``labels``: row name → the paper's name)."""
-    lines = [_comparison_sentence(verdict, labels)]
-    lines += [_row_sentence(labels.get(name, name), r) for name, r in verdict["rows"].items()]
+    """The generated paragraph in short sentences, one claim each (``labels``: row name → the paper's name)."""
+    several = len(verdict["comparisons"]) > 1
+    lines = [_models_sentence(settings)]
+    if not verdict["comparisons"]:
+        lines.append("The TRADES-ANCRA − TRADES comparison waits for both rows.")
+    for comparison in verdict["comparisons"]:
+        lines += _gap_sentences(comparison, labels, several)
+    lines += _agreement_sentences(verdict, labels)
+    for r in verdict["rows"].values():
+        seed = r["seed"] if len(verdict["seeds"]) > 1 else None
+        lines += _row_sentences(_seed_label(labels.get(r["row"], r["row"]), seed), r)
     if verdict["pending"]:
         lines.append(f"Not finished yet: {', '.join(labels.get(n, n) for n in verdict['pending'])}.")
     schedule = f"Trained {settings['epochs']} epochs"
     if settings["epochs"] != paper_epochs:
         schedule += f", not the paper's {paper_epochs}: a short schedule, not a reproduction of its figures"
+    lines.append(schedule + ".")
     if settings.get("smoke"):
-        schedule += "; smoke run on synthetic data, the numbers mean nothing about CIFAR-10"
-    lines.append(schedule + ". Intervals: 95 %, Wilson for one row, paired (Newcombe) for differences.")
+        lines.append("Smoke run on synthetic data: the numbers mean nothing about CIFAR-10.")
+    lines.append(f"Intervals: 95 %, Wilson's for one row, {PAIRED_NAME} for differences.")
+    lines.append("They cover the draw of test images, not training seeds, other test sets or other attacks.")
     return " ".join(lines)
 
 
@@ -182,29 +311,61 @@ def _line(cells):
     return "| " + " | ".join(str(c) for c in cells) + " |"
 
 
+def _spread_text(spread, scale=100):
+    if spread is None:
+        return "—"
+    text = f"mean {number_text(scale * spread['mean'])}, range {number_text(scale * spread['min'])} to " \
+           f"{number_text(scale * spread['max'])}"
+    return text + (f", SD {number_text(scale * spread['sd'])}" if spread["sd"] is not None else "")
+
+
 def render_verdict(table):
     """The verdict's markdown sections (appended to table.md)."""
-    verdict, labels = table["verdict"], {r["row"]: r["label"] for r in table["rows"]}
+    verdict = table["verdict"]
+    labels = {r["row"]: r.get("method_label", r["label"]) for r in table["rows"]}  # the seed has its own column
+    # in the table's row order (table.json may hold the verdict's rows with sorted keys)
+    ordered = [(r["row"], verdict["rows"][r["row"]]) for r in table["rows"] if r["row"] in verdict["rows"]]
     lines = ["## Verdict", "", table["verdict_paragraph"], "",
-             _line(["row", "clean %", "paper-protocol AA %", "paper protocol (all its attacks) %",
+             _line(["row", "seed", "clean %", "paper-protocol AA %", "paper protocol (all its attacks) %",
                     "worst case % [95 % Wilson]", "attacks", "AA − worst (points) [95 %]", "collapsed", "FLAGs"]),
-             _line(["---"] * 9)]
-    for name, r in verdict["rows"].items():
-        aa = "not run" if r["autoattack"] is None else f"{100 * r['autoattack']['accuracy']:.1f}"
+             _line(["---"] * 10)]
+    for name, r in ordered:
+        aa = "not run" if r["autoattack"] is None else number_text(100 * r["autoattack"]["accuracy"])
         gap = "—" if r["autoattack_gap"] is None else \
-            f"{100 * r['autoattack_gap']['difference']:.1f} {_interval(r['autoattack_gap'])}"
-        lines.append(_line([labels.get(name, name), f"{100 * r['clean']['accuracy']:.1f}", aa,
-                            f"{100 * r['paper_protocol']['accuracy']:.1f}",
-                            f"{100 * r['worst_case']['accuracy']:.1f} {_interval(r['worst_case'])}", r["attacks"], gap,
-                            "yes" if r["collapsed"] else "no", ", ".join(r["flags"]) or "none"]))
+            f"{number_text(100 * r['autoattack_gap']['difference'])} {_interval(r['autoattack_gap'])}"
+        lines.append(_line([labels.get(name, name), "—" if r["seed"] is None else r["seed"],
+                            number_text(100 * r["clean"]["accuracy"]), aa,
+                            number_text(100 * r["paper_protocol"]["accuracy"]),
+                            f"{number_text(100 * r['worst_case']['accuracy'])} {_interval(r['worst_case'])}",
+                            r["attacks"], gap, "yes" if r["collapsed"] else "no", ", ".join(r["flags"]) or "none"]))
+    paired = [c for c in verdict["comparisons"] if c["interval"]]
+    if paired:
+        lines += ["", "Paired worst-case gap TRADES-ANCRA − TRADES per seed (percentage points, 95 % Newcombe "
+                  "method 10 interval on the same test images):", "",
+                  _line(["seed", "gap", "95 % interval", "survived only TRADES-ANCRA", "only TRADES", "reading"]),
+                  _line(["---"] * 6)]
+        for c in paired:
+            ci = c["interval"]
+            reading = "above" if ci["low"] > 0 else "below" if ci["high"] < 0 else "not resolved"
+            lines.append(_line(["—" if c["seed"] is None else c["seed"], number_text(100 * ci["difference"], sign=True),
+                                _interval(ci), ci["only_first"], ci["only_second"], reading]))
+    if verdict["spread"]:
+        lines += ["", "Spread between training seeds (percentage points; each seed's numbers above):", "",
+                  _line(["row", "worst case %"]), _line(["---"] * 2)]
+        method_labels = {r.get("method_row", r["row"]): r.get("method_label", r["label"]) for r in table["rows"]}
+        for row, spread in verdict["spread"].items():
+            if row == "gap":
+                continue
+            lines.append(_line([method_labels.get(row, row), _spread_text(spread)]))
+        lines.append(_line(["gap TRADES-ANCRA − TRADES", _spread_text(verdict["spread"]["gap"])]))
     families = list(FAMILIES)
     lines += ["", "Examples the paper protocol left that each family broke (in a cascade each example is counted once, "
               "by the first family that broke it):", "",
-              _line(["row"] + [FAMILIES[f] for f in families] + ["all beyond the protocol"]),
-              _line(["---"] * (len(families) + 2))]
-    for name, r in verdict["rows"].items():
-        lines.append(_line([labels.get(name, name)] + [r["families"].get(f, "not run") for f in families]
-                           + [r["beyond_protocol"]]))
+              _line(["row", "seed"] + [FAMILIES[f] for f in families] + ["all beyond the protocol"]),
+              _line(["---"] * (len(families) + 3))]
+    for name, r in ordered:
+        lines.append(_line([labels.get(name, name), "—" if r["seed"] is None else r["seed"]]
+                           + [r["families"].get(f, "not run") for f in families] + [r["beyond_protocol"]]))
     return lines
 
 
@@ -316,7 +477,8 @@ def record_problem(table):
     verdict = table.get("verdict")
     if s.get("smoke") or s.get("dataset") == "synthetic":
         return "a smoke or synthetic run is never recorded"
-    if not verdict or verdict["pending"] or verdict["comparison"] is None:
+    if not verdict or verdict["pending"] or not verdict["comparisons"] or \
+            any(c["interval"] is None for c in verdict["comparisons"]):
         return "the verdict is not finished (rows pending or failed)"
     devices = {name: r.get("device") for name, r in verdict["rows"].items()}
     off_gpu = [name for name, device in devices.items() if not str(device).startswith("cuda")]
@@ -333,13 +495,14 @@ def _record_key(table):
 def results_section(table, gpu_name, command, date):
     """The RESULTS.md section of a finished GPU verdict."""
     s = table["settings"]
+    seeds = ", ".join(map(str, s.get("seeds") or [s["seed"]]))
     torches = sorted({str(r.get("torch")) for r in table["verdict"]["rows"].values()})
     schedule = f"{s['epochs']} epochs, lr x0.1 after epochs {' '.join(map(str, s['milestones']))}"
     if s["epochs"] != table["paper_schedule"]["epochs"]:
         schedule += f" (a short schedule, not the paper's {table['paper_schedule']['epochs']} epochs)"
     lines = [f"<!-- verdict {_record_key(table)} -->", f"## Verdict of {date}, {gpu_name}", "",
              f"- GPU: {gpu_name}; torch {', '.join(torches)}; commit {s.get('commit')}; date {date}",
-             f"- schedule: {schedule}; {s['n_examples']} test examples, seed {s['seed']}, attack budget {s['budget']}",
+             f"- schedule: {schedule}; {s['n_examples']} test examples, seeds {seeds}, attack budget {s['budget']}",
              f"- command: `{command}`", ""]
     lines += render_verdict(table)
     if table.get("timing"):
