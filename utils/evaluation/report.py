@@ -111,7 +111,8 @@ def checks_table(checks, indicators):
         result = group[0]["message"] if len(group) == 1 else f"{len(group)} attacks; per-attack numbers in results.json"
         lines.append(f"| {name} | {status} | {on} | {result} |")
     if meanings:
-        lines += ["", "What each indicator of attack failure checks (Pintor et al., NeurIPS 2022; docs/evaluation.md#indicators-of-attack-failure):"]
+        lines += ["", "What each indicator of attack failure checks (Pintor et al., NeurIPS 2022; "
+                  "docs/evaluation.md#indicators-of-attack-failure):"]
         lines += [f"- {name}: {meaning} ({doc})." for name, (meaning, doc) in meanings.items()]
     return lines
 
