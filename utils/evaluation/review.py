@@ -125,11 +125,21 @@ def run_eps_sweep(args, model, x, y, evaluation, out_dir):
                               full_set=full_set)
     summary = sweep.summarise(args.eps_sweep, reports, clean_accuracy=evaluation.clean_accuracy, n=evaluation.n,
                               threat_eps=args.eps, reverse_attention=ra,
-                              model_name=Path(str(evaluation.meta.get("checkpoint"))).name)
+                              model_name=run_label(evaluation.meta.get("checkpoint")))
     summary["attacks"], summary["full_set"], summary["strongest_head_aware"] = names, list(full_set), strongest
     atomic_write_json(Path(out_dir) / "eps_sweep.json", summary)
     sweep.plot_sweep(summary, Path(out_dir) / "eps_sweep.png")
     return summary
+
+
+def run_label(checkpoint):
+    """The model as figure titles name it: a checkpoint by its run folder and file
+    (``cifar10_resnet18_trades-ancra_s0/best.pt``, never only ``best.pt``); anything else as given."""
+    text = str(checkpoint)
+    path = Path(text)
+    if text.startswith("robustbench:") or ".py:" in text or not path.parent.name:
+        return text
+    return f"{path.parent.name}/{path.name}"
 
 
 def after_report(args, model, x, y, evaluation, out_dir, report):
