@@ -54,7 +54,9 @@ from utils.training.negatives import STRATEGIES
 from utils.training.schedule import Schedule
 from utils.training.setup import check_resume, run
 
-SMOKE_DEFAULTS = {"dataset": "synthetic", "train_size": 32, "batch_size": 16, "epochs": 2, "milestones": [2],
+# 8 batches per epoch: two epochs of 2 batches left BatchNorm's running statistics at their
+# initial values, so the eval-mode smoke model ignored its input (issue 31)
+SMOKE_DEFAULTS = {"dataset": "synthetic", "train_size": 64, "batch_size": 8, "epochs": 2, "milestones": [2],
                   "eval_size": 32, "eval_steps": 2, "attack_steps": 2, "save_freq": 2, "overwrite": True,
                   "awp_warmup": 0}  # with --awp-gamma, AWP runs from the first smoke epoch
 DATA_SEED = 0  # seed of the synthetic data and of the fixed subsets (read back by the evaluation)
