@@ -23,9 +23,10 @@ def test_smoke_caps_every_pgd_and_lowers_autoattack_full_keeps_the_protocol():
     assert smoke.keys() - {"enum-top2"} == full.keys() - {"enum-top3"}  # every attack is still there
     own = {"pgd40": 40, "cw40": 40, "pgd10": 10, "pgd100": 100, "pgd40-restarts": 40, "pgd40-eps1": 40}
     assert {name: full[name].params["steps"] for name in own} == own
-    assert {name: smoke[name].params["steps"] for name in own} == {name: min(10, steps) for name, steps in own.items()}
+    cap = BUDGETS["smoke"].max_steps
+    assert cap < 10 and {name: smoke[name].params["steps"] for name in own} == {n: min(cap, s) for n, s in own.items()}
     assert smoke["fgsm"].params["steps"] == 1
-    assert smoke["autoattack"].params["reduced"]["apgd.n_iter"] == 10 and "reduced" not in full["autoattack"].params
+    assert smoke["autoattack"].params["reduced"]["apgd.n_iter"] == 5 and "reduced" not in full["autoattack"].params
     assert not BUDGETS["smoke"].evaluation and BUDGETS["full"].evaluation and BUDGETS["small"].evaluation
 
 
@@ -50,15 +51,15 @@ def test_reduced_autoattack_sets_the_packages_own_attributes_and_runs_fewer_quer
     attack = package.AutoAttack(net, eps=8 / 255, version="standard") if package.name == "pyautoattack" else \
         package.AutoAttack(net, eps=8 / 255, version="standard", norm="Linf")
     reduce_autoattack(attack, BUDGETS["smoke"].autoattack, num_classes=5)
-    assert attack.apgd.n_iter == 10 and attack.square.n_queries == 100 and attack.apgd_targeted.n_target_classes == 2
+    assert attack.apgd.n_iter == 5 and attack.square.n_queries == 20 and attack.apgd_targeted.n_target_classes == 1
     reduce_autoattack(attack, (("fab.n_target_classes", 9),), num_classes=5)
     assert attack.fab.n_target_classes == 4  # never above C - 1
     with pytest.raises(AttributeError, match="no setting 'apgd.no_such_knob'"):
         reduce_autoattack(attack, (("apgd.no_such_knob", 1),), num_classes=5)
     counted = Counting(net)
     _, _, info = run_autoattack(counted, x, y, 8 / 255, num_classes=5, reduced=BUDGETS["smoke"].autoattack)
-    assert info["reduced"]["square.n_queries"] == 100
-    assert counted.calls < 400  # standard AutoAttack: 100 APGD-CE + 2 x 100 APGD-T iterations alone
+    assert info["reduced"]["square.n_queries"] == 20
+    assert counted.calls < 150  # standard AutoAttack: 100 APGD-CE + 4 x 100 APGD-T iterations alone
 
 
 def test_smoke_budget_runs_every_family_and_is_labelled_no_evaluation():
@@ -98,3 +99,31 @@ def test_suite_bar_counts_attacks_left_and_weights_them_by_cost(capsys):
         assert "1/2 attacks done, 1 left" in suite.bar.postfix
     assert "attacks done" in capsys.readouterr().err
     json.dumps(BUDGETS["smoke"].autoattack)  # results.json carries the budget's parameters
+
+
+def test_report_condenses_passes_and_says_n_a_where_nothing_was_checked():
+    import numpy as np
+
+    from test_adaptive import result_like
+    from utils.evaluation.report import checks_table, flag_summary
+    from utils.evaluation.results import Evaluation
+    from utils.evaluation.sanity import autoattack_checks
+
+    aa = result_like("autoattack", [0, 0, 0, 0])
+    aa.received = np.zeros(4, bool)  # the cascade left AutoAttack nothing to attack
+    evaluation = Evaluation(np.zeros(4, int), np.ones(4, bool), {}, [aa])
+    assert autoattack_checks(evaluation)["status"] == "n/a"
+    items = [{"name": "silent success", "attack": a, "status": "pass", "message": f"0/{n} ...", "meaning": "M1",
+              "doc": "docs/evaluation.md#silent-success"} for a, n in (("pgd40", 4), ("cw40", 3))]
+    items += [{"name": "incomplete optimisation", "attack": a, "status": "n/a", "message": m, "meaning": "M2",
+               "doc": "docs/evaluation.md#incomplete-optimisation"}
+              for a, m in (("fgsm", "fewer than 10 steps"), ("pgd10", "fewer than 10 steps"), ("pgd40", "none left"))]
+    items.append(dict(items[0], attack="pgd100", status="FLAG", message="2/4 examples were fooled"))
+    table = checks_table([], items)
+    assert "| silent success | pass | pgd40, cw40 | 2 attacks; per-attack numbers in results.json |" in table
+    assert "| incomplete optimisation | n/a | fgsm, pgd10 | fewer than 10 steps |" in table
+    assert "| incomplete optimisation | n/a | pgd40 | none left |" in table
+    assert sum("M1" in line for line in table) == 1 and not any("pgd100" in line for line in table)
+    summary = flag_summary([], items)
+    assert summary[0].startswith("**1 FLAG** of 6 checks") and "silent success (pgd100): 2/4 examples" in summary[2]
+    assert "Read: docs/evaluation.md#silent-success." in summary[2]

@@ -98,17 +98,18 @@ def checks_table(checks, indicators):
     for check in list(checks) + list(indicators):
         if check["status"] == "FLAG":
             continue
-        key = (check["name"], check["status"])
+        key = (check["name"], check["status"], check["message"] if check["status"] == "n/a" else None)
         rows.setdefault(key, []).append(check)
         if check.get("meaning"):
             meanings[check["name"]] = (check["meaning"], _where(check))
     if not rows:
         return []
     lines = ["| check | status | on | result |", "|---|---|---|---|"]
-    for (name, status), group in rows.items():
+    for (name, status, _), group in rows.items():
         attacks = [c["attack"] for c in group if c.get("attack")]
         on = ", ".join(attacks) if attacks else "—"
-        result = group[0]["message"] if len(group) == 1 else f"{len(group)} attacks; per-attack numbers in results.json"
+        same = len({c["message"] for c in group}) == 1
+        result = group[0]["message"] if same else f"{len(group)} attacks; per-attack numbers in results.json"
         lines.append(f"| {name} | {status} | {on} | {result} |")
     if meanings:
         lines += ["", "What each indicator of attack failure checks (Pintor et al., NeurIPS 2022; "
@@ -143,7 +144,7 @@ def _table(evaluation):
 
 
 def _notes(evaluation):
-    lines = []
+    lines, idle = [], []
     for name, reason in excluded_from_worst_case(evaluation).items():
         mark = "†" if evaluation.result(name).reference else "*"
         lines.append(f"- {mark} {name}: not in the worst case ({reason}).")
@@ -153,11 +154,14 @@ def _notes(evaluation):
             extra = f" ({skipped} of {r.n_received} skipped)" if skipped is not None else ""
             lines.append(f"- ‡ {r.name}: {r.upper_bound}{extra}.")
         if r.n_received == 0:
-            lines.append(f"- {r.name} attacked no clean-correct example (none was left); its row measures nothing.")
+            idle.append(r.name)
         elif r.counts.get("skipped") == r.n_received:
             lines.append(f"- {r.name}: AutoAttack attacked nothing (its target misclassified every point); "
                          "the row is the clean accuracy of those points, not a robustness figure.")
         lines += [f"- {r.name}: {note}." for note in r.notes if not r.reference]
+    if idle:
+        lines.append(f"- Attacked no clean-correct example (none was left; these rows measure nothing): "
+                     f"{', '.join(idle)}.")
     return lines
 
 
@@ -168,9 +172,16 @@ def _cascade_section(evaluation):
              ("Standalone attacks ran first on the full set; the others ran in this order, each only on the "
              "examples every earlier attack of the threat model failed to break (the per-example worst case is "
              "the same as running everything on everything):"), ""]
+    idle = []
     for r in evaluation.results:
+        if not r.standalone and r.n_received == 0:
+            idle.append(r)
+            continue
         kind = "standalone" if r.standalone else "cascade"
         lines.append(f"{r.order + 1}. {r.name} ({kind}): received {r.n_received}, broke {r.n_broken}")
+    if idle:
+        lines += ["", f"Received nothing (every example was broken before them): "
+                      f"{', '.join(f'{r.order + 1}. {r.name}' for r in idle)}."]
     return lines
 
 
