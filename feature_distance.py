@@ -23,7 +23,7 @@ from utils.evaluation.options import (
     check_output_file,
     create_output_dir,
 )
-from utils.training.negatives import STRATEGIES
+from utils.training.ancra import STRATEGIES
 
 
 def parse_args(argv=None):

@@ -7,7 +7,7 @@ redone. `python reproduce.py --list` shows the studies and their rows.
 import argparse
 import sys
 
-from utils.cli import OneLineArgumentParser, finite_float
+from utils.cli import OneLineArgumentParser, explicit_options, finite_float
 from utils.reproduce.cli import main
 from utils.reproduce.studies import STUDIES
 
@@ -45,7 +45,10 @@ def parse_args(argv=None):
     parser.add_argument("--record", default=None, metavar="RESULTS.md",
                         help="verdict only: append the finished verdict to this file; only real-data runs on a "
                              "CUDA GPU are recorded")
-    return parser.parse_args(argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    args = parser.parse_args(argv)
+    args.given_options = sorted(explicit_options(parser, argv))  # for the options that would change nothing
+    return args
 
 
 if __name__ == "__main__":

@@ -26,7 +26,14 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from utils.checkpoint import atomic_write_json  # noqa: E402
-from utils.cli import OneLineArgumentParser, positive_int  # noqa: E402
+from utils.cli import (  # noqa: E402
+    InertOptionError,
+    OneLineArgumentParser,
+    OnlyWith,
+    explicit_options,
+    positive_int,
+    refuse_inert,
+)
 from utils.evaluation.options import OutputError, check_output_dir  # noqa: E402
 
 MODES = {"cascade": "--cascade", "no-cascade": "--no-cascade"}
@@ -35,6 +42,12 @@ TIMING = "benchmark_timing.json"
 
 class RunFailed(RuntimeError):
     """A mode's test_white_attack.py process exited with an error."""
+
+
+# Options that would change nothing (utils.cli.refuse_inert), kept as data.
+INERT_RULES = (
+    OnlyWith(("parallel",), lambda a: len(a.modes) > 1, "--parallel runs the modes side by side and --modes names one"),
+)
 
 
 def parse_args(argv=None):
@@ -50,12 +63,17 @@ def parse_args(argv=None):
                         help="run the modes at the same time, OMP_NUM_THREADS=1 each (same load for both)")
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of the tables")
     parser.add_argument("extra", nargs="*", help="after --: more test_white_attack.py options (same for both modes)")
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = parser.parse_args(argv)
     modes = [m.strip() for m in args.modes.split(",") if m.strip()]
     unknown = [m for m in modes if m not in MODES]
     if unknown or not modes:
         parser.error(f"--modes takes cascade and/or no-cascade, got {args.modes!r}")
     args.modes = modes
+    try:
+        refuse_inert(INERT_RULES, args, explicit_options(parser, argv))
+    except InertOptionError as err:
+        parser.error(str(err))
     if not Path(args.ckpt).is_file():
         parser.error(f"checkpoint {args.ckpt} not found; pass the .pt file of a training run")
     try:
@@ -152,7 +170,7 @@ def summary(name, results, timing):
 
 def same_worst_case(runs):
     """Number of examples where the modes' per-example worst cases differ (0: identical)."""
-    worst = [results["worst_case"]["correct"] for results, _ in runs.values()]
+    worst = [results["worst_case"]["correct"] or [None] * len(results["labels"]) for results, _ in runs.values()]
     return sum(len(set(column)) > 1 for column in zip(*worst))
 
 

@@ -34,7 +34,15 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from utils.checkpoint import atomic_write_json, atomic_write_text  # noqa: E402
-from utils.cli import OneLineArgumentParser, finite_float, run_cli  # noqa: E402
+from utils.cli import (  # noqa: E402
+    InertOptionError,
+    OneLineArgumentParser,
+    OnlyWith,
+    explicit_options,
+    finite_float,
+    refuse_inert,
+    run_cli,
+)
 from utils.evaluation.command import PARTIAL  # noqa: E402
 from utils.evaluation.options import OutputError, check_output_dir  # noqa: E402
 
@@ -555,13 +563,23 @@ def build_parser():
     return parser
 
 
+# Options that would change nothing (utils.cli.refuse_inert), kept as data.
+INERT_RULES = (
+    OnlyWith(("unpack_dir",), lambda a: a.data is not None and Path(a.data).is_file(),
+             lambda a: "--dry-run unpacks its synthetic archive inside --out-dir" if a.dry_run else
+             "--unpack-dir is where an archive given to --data is unpacked, and --data is a folder"),
+)
+
+
 def parse_args(argv=None):
     """Parse and check everything before any work: data, output folder, budget, device."""
     parser = build_parser()
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = parser.parse_args(argv)
     try:
+        refuse_inert(INERT_RULES, args, explicit_options(parser, argv))
         validate(args)
-    except (SessionError, OutputError) as err:
+    except (SessionError, OutputError, InertOptionError) as err:
         parser.error(str(err))
     return args
 

@@ -1,4 +1,4 @@
-"""Time the real training step (utils.training.step.TrainStep) on synthetic data and compare it with
+"""Time the real training step (utils.training.ancra.TrainStep) on synthetic data and compare it with
 the bare model passes it has to do.
 
 For every (arch, method, batch size) it prints a table row, and with ``--json`` one JSON object:
@@ -30,23 +30,23 @@ from models import create_model
 from utils import data
 from utils.attacks import attack_mode
 from utils.cli import OneLineArgumentParser, add_device_argument, add_speed_arguments, resolve_device
+from utils.training.ancra import TrainStep, method_names, parse_method_name
 from utils.training.config import EvalConfig, MethodConfig, SpeedConfig, prepare_model
 from utils.training.errors import ConfigError
-from utils.training.methods import get_method, method_names, parse_method_name
+from utils.training.fast import FastStep
 from utils.training.monitor import monitor_accuracy
 from utils.training.schedule import Schedule, build_optimizer
-from utils.training.step import TrainStep
 
 CIFAR_TRAIN, EVAL_IMAGES = 50_000, 1_000
 
 
 def parse_method(name):
-    """``trades-ancra`` → (MethodConfig kwargs, reverse_attention); plain names are the vanilla baselines."""
+    """``trades-ancra`` → MethodConfig kwargs (method, anc, ra); plain names are the vanilla baselines."""
     try:
         method, anc, ra = parse_method_name(name)
     except ConfigError as err:
         raise SystemExit(f"error: {err}") from None
-    return {"method": method, "anc": anc, "attack_loss": get_method(method).attack_loss(anc, ra)}, ra
+    return {"method": method, "anc": anc, "ra": ra}
 
 
 class FlopCount(TorchDispatchMode):
@@ -99,20 +99,19 @@ def model_passes(step, x, y):
     only) in the batch sizes the step uses, then the training forwards and one backward."""
     cfg, speed, model = step.config, step.speed, step.attack_model
     batch = x.shape[0]
-    aux = step.attack_aux_weight > 0
+    aux = cfg.ra and cfg.aux_weight > 0
     attacked = step.method.attacked
-    negatives_attacked = cfg.anc and cfg.strategy.endswith("_adv")
-    sizes = ([2 * batch] if step.can_join() else [batch] * (attacked + negatives_attacked))
+    sizes = ([2 * batch] if step.joins() else [batch] * (attacked + step.attacks_negatives))
     if speed.channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
     with speed.autocast(x.device):
         with attack_mode(model):
-            if cfg.attack_loss == "kl" and attacked:
+            if step.attack_loss == "kl" and attacked:
                 with torch.no_grad():
                     model(x, return_aux=True) if aux else model(x)
             for size in sizes:
                 x_att = torch.cat([x, x])[:size].detach().requires_grad_(True)
-                for _ in range(cfg.steps):
+                for _ in range(cfg.attack_steps):
                     with torch.enable_grad():
                         out = model(x_att, return_aux=True) if aux else model(x_att)
                         logits = [out[0], *out[1]] if aux else [out]
@@ -121,8 +120,8 @@ def model_passes(step, x, y):
         forwards = attacked + (step.method.uses_natural or cfg.anc) + cfg.anc
         total = 0.0
         for _ in range(forwards):
-            out = step.model(x, y, return_aux=True) if step.reverse_attention else step.model(x)
-            logits = [out[0], *out[1]] if step.reverse_attention else [out]
+            out = step.model(x, y, return_aux=True) if cfg.ra else step.model(x)
+            logits = [out[0], *out[1]] if cfg.ra else [out]
             total = total + sum(o.float().logsumexp(1).mean() for o in logits)
     step.optimizer.zero_grad(set_to_none=True)
     total.backward()
@@ -147,11 +146,12 @@ def default_image_size(arch):
 
 def build_step(arch, method, batch, device, speed, attack_steps, num_classes, image_size=None):
     """A TrainStep exactly as the training scripts build it, and one synthetic batch."""
-    method_kwargs, ra = parse_method(method)
+    method_kwargs = parse_method(method)
     image_size = image_size or default_image_size(arch)
-    model = prepare_model(create_model(arch, num_classes, ra, image_size).to(device), speed)
+    model = prepare_model(create_model(arch, num_classes, method_kwargs["ra"], image_size).to(device), speed)
     optimizer = build_optimizer(model, Schedule())
-    step = TrainStep(model, optimizer, MethodConfig(steps=attack_steps, **method_kwargs), num_classes, speed)
+    step = FastStep(TrainStep(model, optimizer, MethodConfig(attack_steps=attack_steps, **method_kwargs), num_classes),
+                    speed)
     pair = data.make_synthetic("train", batch, image_size, seed=0)
     loader = data.BatchLoader(pair, batch, shuffle=True, augment=True, device=device)
     x, y = next(iter(loader))

@@ -71,7 +71,19 @@ def _file_kind(path):
 
 
 def _first_line(err):
-    return _ANSI.sub("", str(err)).strip().split("\n")[0][:200]
+    return load_error_text(err)
+
+
+def load_error_text(err):
+    """The first line of a ``torch.load`` error, for a one-line message; torch's weights-only refusal
+    (whose text advises retrying with ``weights_only=False``) is told in our words instead: no
+    message of this project suggests turning that safety check off."""
+    text = _ANSI.sub("", str(err)).strip()
+    if isinstance(err, pickle.UnpicklingError) or "weights_only" in text or "Weights only load failed" in text:
+        found = _GLOBAL.search(text)
+        held = f" ({found.group(1) or found.group(2)})" if found else ""
+        return f"it holds pickled Python objects{held} besides tensors, which are never loaded (unpickling can run code)"
+    return text.split("\n")[0][:200]
 
 
 _GLOBAL = re.compile(r"GLOBAL ([\w.]+)|Unsupported class ([\w.]+)")

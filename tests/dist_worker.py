@@ -16,10 +16,10 @@ from torch import nn
 
 from models import create_model, unwrap
 from utils import attacks, data, distributed
-from utils.training import step as train_step
+from utils.training import ancra
+from utils.training.ancra import TrainStep
 from utils.training.config import MethodConfig
 from utils.training.schedule import Schedule, build_optimizer
-from utils.training.step import TrainStep
 
 BATCH = 32
 
@@ -47,7 +47,7 @@ def flat_parameters(model, buffers=False):
 
 
 def check_sync(context, device, out):
-    model, step = build(context, device, MethodConfig("trades", anc=True, steps=2))
+    model, step = build(context, device, MethodConfig("trades", anc=True, attack_steps=2))
     pair = data.make_synthetic("train", BATCH * 3, 8, seed=0)
     loader = data.BatchLoader(pair, BATCH // context.world_size, shuffle=True, augment=True, seed=0,
                               rank=context.rank, world_size=context.world_size)
@@ -72,8 +72,8 @@ def freeze_batchnorm(model):
 
 
 def check_parity(context, device, out):
-    train_step.random_start = lambda x, eps, init, **kw: attacks.random_start(x, eps, "none")  # PGD from x itself
-    model, step = build(context, device, MethodConfig("trades", anc=False, steps=2))
+    ancra.random_start = lambda x, eps, init, **kw: attacks.random_start(x, eps, "none")  # PGD from x itself
+    model, step = build(context, device, MethodConfig("trades", anc=False, attack_steps=2))
     freeze_batchnorm(model)
     pair = data.make_synthetic("train", BATCH, 8, seed=0)
     x, y = pair.float(), pair.y

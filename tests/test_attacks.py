@@ -7,15 +7,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from utils import attacks
-from utils.attacks import (
-    attack_objective,
-    cw_inf,
-    fgsm,
-    per_example_loss,
-    pgd,
-    pgd_train,
-)
+from utils import attacks, recipe
+from utils.attacks import attack_objective, per_example_loss, pgd, random_start
+from utils.evaluation.catalogue import Settings, attack_catalogue
 
 
 def images(n=4, size=16, seed=0):
@@ -29,6 +23,11 @@ def images(n=4, size=16, seed=0):
 
 def gen(seed=1):
     return torch.Generator().manual_seed(seed)
+
+
+def fgsm(model, x, y, eps):
+    """The evaluation's FGSM: one PGD step of size ε from x itself (the attack catalogue's preset)."""
+    return pgd(model, x, y, eps, eps, 1, loss="ce", init="none")
 
 
 def assert_in_ball(x_adv, x, eps):
@@ -87,7 +86,7 @@ def test_targeted_pgd_raises_target_probability(tiny_model):
 def test_inits(tiny_model):
     model = tiny_model()
     x, y = images(), torch.tensor([0, 1, 2, 3])
-    start = pgd_train(model, x, y, steps=0, generator=gen())  # no steps: the start point itself
+    start = random_start(x, 0.05, "normal", gen())  # the training attacks' start, x + 0.001·N(0, 1)
     inner = start[:, 2]  # channel 2 is away from the clipped borders
     noise = inner - x[:, 2]
     assert 0.0007 < noise.std().item() < 0.0013 and abs(noise.mean().item()) < 2e-4
@@ -95,8 +94,17 @@ def test_inits(tiny_model):
     spread = uniform[:, 2] - x[:, 2]
     assert spread.abs().max().item() <= 0.05 + 1e-6 and spread.abs().max().item() > 0.045
     assert torch.equal(pgd(model, x, y, 0.05, 0.01, 0, init="none"), x)
-    assert torch.equal(cw_inf(model, x, y, 0.05, 0.01, 2, generator=gen()),
-                       pgd(model, x, y, 0.05, 0.01, 2, loss="cw", init="uniform", generator=gen()))
+    assert torch.equal(pgd(model, x, y, 0.05, 0.01, 0, init="normal", generator=gen()), start)
+
+
+def test_fgsm_and_cw_are_presets_of_the_one_pgd():
+    """The paper's FGSM (one step of ε from x) and C&W∞ (per-example C&W margin from a uniform
+    start) are parameters of :func:`pgd`, read from the attack catalogue."""
+    params = {spec.name: spec.params for spec in attack_catalogue(Settings(), 10)}
+    assert {k: params["fgsm"][k] for k in ("steps", "step_size", "loss", "init")} == \
+        {"steps": 1, "step_size": recipe.EPS, "loss": "ce", "init": "none"}
+    assert {k: params["cw40"][k] for k in ("steps", "step_size", "loss", "init")} == \
+        {"steps": 40, "step_size": recipe.STEP_SIZE, "loss": "cw", "init": "uniform"}
 
 
 def test_bad_arguments(tiny_model):
@@ -226,8 +234,8 @@ def test_attacks_leave_the_model_as_found(tiny_model):
     x, y = images(), torch.tensor([0, 1, 2, 3])
     pgd(model, x, y, 0.05, 0.01, 2, aux_weight=2.0, loss="kl", generator=gen())
     pgd(model, x, y, 0.05, 0.01, 2, keep="success", restarts=2, generator=gen())
-    fgsm(model, x, y)
-    cw_inf(model, x, y, steps=2, generator=gen())
+    fgsm(model, x, y, 8 / 255)
+    pgd(model, x, y, 0.05, 0.01, 2, loss="cw", init="uniform", generator=gen())
     assert modes and not any(modes)
     _assert_same_state(model, before)
 

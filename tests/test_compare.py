@@ -3,6 +3,7 @@ paper-protocol column on hand numbers, the paired difference and when pairing is
 and test_white_attack.py --ckpt a.pt b.pt (one subset, one table, each model resumable in its own folder,
 bad input refused before any work)."""
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -114,3 +115,36 @@ def test_script_refuses_a_missing_checkpoint_before_any_work(tmp_path, capsys):
     assert code == 2 and capsys.readouterr().err.startswith("error: checkpoint ") and not out.exists()
     code = test_white_attack.main(["--ckpt", str(a), str(a), "--out-dir", str(out)])
     assert code == 2 and "same checkpoint twice" in capsys.readouterr().err and not out.exists()
+
+
+def test_models_of_other_image_sizes_or_labels_are_refused(tmp_path):
+    """Models trained on 32×32 and 16×16 images cannot see the same test images: refused before any
+    evaluation; models whose results carry other labels or images are refused after."""
+    from types import SimpleNamespace
+
+    from utils.evaluation.errors import EvaluationError
+
+    args = SimpleNamespace(compare=["plain32/best.pt", "plain16/best.pt"], dataset=None)
+    sizes = {"plain32/best.pt": 32, "plain16/best.pt": 16}
+    load = lambda path: (None, {"image_size": sizes[path]}, {"dataset": "synthetic"})
+    with pytest.raises(EvaluationError, match=r"different sizes \(plain32/best.pt: 32×32, plain16/best.pt: 16×16\)"):
+        compare.preflight(args, load)
+    compare.preflight(SimpleNamespace(compare=list(sizes), dataset=None),
+                      lambda path: (None, {"image_size": 32}, {"dataset": "synthetic"}))  # one size: accepted
+
+    a, b = tmp_path / "a.pt", tmp_path / "b.pt"
+    a.write_bytes(b""), b.write_bytes(b"")
+    out = tmp_path / "cmp"
+
+    def evaluate(labels_of):
+        def one(args_one):
+            sub = Path(args_one.out_dir)
+            sub.mkdir(parents=True)
+            labels = labels_of[Path(args_one.ckpt).name]
+            meta = {"dataset": "synthetic", "indices": [0, 1, 2], "subset_seed": 0}
+            (sub / "results.json").write_text(json.dumps({"meta": meta, "labels": labels}))
+        return one
+
+    run_args = SimpleNamespace(compare=[str(a), str(b)], export_robustbench=None, out_dir=str(out), dataset=None)
+    with pytest.raises(EvaluationError, match="b's test images carry other labels than a's"):
+        compare.run_compare(run_args, evaluate({"a.pt": [0, 1, 2], "b.pt": [0, 1, 3]}))

@@ -1,7 +1,8 @@
-"""The compiled training step (--compile, utils/training/fast.py) computes what the eager step
-computes: the same adversarial examples, negatives, losses and updated weights for every method
-with and without ANC/RA, with AWP and EMA; no graph breaks (so no host synchronisation inside);
-no compilation after the first epoch, whose partial last batch runs eagerly.
+"""The compiled training step (--compile: utils/training/fast.py compiles the step's two pure
+functions from outside) computes what the eager step computes: the same adversarial examples,
+negatives, losses and updated weights for every method with and without ANC/RA, with AWP and EMA;
+no graph breaks (so no host synchronisation inside); no compilation after the first epoch, whose
+partial last batch runs eagerly.
 
 CPU compilation is slow (seconds per graph on a shared 2-core machine), so the tests use a tiny
 conv net with BatchNorm and the ``eager`` / ``aot_eager`` backends; one test uses inductor."""
@@ -16,13 +17,11 @@ from torch._dynamo.utils import counters
 
 from toys import ToyRA
 from utils import data
-from utils.attacks import pgd, random_start, training_attack
+from utils.attacks import attack_mode, pgd, pgd_steps, random_start
+from utils.training.ancra import TrainStep, negative_scores, random_negatives
 from utils.training.config import EvalConfig, MethodConfig, SpeedConfig
-from utils.training.fast import FastPath, compile_mode, graphs_compiled
-from utils.training.methods import get_method
-from utils.training.negatives import negative_scores, random_negatives
+from utils.training.fast import FastPath, FastStep, compile_mode, graphs_compiled
 from utils.training.records import RunInfo
-from utils.training.step import TrainStep
 from utils.training.trainer import Trainer
 from utils.training.updates import build_update
 
@@ -61,21 +60,21 @@ def _build(speed, method="trades", anc=True, ra=True, strategy="random_adv", awp
     model = Toy(ra)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=5e-4)
     update = build_update(optimizer, model, awp_gamma=awp, ema_decay=ema)
-    config = MethodConfig(method=method, anc=anc, strategy=strategy, steps=2,
-                          attack_loss=get_method(method).attack_loss(anc, ra))
-    return TrainStep(model, optimizer, config, CLASSES, speed, update)
+    config = MethodConfig(method=method, anc=anc, ra=ra, strategy=strategy, attack_steps=2)
+    return FastStep(TrainStep(model, optimizer, config, CLASSES, update), speed)
 
 
 def _trace(speed, steps=2, epoch=1, **kwargs):
     """Two steps on one batch: each step's (x_adv, negatives), metrics, and the final state."""
     step = _build(speed, **kwargs)
-    seen, loss_fn = [], step.loss_fn
+    seen, loss = [], step.step.loss
 
-    def spy(x, y, x_adv, neg, compiled=False):
-        seen.append((x_adv.clone(), None if neg is None else [t.clone() for t in (neg.x, neg.y, neg.index, neg.valid)]))
-        return loss_fn(x, y, x_adv, neg, compiled)
+    def spy(model, x, y, x_adv, neg):
+        if model is step.model:  # not AWP's proxy copy
+            seen.append((x_adv.clone(), None if neg is None else [t.clone() for t in neg]))
+        return loss(model, x, y, x_adv, neg)
 
-    step.loss_fn = spy
+    step.step.loss = spy
     x = torch.rand(6, 3, 8, 8, generator=torch.Generator().manual_seed(2))
     y = torch.tensor([0, 1, 2, 3, 4, 0])
     torch.manual_seed(1)
@@ -158,18 +157,16 @@ def test_pre_drawn_randomness_is_the_randomness_the_attacks_draw():
     assert torch.equal(index, pre_index) and torch.equal(valid, pre_valid)
 
 
-def test_training_attack_is_pgd_from_the_same_start():
+def test_the_training_attack_is_pgd_from_the_same_start():
+    """The step's attack call (the PGD loop with the model already in attack mode) gives pgd()."""
     torch.manual_seed(0)
     model = Toy().eval()
     x, y = torch.rand(6, 3, 8, 8), torch.tensor([0, 1, 2, 3, 4, 0])
     start = random_start(x, 8 / 255, "normal")
     targeted = torch.tensor([False, True] * 3)
     expected = pgd(model, x, y, 8 / 255, 2 / 255, 3, targeted=targeted, start=start, aux_weight=0.5)
-    from utils.attacks import attack_mode
-
     with attack_mode(model):
-        got = training_attack(model, x, y, start, eps=8 / 255, step_size=2 / 255, steps=3, targeted=targeted,
-                              aux_weight=0.5)
+        got, _, _ = pgd_steps(model, x, y, start, 8 / 255, 2 / 255, 3, targeted=targeted, aux_weight=0.5)
     assert torch.equal(expected, got)
     assert not torch.equal(got, start) and (got - x).abs().max() <= 8 / 255 + 1e-6
 
@@ -188,7 +185,8 @@ def _fit(speed, epochs, trainer=None):
         torch.manual_seed(0)
         model = Toy(reverse_attention=False)
         optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
-        step = TrainStep(model, optimizer, MethodConfig(method="pgd-at", anc=True, steps=1), CLASSES, speed)
+        step = FastStep(TrainStep(model, optimizer, MethodConfig(method="pgd-at", anc=True, ra=False, attack_steps=1),
+                                  CLASSES), speed)
         train = data.TensorPair((torch.rand(20, 3, 8, 8) * 255).to(torch.uint8), torch.arange(20) % CLASSES, [])
         test = data.TensorPair((torch.rand(6, 3, 8, 8) * 255).to(torch.uint8), torch.arange(6) % CLASSES, [])
         trainer = Trainer(step, torch.optim.lr_scheduler.StepLR(optimizer, 1), data.BatchLoader(train, 8, shuffle=True,

@@ -85,8 +85,8 @@ def test_upper_bound_empty_and_warning_rows_are_explained():
 def test_no_threat_model_attack_means_no_headline():
     evaluation = _hand([1, 1, 0, 0], [result_like("pgd40-eps1", [0, 0, 0, 0]), result_like("ref-cw20", [1, 0, 0, 0])])
     text = evaluation.markdown()
-    assert "No attack of the threat model ran" in text and "Headline" not in text
-    assert evaluation.to_json()["worst_case"]["over"] == []
+    assert "no robust-accuracy figure: no attack of the threat model ran" in text and "Headline" not in text
+    assert evaluation.to_json()["worst_case"]["over"] == [] and evaluation.to_json()["worst_case"]["accuracy"] is None
 
 
 def test_protocol_reference_adds_the_reference_preset():

@@ -5,8 +5,7 @@ import pytest
 import torch
 from torch import nn
 
-from utils.training.losses import anc, kl_per_example, mart_bce, mart_kl, trades_kl
-from utils.training.methods import training_loss
+from utils.training.ancra import Negatives, anc, kl_per_example, mart_bce, mart_kl, trades_kl, training_loss
 
 # ---------------------------------------------------------------- hand arithmetic (no torch)
 
@@ -133,12 +132,8 @@ def test_training_loss_matches_hand_values(method, ra, negatives):
     y, y_neg = torch.tensor(Y), torch.tensor(Y_NEG)
     beta, zeta, lam = 2.5, (0.0 if negatives == "zeta0" else 1.5), 0.7
     valid = [True, True, False] if negatives == "one_invalid" else [True, True, True]
-    kwargs = {"beta": beta, "zeta": zeta, "aux_weight": lam}
-    if negatives != "none":
-        kwargs.update(x_neg=ids(6), y_neg=y_neg)
-    if negatives == "one_invalid":
-        kwargs["neg_valid"] = torch.tensor(valid)
-    loss, metrics = training_loss(method, model, ids(0), y, ids(3), **kwargs)
+    neg = None if negatives == "none" else Negatives(ids(6), y_neg, torch.arange(3), torch.tensor(valid))
+    loss, metrics = training_loss(method, model, ids(0), y, ids(3), neg, ra=ra, beta=beta, zeta=zeta, aux_weight=lam)
 
     with_neg = negatives in ("all_valid", "one_invalid")
     want = expected(method, ra, with_neg, valid, beta, zeta, lam)
@@ -147,9 +142,9 @@ def test_training_loss_matches_hand_values(method, ra, negatives):
         assert metrics[key].item() == pytest.approx(value, rel=1e-5, abs=1e-6), key
     extra = set(metrics) - set(want) - {"neg_valid"}
     assert not extra, f"unexpected metrics {extra}"
-    assert ("neg_valid" in metrics) == (negatives == "one_invalid")
-    if negatives == "one_invalid":
-        assert metrics["neg_valid"].item() == pytest.approx(2 / 3)
+    assert ("neg_valid" in metrics) == with_neg  # the fraction of anchors that have a negative
+    if with_neg:
+        assert metrics["neg_valid"].item() == pytest.approx(sum(valid) / 3)
     assert all(m.dim() == 0 and not m.requires_grad for m in metrics.values())
 
     # forwards: which rows, with which labels (label-selected masks for RA models only)
@@ -168,9 +163,7 @@ def test_training_loss_matches_hand_values(method, ra, negatives):
 def test_training_loss_bad_input():
     model = TableModel(False)
     with pytest.raises(ValueError, match="unknown training method"):
-        training_loss("fgsm-at", model, ids(0), torch.tensor(Y), ids(3))
-    with pytest.raises(ValueError, match="y_neg"):
-        training_loss("trades", model, ids(0), torch.tensor(Y), ids(3), x_neg=ids(6))
+        training_loss("fgsm-at", model, ids(0), torch.tensor(Y), ids(3), ra=False)
 
 
 # ---------------------------------------------------------------- single terms

@@ -9,22 +9,22 @@ from benchmarks.train_step import parse_method
 from train_baselines import DEFAULTS as BASELINES
 from utils.analysis.features import METHOD_NAMES
 from utils.analysis.features import method_label as feature_label
-from utils.training import methods
-from utils.training.cli import build_parser
-from utils.training.config import MethodConfig
-from utils.training.errors import ConfigError
-from utils.training.losses import ra_form
-from utils.training.methods import (
+from utils.training import ancra
+from utils.training.ancra import (
     Method,
+    TrainStep,
     format_method_name,
     get_method,
     method_label,
     method_names,
     parse_method_name,
+    ra_form,
     register_method,
 )
+from utils.training.cli import build_parser
+from utils.training.config import MethodConfig
+from utils.training.errors import ConfigError
 from utils.training.schedule import Schedule, build_optimizer
-from utils.training.step import TrainStep
 
 
 def test_the_four_methods_and_their_settings():
@@ -69,7 +69,7 @@ class TinyNet(nn.Module):
 @pytest.fixture
 def registry(monkeypatch):
     """A private copy of the registry, so the toy method does not outlive the test."""
-    monkeypatch.setattr(methods, "_REGISTRY", dict(methods._REGISTRY))
+    monkeypatch.setattr(ancra, "_REGISTRY", dict(ancra._REGISTRY))
 
 
 def test_a_new_method_added_from_a_test_file_trains_for_one_step(registry):
@@ -93,10 +93,10 @@ def test_a_new_method_added_from_a_test_file_trains_for_one_step(registry):
     initial = TinyNet()
     initial.load_state_dict(model.state_dict())
     step = TrainStep(model, build_optimizer(model, Schedule(lr=lr, weight_decay=0.0)),
-                     MethodConfig("toy-alp", anc=False, steps=2), num_classes=3)
+                     MethodConfig("toy-alp", anc=False, ra=False, attack_steps=2), num_classes=3)
     seen = {}
     real_examples = step.examples
-    step.examples = lambda x, y, epoch, *rest: seen.setdefault("xy", real_examples(x, y, epoch, *rest))
+    step.examples = lambda *args: seen.setdefault("xy", real_examples(*args))
     x, y = torch.rand(6, 3, 4, 4), torch.tensor([0, 1, 2, 0, 1, 2])
     metrics = step(x, y, epoch=1)
 
@@ -110,6 +110,6 @@ def test_a_new_method_added_from_a_test_file_trains_for_one_step(registry):
 
 
 def test_benchmark_parses_names_through_the_registry(registry):
-    assert parse_method("standard") == ({"method": "standard", "anc": False, "attack_loss": "ce"}, False)
+    assert parse_method("standard") == {"method": "standard", "anc": False, "ra": False}
     with pytest.raises(SystemExit, match="unknown method 'foo-ra'"):
         parse_method("foo-ra")

@@ -1,22 +1,44 @@
 """Negatives (docs/protocol.md §3): the vectorised rules against a slow per-anchor loop, the random rule's
-distribution, degenerate batches, warm-up and the targeted ``*_adv`` attack."""
+distribution, and, through the training step itself, degenerate batches, warm-up and the targeted
+``*_adv`` attack."""
+import copy
 from collections import Counter
 
 import pytest
 import torch
 
-from utils.training.methods import training_loss
-from utils.training.negatives import (
-    STRATEGIES,
-    choose_negatives,
-    effective_strategy,
-    make_negatives,
-    random_negatives,
-)
+from models import has_reverse_attention
+from utils.training.ancra import STRATEGIES, TrainStep, choose_negatives, effective_strategy, random_negatives
+from utils.training.config import MethodConfig
 
 
 def gen(seed=0):
     return torch.Generator().manual_seed(seed)
+
+
+def anc_step(model, strategy, method="trades", steps=2, eps=8 / 255):
+    """The training step of METHOD-ANC(RA) with ``strategy`` on ``model``; lr 0 keeps the weights."""
+    config = MethodConfig(method, anc=True, ra=has_reverse_attention(model), strategy=strategy, attack_steps=steps,
+                          eps=eps)
+    return TrainStep(model, torch.optim.SGD(model.parameters(), lr=0.0), config, 10)
+
+
+def run_step(step, x, y, epoch, on_loss=None):
+    """One step on (x, y); returns (the negatives the step handed to its loss, the step's metrics).
+    ``on_loss(model)`` runs when the loss is first called, before any training forward."""
+    seen = []
+    loss = step.loss
+
+    def spy(model, *args):
+        if not seen and on_loss is not None:
+            on_loss(model)
+        seen.append(args[-1])
+        return loss(model, *args)
+
+    step.loss = spy
+    metrics = step(x, y, epoch)
+    step.loss = loss
+    return seen[0], metrics
 
 
 def slow_choice(strategy, y, logits):
@@ -121,11 +143,9 @@ def test_single_class_batch_has_no_valid_negative_and_zero_anc(tiny_model):
     for strategy in STRATEGIES:
         _index, valid = choose_negatives(effective_strategy(strategy), y, 10, torch.randn(4, 10), gen())
         assert not valid.any()
-    neg = make_negatives("random_adv", model, x, y, 10, steps=2, generator=gen())
+    neg, metrics = run_step(anc_step(model, "random_adv"), x, y, epoch=1)
     assert not neg.valid.any() and torch.equal(neg.y, y)
-    model.train()
-    loss, metrics = training_loss("trades", model, x, y, x, neg.x, neg.y, neg_valid=neg.valid)
-    assert torch.isfinite(loss)
+    assert torch.isfinite(metrics["loss"])
     assert metrics["anc"].item() == 0.0 and metrics["anc_fired"].item() == 0.0
     assert metrics["neg_valid"].item() == 0.0
 
@@ -141,45 +161,63 @@ def test_warmup_uses_random_until_epoch_10(tiny_model):
         effective_strategy("hardest")
 
     model = tiny_model()
-    calls = []
-    model.register_forward_pre_hook(lambda m, i: calls.append(1))
+    selection = []  # forwards without gradients: the selection forward (attacks and training need gradients)
+    model.register_forward_pre_hook(lambda m, i: selection.append(1) if not torch.is_grad_enabled() else None)
     x, y = torch.rand(8, 3, 16, 16), torch.tensor([0, 0, 1, 1, 2, 2, 3, 3])
-    early = make_negatives("hard", model, x, y, 10, epoch=10, generator=gen(5))
-    assert not calls  # warm-up: no selection forward
-    assert torch.equal(early.index, random_negatives(y, 10, gen(5))[0])
-    late = make_negatives("hard", model, x, y, 10, epoch=11, generator=gen(5))
-    assert calls
+    step = anc_step(model, "hard")
+
+    def scores(seed):  # the random rule's draws of a step started from torch.manual_seed(seed)
+        torch.manual_seed(seed)
+        return step.draw(x)[1]
+
+    early_scores = scores(5)
+    torch.manual_seed(5)
+    early, _ = run_step(step, x, y, epoch=10)
+    assert not selection  # warm-up: no selection forward
+    assert torch.equal(early.index, random_negatives(y, 10, scores=early_scores)[0])
     with torch.no_grad():
-        logits = model(x)
-    assert torch.equal(late.index, choose_negatives("hard", y, 10, logits, gen(5))[0])
+        logits = model.eval()(x)
+    late_scores = scores(5)
+    torch.manual_seed(5)
+    late, _ = run_step(step, x, y, epoch=11)
+    assert selection
+    assert torch.equal(late.index, choose_negatives("hard", y, 10, logits, scores=late_scores)[0])
 
 
-def test_selection_uses_eval_mode_and_restores_model(tiny_model):
+def test_selection_and_attacks_use_eval_mode_and_restore_model(tiny_model):
     model = tiny_model().train()
     stats = {k: v.clone() for k, v in model.state_dict().items()}
     modes = []
     model.register_forward_pre_hook(lambda m, i: modes.append(m.training))
     x, y = torch.rand(8, 3, 16, 16), torch.tensor([0, 0, 1, 1, 2, 2, 3, 3])
-    make_negatives("soft_adv", model, x, y, 10, steps=2, generator=gen())
-    assert modes and not any(modes) and model.training
-    assert all(torch.equal(v, stats[k]) for k, v in model.state_dict().items())  # no BN update
-    assert all(p.grad is None and p.requires_grad for p in model.parameters())
+    at_loss = {}
+
+    def check(m):  # before the training forwards: only the step's selection and attacks have run
+        at_loss.update(modes=list(modes), state={k: v.clone() for k, v in m.state_dict().items()},
+                       grads=[p.grad for p in m.parameters()], flags=[p.requires_grad for p in m.parameters()])
+
+    run_step(anc_step(model, "soft_adv"), x, y, epoch=11, on_loss=check)
+    assert at_loss["modes"] and not any(at_loss["modes"]) and model.training
+    assert all(torch.equal(v, stats[k]) for k, v in at_loss["state"].items())  # no BN update
+    assert all(g is None for g in at_loss["grads"]) and all(at_loss["flags"])
 
 
 @pytest.mark.parametrize("strategy", ["random_adv", "hard_adv"])
 def test_adv_negatives_move_toward_anchor_label_within_eps(tiny_model, strategy):
     # a plain model: with RA the argmax mask may switch under the attack, which its gradient cannot see
     model = tiny_model(reverse_attention=False)
+    initial = copy.deepcopy(model).eval()
     g = gen(3)
     x, y = torch.rand(12, 3, 16, 16, generator=g), torch.tensor([0, 1, 2, 3] * 3)
     eps = 8 / 255
-    neg = make_negatives(strategy, model, x, y, 10, epoch=20, eps=eps, steps=5, generator=gen())
+    torch.manual_seed(0)
+    neg, _ = run_step(anc_step(model, strategy, "pgd-at", steps=5, eps=eps), x, y, epoch=20)
     source = x[neg.index]
     assert neg.valid.all() and (neg.y != y).all()
     assert torch.equal(neg.y, y[neg.index])  # negatives keep their true labels
     assert (neg.x - source).abs().max().item() <= eps + 1e-6
     assert neg.x.min() >= 0 and neg.x.max() <= 1
     with torch.no_grad():
-        before = model(source).softmax(1).gather(1, y[:, None])
-        after = model(neg.x).softmax(1).gather(1, y[:, None])
+        before = initial(source).softmax(1).gather(1, y[:, None])
+        after = initial(neg.x).softmax(1).gather(1, y[:, None])
     assert (after > before).all()  # the anchor's class gained probability on every negative

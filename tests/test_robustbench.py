@@ -124,7 +124,7 @@ def test_script_exports_model_info_and_refuses_rb_options_alone(tmp_path, capsys
     assert info["external"] == f"{100 * results['worst_case']['accuracy']:.2f}" and info["eps"] == "8/255"
     with pytest.raises(SystemExit) as stop:
         test_white_attack.parse_args(["--ckpt", str(path), "--model-dir", "x"])
-    assert stop.value.code == 2 and "--model-dir goes with --robustbench NAME" in capsys.readouterr().err
+    assert stop.value.code == 2 and "--model-dir would change nothing here" in capsys.readouterr().err
 
 
 @pytest.mark.skipif(not HAS_ROBUSTBENCH, reason="robustbench is an optional extra (requirements-robustbench.txt)")

@@ -8,9 +8,10 @@ import torch
 
 from models import create_model
 from utils import data
+from utils.training.ancra import TrainStep
 from utils.training.config import MethodConfig, SpeedConfig, prepare_model
+from utils.training.fast import FastStep
 from utils.training.schedule import Schedule, build_optimizer
-from utils.training.step import TrainStep
 
 
 def _run_step(speed, method="trades", anc=True, strategy="random_adv", ra=True, epoch=1, seed=0):
@@ -18,8 +19,8 @@ def _run_step(speed, method="trades", anc=True, strategy="random_adv", ra=True, 
     torch.manual_seed(seed)
     model = prepare_model(create_model("wrn-16-1", 10, reverse_attention=ra), speed)
     optimizer = build_optimizer(model, Schedule(lr=0.1))
-    config = MethodConfig(method=method, anc=anc, strategy=strategy, steps=3)
-    step = TrainStep(model, optimizer, config, num_classes=10, speed=speed)
+    config = MethodConfig(method=method, anc=anc, ra=ra, strategy=strategy, attack_steps=3)
+    step = FastStep(TrainStep(model, optimizer, config, num_classes=10), speed)
     pair = data.make_synthetic("train", 12, 8, seed)
     torch.manual_seed(seed + 1)
     metrics = step(pair.float(), pair.y, epoch)
@@ -115,5 +116,5 @@ def test_benchmark_rejects_an_unknown_method():
 
     with pytest.raises(SystemExit, match="unknown method 'trades-ancr'"):
         parse_method("trades-ancr")
-    assert parse_method("trades") == ({"method": "trades", "anc": False, "attack_loss": "kl"}, False)
-    assert parse_method("mart-ancra") == ({"method": "mart", "anc": True, "attack_loss": "ce"}, True)
+    assert parse_method("trades") == {"method": "trades", "anc": False, "ra": False}
+    assert parse_method("mart-ancra") == {"method": "mart", "anc": True, "ra": True}

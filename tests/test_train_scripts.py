@@ -16,8 +16,8 @@ from train_baselines import DEFAULTS as BASELINES
 from train_CIFAR10_ResNet import DEFAULTS as RESNET
 from train_CIFAR10_WideResNet import DEFAULTS as WRN
 from train_Tiny_ImageNet_PreActResNet import DEFAULTS as TINY
+from utils.training import ancra
 from utils.training import cli as train_cli
-from utils.training import step as train_step
 from utils.training.cli import SMOKE_DEFAULTS, main
 
 REPO = Path(__file__).resolve().parents[1]
@@ -172,14 +172,14 @@ def test_resume_gives_identical_weights(tmp_path):
 
 def _patch_loss(monkeypatch, on_call):
     """Wrap the engine's training loss; ``on_call(n, loss, metrics)`` may change the n-th result."""
-    real, count = train_step.training_loss, [0]
+    real, count = ancra.training_loss, [0]
 
     def wrapped(*args, **kwargs):
         count[0] += 1
         loss, batch_metrics = real(*args, **kwargs)
         return on_call(count[0], loss, batch_metrics)
 
-    monkeypatch.setattr(train_step, "training_loss", wrapped)
+    monkeypatch.setattr(ancra, "training_loss", wrapped)
 
 
 def test_nan_loss_stops_with_a_clear_error_and_keeps_last_checkpoint(tmp_path, monkeypatch, capsys):

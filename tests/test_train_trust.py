@@ -22,8 +22,8 @@ from train_CIFAR10_WideResNet import DEFAULTS as WRN
 from train_Tiny_ImageNet_PreActResNet import DEFAULTS as TINY
 from utils import checkpoint
 from utils.locks import LOCK_NAME, read_lock
+from utils.training import ancra
 from utils.training import records as records_module
-from utils.training import step as train_step
 from utils.training.cli import SMOKE_DEFAULTS, main
 
 REPO = Path(__file__).resolve().parents[1]
@@ -246,8 +246,8 @@ def test_a_stale_lock_is_reported_and_taken_over_and_the_lock_is_held_while_trai
     finished.wait()
     _write_lock(run, finished.pid)
     seen = []
-    real = train_step.training_loss
-    monkeypatch.setattr(train_step, "training_loss", lambda *a, **k: (seen.append(read_lock(run)), real(*a, **k))[1])
+    real = ancra.training_loss
+    monkeypatch.setattr(ancra, "training_loss", lambda *a, **k: (seen.append(read_lock(run)), real(*a, **k))[1])
     code, err = call("wideresnet", ["--resume", str(run), "--epochs", "2"], capsys)
     assert code == 0, err
     assert f"removing the stale lock of pid {finished.pid}" in err
@@ -286,7 +286,7 @@ def test_resume_from_an_earlier_epoch_keeps_the_later_records_until_its_first_ep
     def fail(*args, **kwargs):
         raise RuntimeError("simulated failure inside the resumed epoch")
 
-    monkeypatch.setattr(train_step, "training_loss", fail)
+    monkeypatch.setattr(ancra, "training_loss", fail)
     with pytest.raises(RuntimeError, match="simulated failure"):
         main(WRN, ["--resume", str(run / "epoch_1.pt")])
     assert (run / "metrics.jsonl").read_bytes() == records  # all 3 records, as last.pt (epoch 3) says
@@ -333,7 +333,7 @@ def _disk_full_at_epoch_2(monkeypatch):
     """From the first batch of epoch 2 on (smoke: SMOKE_BATCHES per epoch), checkpoint files fail to
     write as on a full disk (inside torch.save, which wraps the error in a RuntimeError of its own)."""
     full = [False]
-    real_open, real_loss = open, train_step.training_loss
+    real_open, real_loss = open, ancra.training_loss
 
     def checkpoint_open(path, mode="r", *args, **kwargs):
         return _FullDisk(path, "w") if full[0] and "w" in mode else real_open(path, mode, *args, **kwargs)
@@ -345,7 +345,7 @@ def _disk_full_at_epoch_2(monkeypatch):
 
     loss.calls = 0
     monkeypatch.setattr(checkpoint, "open", checkpoint_open, raising=False)
-    monkeypatch.setattr(train_step, "training_loss", loss)
+    monkeypatch.setattr(ancra, "training_loss", loss)
 
 
 def test_a_full_disk_during_a_checkpoint_write_is_one_line_and_the_run_resumes(tmp_path, capsys, monkeypatch):

@@ -24,14 +24,15 @@ from utils.checkpoint import (
     scheduler_state,
     write_metrics,
 )
-from utils.training import step as train_step
+from utils.training import ancra, resume
+from utils.training.ancra import TrainStep
 from utils.training.config import PLAIN_SPEED, EvalConfig, MethodConfig, SpeedConfig
 from utils.training.curves import plot_curves
 from utils.training.errors import ConfigError
+from utils.training.fast import FastStep
 from utils.training.monitor import monitor_accuracy
 from utils.training.records import RunInfo, resumed_records
 from utils.training.schedule import Schedule, build_optimizer, build_scheduler
-from utils.training.step import TrainStep
 from utils.training.trainer import Trainer
 
 
@@ -40,12 +41,12 @@ def _batch(n=8, size=8, seed=0):
     return pair.float(), pair.y
 
 
-def _step(method="trades", anc=True, ra=True, attack_loss="ce", seed=0, speed=PLAIN_SPEED):
+def _step(method="trades", anc=True, ra=True, seed=0, speed=PLAIN_SPEED):
     torch.manual_seed(seed)
     model = create_model("wrn-16-1", 10, reverse_attention=ra)
     optimizer = build_optimizer(model, Schedule(lr=0.05))
-    config = MethodConfig(method=method, anc=anc, attack_loss=attack_loss, steps=1)
-    return TrainStep(model, optimizer, config, num_classes=10, speed=speed)
+    config = MethodConfig(method=method, anc=anc, ra=ra, attack_steps=1)
+    return FastStep(TrainStep(model, optimizer, config, num_classes=10), speed)
 
 
 def test_method_names_and_invalid_combinations():
@@ -53,11 +54,40 @@ def test_method_names_and_invalid_combinations():
     assert MethodConfig("mart", anc=False).name(True) == "mart-ra"
     assert MethodConfig("pgd-at").name(False) == "pgd-at-anc"
     assert MethodConfig("trades", anc=False).name(False) == "trades"
-    assert MethodConfig("mart").resolved_beta == 5.0 and MethodConfig("trades", beta=1.5).resolved_beta == 1.5
     with pytest.raises(ConfigError, match="--no-anc"):
         MethodConfig("standard", anc=True)
     with pytest.raises(ConfigError, match="strategy"):
         MethodConfig(strategy="closest")
+
+
+def test_the_step_takes_ra_from_the_config_and_refuses_a_model_that_disagrees():
+    for ra in (True, False):
+        model = create_model("wrn-16-1", 10, reverse_attention=not ra)
+        with pytest.raises(ValueError, match="RA heads"):
+            TrainStep(model, build_optimizer(model, Schedule()), MethodConfig("trades", ra=ra), 10)
+
+
+def test_resume_refuses_a_run_trained_with_another_attack_loss_than_its_method_gives():
+    """--attack-loss is gone (the method decides); a run made with an override does not resume silently."""
+    saved = {"method": "trades", "anc": False, "reverse_attention": False, "attack_loss": "ce"}
+    with pytest.raises(ConfigError, match="attack loss 'kl'.*trained with 'ce'"):
+        resume.refuse_identity_changes(saved, dict(saved, attack_loss="kl"))
+    resume.refuse_identity_changes(saved, dict(saved))
+
+
+def test_the_step_takes_beta_from_the_config_and_none_is_the_methods_default():
+    torch.manual_seed(0)
+    model = create_model("wrn-16-1", 10, reverse_attention=False).train()
+    x, y = _batch()
+    x_adv = (x + 0.01).clamp(0, 1)
+    losses = []
+    for beta, used in ((None, 5.0), (1.5, 1.5)):
+        config = MethodConfig("mart", anc=False, ra=False, beta=beta)
+        _, got = TrainStep(model, build_optimizer(model, Schedule()), config, 10).loss(model, x, y, x_adv, None)
+        _, want = ancra.training_loss("mart", model, x, y, x_adv, ra=False, beta=used)
+        assert torch.equal(got["loss"], want["loss"])
+        losses.append(got["loss"])
+    assert not torch.equal(*losses)  # β matters here (KL > 0), so the comparison is sharp
 
 
 def test_train_step_updates_weights_and_keeps_metrics_on_device():
@@ -72,30 +102,31 @@ def test_train_step_updates_weights_and_keeps_metrics_on_device():
     assert step.model.training
 
 
-@pytest.mark.parametrize("method, anc, ra, attack_loss, joint, want", [
+@pytest.mark.parametrize("method, anc, ra, joint, want", [
     # (loss, aux weight, batch, targeted examples) of each PGD call
-    ("trades", True, True, "ce", True, [("ce", 2.0, 16, 8)]),                     # TRADES-ANCRA, one 2B batch
-    ("trades", True, True, "ce", False, [("ce", 2.0, 8, 0), ("ce", 2.0, 8, 8)]),  # same, separate batches
-    ("trades", False, False, "kl", True, [("kl", 0.0, 8, 0)]),                    # vanilla TRADES: KL attack
-    ("mart", True, False, "ce", True, [("ce", 0.0, 16, 8)]),                      # MART-ANC: no aux term
+    ("trades", True, True, True, [("ce", 2.0, 16, 8)]),                     # TRADES-ANCRA, one 2B batch
+    ("trades", True, True, False, [("ce", 2.0, 8, 0), ("ce", 2.0, 8, 8)]),  # same, separate batches
+    ("trades", False, False, True, [("kl", 0.0, 8, 0)]),                    # vanilla TRADES: its KL attack
+    ("trades", False, True, True, [("ce", 2.0, 8, 0)]),                     # TRADES-RA: CE, as the reference
+    ("mart", True, False, True, [("ce", 0.0, 16, 8)]),                      # MART-ANC: no aux term
 ])
-def test_train_step_attack_settings(monkeypatch, method, anc, ra, attack_loss, joint, want):
+def test_train_step_attack_settings(monkeypatch, method, anc, ra, joint, want):
     calls = []
-    real_attack = attacks.training_attack
+    real_attack = attacks.pgd_steps
 
     def recording_attack(model, x, y, *args, **kwargs):
         targeted = torch.as_tensor(kwargs.get("targeted", False)).expand(x.shape[0])
         calls.append((kwargs["loss"], kwargs["aux_weight"], x.shape[0], int(targeted.sum())))
         return real_attack(model, x, y, *args, **kwargs)
 
-    monkeypatch.setattr(train_step, "training_attack", recording_attack)  # the step's one attack entry
-    step = _step(method, anc, ra, attack_loss, speed=SpeedConfig(joint_attacks=joint))
+    monkeypatch.setattr(ancra, "pgd_steps", recording_attack)  # the step's one attack entry
+    step = _step(method, anc, ra, speed=SpeedConfig(joint_attacks=joint))
     step(*_batch(), epoch=12)
     assert calls == want
 
 
 def test_standard_training_uses_clean_inputs(monkeypatch):
-    monkeypatch.setattr(train_step, "training_attack", lambda *a, **k: pytest.fail("standard training must not attack"))
+    monkeypatch.setattr(ancra, "pgd_steps", lambda *a, **k: pytest.fail("standard training must not attack"))
     metrics = _step("standard", anc=False, ra=False)(*_batch(), epoch=1)
     assert set(metrics) == {"acc_nat", "ce_nat", "loss"}
 
@@ -193,8 +224,8 @@ def test_pgd_at_is_clearly_more_robust_than_standard_training():
         model = create_model("wrn-16-1", 10, reverse_attention=False)
         schedule = Schedule(lr=0.05, weight_decay=5e-4, milestones=(3,))
         optimizer = build_optimizer(model, schedule)
-        config = MethodConfig(method=method, anc=False, steps=3, step_size=2.5 * (8 / 255) / 3)
-        trainer = Trainer(TrainStep(model, optimizer, config, 10), build_scheduler(optimizer, schedule),
+        config = MethodConfig(method=method, anc=False, ra=False, attack_steps=3, step_size=2.5 * (8 / 255) / 3)
+        trainer = Trainer(FastStep(TrainStep(model, optimizer, config, 10)), build_scheduler(optimizer, schedule),
                           data.BatchLoader(train, 64, shuffle=True, augment=False),
                           {"test": data.BatchLoader(test, 200, shuffle=False, augment=False)},
                           RunInfo(None, {}, {}), epochs=3, eval_config=EvalConfig(steps=10), quiet=True)

@@ -12,14 +12,15 @@ from torch import nn
 from models import create_model, load_model
 from train_CIFAR10_WideResNet import DEFAULTS as WRN
 from utils import data
+from utils.training.ancra import TrainStep, WeightUpdate
 from utils.training.cli import main
 from utils.training.config import EvalConfig, MethodConfig
+from utils.training.fast import FastStep
 from utils.training.monitor import monitor_accuracy
 from utils.training.records import RunInfo
 from utils.training.schedule import Schedule, build_optimizer, build_scheduler
-from utils.training.step import TrainStep
 from utils.training.trainer import Trainer
-from utils.training.updates import AWP, EMA, WeightUpdate, build_update
+from utils.training.updates import AWP, EMA, build_update
 
 REPO = Path(__file__).resolve().parents[1]
 SMALL_WRN = ["--smoke", "--depth", "16", "--widen", "1", "--quiet"]
@@ -101,7 +102,7 @@ def test_awp_with_an_ancra_step_on_an_ra_model_restores_every_parameter():
     model = create_model("wrn-16-1", 10, reverse_attention=True)
     optimizer = NoStep(model.parameters(), lr=0.1)
     update = WeightUpdate(optimizer, [AWP(0.01)])
-    step = TrainStep(model, optimizer, MethodConfig("mart", anc=True, steps=1), 10, update=update)
+    step = TrainStep(model, optimizer, MethodConfig("mart", anc=True, attack_steps=1), 10, update=update)
     before = {k: p.detach().clone() for k, p in model.named_parameters()}
     pair = data.make_synthetic("train", 8, 8, seed=0)
     metrics = step(pair.float(), pair.y, epoch=1)
@@ -136,7 +137,8 @@ def _trainer(tmp_path, ema_decay):
     schedule = Schedule(lr=0.05, milestones=(5,))
     optimizer = build_optimizer(model, schedule)
     update = build_update(optimizer, model, ema_decay=ema_decay)
-    step = TrainStep(model, optimizer, MethodConfig("pgd-at", anc=False, steps=1), 10, update=update)
+    step = FastStep(TrainStep(model, optimizer, MethodConfig("pgd-at", anc=False, ra=False, attack_steps=1), 10,
+                              update=update))
     train = data.make_synthetic("train", 32, 8, seed=0)
     test = data.BatchLoader(data.make_synthetic("test", 16, 8, seed=0), 16, shuffle=False, augment=False)
     return Trainer(step, build_scheduler(optimizer, schedule), data.BatchLoader(train, 16, shuffle=True, augment=False),

@@ -1,9 +1,11 @@
-"""L∞ attacks (docs/protocol.md §2): PGD (untargeted / targeted, CE / C&W-margin / TRADES-KL / DLR), FGSM, C&W∞.
+"""L∞ PGD (docs/protocol.md §2): untargeted / targeted, CE / C&W-margin / TRADES-KL / DLR objectives,
+with or without the RA heads; FGSM and C&W∞ are presets of it (utils/evaluation/catalogue.py).
 
 Every attack runs the model in eval mode inside :func:`attack_mode`, takes gradients with
 respect to the input only, and returns images inside the ε-ball around ``x`` and in [0, 1].
 """
 from contextlib import contextmanager
+from functools import partial
 
 import torch
 import torch.nn.functional as F
@@ -131,99 +133,93 @@ def _compiling():
 
 
 def input_gradient(model, x_adv, y, loss="ce", aux_weight=0.0, clean=None):
-    """``(∇_x Σ objective, final logits)`` at ``x_adv`` (model in :func:`attack_mode`). Eager code
-    uses ``torch.autograd.grad``; under torch.compile the same gradient comes from
+    """``(∇_x Σ objective, objective, final logits)`` at ``x_adv`` (model in :func:`attack_mode`).
+    Eager code uses ``torch.autograd.grad``; under torch.compile the same gradient comes from
     ``torch.func.grad``, which the compiler traces into the graph (``autograd.grad`` would break it)."""
     if _compiling():
         def total(point):
             obj, logits = attack_objective(model, point, y, loss, aux_weight, clean)
-            return obj.sum(), logits.detach()
-        return torch.func.grad(total, has_aux=True)(x_adv)
+            return obj.sum(), (obj.detach(), logits.detach())
+        grad, (obj, logits) = torch.func.grad(total, has_aux=True)(x_adv)
+        return grad, obj, logits
     x_adv = x_adv.detach().requires_grad_(True)
     with torch.enable_grad():
         obj, logits = attack_objective(model, x_adv, y, loss, aux_weight, clean)
         grad, = torch.autograd.grad(obj.sum(), x_adv)
-    return grad, logits.detach()
+    return grad, obj.detach(), logits.detach()
 
 
-def eps_box(x, eps):
-    """``(low, high)``: the ε-ball around ``x`` intersected with [0, 1], computed once per attack."""
-    return (x - eps).clamp_min(0), (x + eps).clamp_max(1)
+def _targeted_mask(targeted, x):
+    """A bool or per-example mask as a bool tensor of x's batch size on x's device."""
+    if not torch.is_tensor(targeted):  # a fill, not a host-to-device copy
+        targeted = torch.full((x.shape[0],), bool(targeted), dtype=torch.bool, device=x.device)
+    return targeted.to(device=x.device, dtype=torch.bool).expand(x.shape[0])
 
 
-def signed_steps(targeted, step_size, x):
-    """Per-example step: +step_size (ascend) for untargeted rows, −step_size (descend) for targeted ones."""
-    return torch.where(targeted, -step_size, step_size).to(x.dtype).view(-1, *([1] * (x.dim() - 1)))
+def pgd_steps(model, x, y, start, eps, step_size, steps, *, loss="ce", targeted=False, aux_weight=0.0, track=False,
+              record=None):
+    """The one PGD loop (training, evaluation and the compiled step run it): ``steps`` iterations
+    ``x ← clamp(x ± step·sign ∇ Σ objective, B(x, ε) ∩ [0, 1])`` from ``start``, ascending for
+    untargeted rows and descending toward ``y`` for targeted ones (``targeted``: a bool or a
+    per-example mask), with the model already in :func:`attack_mode`. No RNG and no host
+    synchronisation, so torch.compile traces it whole.
 
-
-def descend(model, x_adv, y, step, low, high, steps, *, loss="ce", aux_weight=0.0, clean=None, targeted=None):
-    """``steps`` PGD iterations ``x ← clamp(x + step·sign ∇, low, high)`` from ``x_adv`` (model in
-    :func:`attack_mode`); returns the last iterate. With a ``targeted`` mask it also tracks, per
-    example, the first iterate that succeeded: returns ``(last, found, found_x)``."""
-    found = found_x = None
-    if targeted is not None:
-        found, found_x = torch.zeros(x_adv.shape[0], dtype=torch.bool, device=x_adv.device), x_adv
-    for _ in range(steps):
-        grad, logits = input_gradient(model, x_adv, y, loss, aux_weight, clean)
+    Returns ``(last iterate, found, found_x)``. With ``track``, ``found`` marks the examples whose
+    model was fooled (or reached the target) at some iterate and ``found_x`` holds the first such
+    iterate; without it ``found`` is all False and ``found_x`` is the start. ``record``, when given,
+    is called as ``record(step, x_adv, objective, logits, grad)`` at every iterate before the step
+    is taken, with detached tensors; it only observes.
+    """
+    targeted = _targeted_mask(targeted, x)
+    x = x.detach()
+    low, high = (x - eps).clamp_min(0), (x + eps).clamp_max(1)
+    step = torch.where(targeted, -step_size, step_size).to(x.dtype).view(-1, *([1] * (x.dim() - 1)))
+    clean = _clean_probs(model, x, aux_weight) if loss == "kl" else None
+    x_adv = start.detach()
+    found, found_x = torch.zeros(x.shape[0], dtype=torch.bool, device=x.device), x_adv
+    for index in range(steps):
+        grad, obj, logits = input_gradient(model, x_adv, y, loss, aux_weight, clean)
         x_adv = x_adv.detach()
-        if targeted is not None:
+        if record is not None:
+            record(index, x_adv, obj, logits, grad)
+        if track:
             hit = _success(logits, y, targeted) & ~found
             found_x = torch.where(_rows(hit), x_adv, found_x)
             found = found | hit
         x_adv = torch.clamp(x_adv.addcmul(step, grad.sign()), low, high)
-    return x_adv if targeted is None else (x_adv, found, found_x)
+    return x_adv.detach(), found, found_x
 
 
 def pgd(model, x, y, eps=EPS, step_size=recipe.STEP_SIZE, steps=recipe.TRAIN_ATTACK_STEPS, *, loss="ce", targeted=False,
         init="normal", restarts=1, aux_weight=0.0, keep="last", generator=None, start=None, record=None):
-    """L∞ PGD: ``x ← Π_{B(x0,ε)∩[0,1]}(x ± step·sign ∇ loss)``; ascend for untargeted examples,
-    descend toward ``y`` for targeted ones.
+    """L∞ PGD (:func:`pgd_steps`) from a random start, in :func:`attack_mode`.
 
-    ``targeted`` may be a bool or a per-example bool tensor (so adversarial examples and
-    targeted negatives can run as one batch). ``keep="last"`` returns the last iterate (the
-    paper's protocol); ``keep="success"`` returns, per example, the first iterate that fooled
-    the model (or reached the target), which can only lower robust accuracy. With
+    ``targeted`` may be a bool or a per-example bool tensor. ``keep="last"`` returns the last
+    iterate (the paper's protocol); ``keep="success"`` returns, per example, the first iterate that
+    fooled the model (or reached the target), which can only lower robust accuracy. With
     ``restarts > 1`` an example keeps the first restart that succeeded. ``start`` replaces the
     random start (one restart only), so callers can draw several starts in a fixed RNG order.
+    FGSM is one step of size ε from ``init="none"``; the paper's C&W∞ is ``loss="cw"`` from a
+    uniform start (the attack catalogue, utils/evaluation/catalogue.py).
 
     ``record`` (optional) is called as ``record(restart, step, x_adv, objective, logits, grad)``
-    at every iterate, before the step is taken, with detached tensors: the per-iterate trace the
-    indicators of attack failure read (utils/evaluation/indicators.py). It only observes: the
-    returned point is the same with or without it.
+    at every iterate: the per-iterate trace the indicators of attack failure read
+    (utils/evaluation/indicators.py). It only observes: the returned point is the same without it.
     """
     if keep not in ("last", "success"):
         raise ValueError(f"keep must be 'last' or 'success', got {keep!r}")
     if start is not None and restarts != 1:
         raise ValueError("an explicit PGD start allows only one restart")
     targeted = _targeted_mask(targeted, x)
-    step = signed_steps(targeted, step_size, x)
     x = x.detach()
-    low, high = eps_box(x, eps)
     with attack_mode(model):
-        clean = _clean_probs(model, x, aux_weight) if loss == "kl" else None
         best = x.clone()
         done = torch.zeros(x.shape[0], dtype=torch.bool, device=x.device)
         for restart in range(restarts):
-            x_adv = random_start(x, eps, init, generator) if start is None else start.detach()
-            found, found_x = torch.zeros_like(done), x_adv
-            if record is not None:  # the same iterations, observed step by step (indicators of attack failure)
-                for step_index in range(steps):
-                    x_adv.requires_grad_(True)
-                    with torch.enable_grad():
-                        obj, logits = attack_objective(model, x_adv, y, loss, aux_weight, clean)
-                        grad, = torch.autograd.grad(obj.sum(), x_adv)
-                    x_adv = x_adv.detach()
-                    record(restart, step_index, x_adv, obj.detach(), logits.detach(), grad)
-                    if keep == "success":
-                        hit = _success(logits.detach(), y, targeted) & ~found
-                        found_x = torch.where(_rows(hit), x_adv, found_x)
-                        found = found | hit
-                    x_adv = torch.clamp(x_adv.addcmul(step, grad.sign()), low, high)
-            elif keep == "success":
-                x_adv, found, found_x = descend(model, x_adv, y, step, low, high, steps, loss=loss,
-                                                aux_weight=aux_weight, clean=clean, targeted=targeted)
-            else:
-                x_adv = descend(model, x_adv, y, step, low, high, steps, loss=loss, aux_weight=aux_weight, clean=clean)
+            begin = random_start(x, eps, init, generator) if start is None else start
+            observe = None if record is None else partial(record, restart)
+            x_adv, found, found_x = pgd_steps(model, x, y, begin, eps, step_size, steps, loss=loss, targeted=targeted,
+                                              aux_weight=aux_weight, track=keep == "success", record=observe)
             if keep == "success" or restarts > 1:
                 with torch.no_grad():
                     hit = _success(model(x_adv), y, targeted) & ~found
@@ -234,43 +230,3 @@ def pgd(model, x, y, eps=EPS, step_size=recipe.STEP_SIZE, steps=recipe.TRAIN_ATT
             best = torch.where(_rows(~done), x_adv, best)
             done = done | found  # every restart runs: no host sync to test whether all are done
     return best.detach()
-
-
-def _targeted_mask(targeted, x):
-    """A bool or per-example mask as a bool tensor of x's batch size on x's device."""
-    if not torch.is_tensor(targeted):  # a fill, not a host-to-device copy
-        targeted = torch.full((x.shape[0],), bool(targeted), dtype=torch.bool, device=x.device)
-    return targeted.to(device=x.device, dtype=torch.bool).expand(x.shape[0])
-
-
-def training_attack(model, x, y, start, *, eps, step_size, steps, loss="ce", targeted=False, aux_weight=0.0):
-    """The training attack's iterations from a given ``start`` with the model already in
-    :func:`attack_mode`: the last PGD iterate (what :func:`pgd_train` and the negatives' targeted
-    attack compute once their start is drawn). No host synchronisation, no RNG: the compiled
-    training step traces it whole."""
-    targeted = _targeted_mask(targeted, x)
-    x = x.detach()
-    low, high = eps_box(x, eps)
-    clean = _clean_probs(model, x, aux_weight) if loss == "kl" else None
-    x_adv = descend(model, start.detach(), y, signed_steps(targeted, step_size, x), low, high, steps, loss=loss,
-                    aux_weight=aux_weight, clean=clean)
-    return x_adv.detach()
-
-
-def fgsm(model, x, y, eps=EPS, *, init="none", aux_weight=0.0, generator=None):
-    """One signed-gradient step of size ε on CE (paper protocol: no random start; the reference
-    evaluation script's FGSM starts from ``init="uniform"``)."""
-    return pgd(model, x, y, eps, eps, 1, loss="ce", init=init, aux_weight=aux_weight, generator=generator)
-
-
-def cw_inf(model, x, y, eps=EPS, step_size=recipe.STEP_SIZE, steps=recipe.ATTACK_STEPS_PGD40, *, aux_weight=0.0, generator=None):
-    """C&W∞: PGD on the per-example −relu(z_y − max_{j≠y} z_j) from a uniform start (the paper
-    protocol's C&W, docs/protocol.md §2; the reference script's batch-summed form is loss
-    ``cw-batchsum``)."""
-    return pgd(model, x, y, eps, step_size, steps, loss="cw", init="uniform", aux_weight=aux_weight, generator=generator)
-
-
-def pgd_train(model, x, y, eps=EPS, step_size=recipe.STEP_SIZE, steps=recipe.TRAIN_ATTACK_STEPS, *, aux_weight=0.0, loss="ce",
-              generator=None):
-    """Training adversarial examples (docs/protocol.md §2): untargeted CE from x + 0.001·N(0,1)."""
-    return pgd(model, x, y, eps, step_size, steps, loss=loss, init="normal", aux_weight=aux_weight, generator=generator)

@@ -9,6 +9,7 @@ import json
 import os
 import random
 import re
+import shlex
 import shutil
 import tempfile
 from collections import Counter
@@ -37,8 +38,11 @@ class RunWriteError(RunDirError):
 
 
 def _atomic_write(path, write):
-    """Call ``write(handle)`` on a temporary file beside ``path``, fsync it, then rename it over ``path``."""
+    """Call ``write(handle)`` on a temporary file beside ``path``, fsync it, then rename it over ``path``.
+    A symlink is written through (its target is replaced), never replaced by a regular file."""
     path = Path(path)
+    if path.is_symlink():
+        path = Path(os.path.realpath(path))
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as handle:
@@ -218,7 +222,7 @@ def check_run_dir(run_dir, overwrite=False, smoke=False):
                           f"replaces one; choose another --run-name")
     if existing and not overwrite:
         raise RunDirError(
-            f"run directory {run_dir} already holds a run; pass --resume {run_dir} to continue it, "
+            f"run directory {run_dir} already holds a run; pass --resume {shlex.quote(str(run_dir))} to continue it, "
             f"--overwrite to replace it, or --run-name NAME to start a new one")
     return existing
 

@@ -44,13 +44,16 @@ class OneLineArgumentParser(argparse.ArgumentParser):
         return joined
 
 
+_ABSENT = object()  # the default of a positional while explicit_options parses (a string would meet its choices)
+
+
 def explicit_options(parser, argv):
     """The destinations of the options written on the command line ``argv`` (defaults ignored)."""
     saved = {action.dest: action.default for action in parser._actions}
     try:
         for action in parser._actions:
-            action.default = argparse.SUPPRESS
-        return set(vars(parser.parse_args(argv)))
+            action.default = argparse.SUPPRESS if action.option_strings else _ABSENT
+        return {dest for dest, value in vars(parser.parse_args(argv)).items() if value is not _ABSENT}
     finally:
         for action in parser._actions:
             action.default = saved[action.dest]

@@ -38,9 +38,8 @@ from utils import recipe
 from utils.attacks import EPS, pgd
 from utils.cli import add_device_argument, eps_type, nonnegative_float, positive_int, resolve_device
 from utils.evaluation.options import write_bytes
-from utils.training.methods import get_method, method_names, split_method_suffix
-from utils.training.methods import method_label as registry_label
-from utils.training.negatives import STRATEGIES, choose_negatives, effective_strategy
+from utils.training.ancra import STRATEGIES, choose_negatives, effective_strategy, get_method, method_names, split_method_suffix
+from utils.training.ancra import method_label as registry_label
 
 METRIC_KEYS = ("pp_cos", "pp_l2", "np_cos", "np_l2")
 META_KEYS = ("checkpoint", "label", "target_label", "dataset", "strategy", "attack", "seed", "n_examples")

@@ -14,6 +14,7 @@ import dataclasses
 import hashlib
 import importlib.util
 import json
+import shlex
 import sys
 from datetime import datetime
 from pathlib import Path
@@ -33,13 +34,17 @@ from models.loading import saved_args
 from utils import data as datasets
 from utils import recipe
 from utils.cli import (
+    InertOptionError,
     OneLineArgumentParser,
+    OnlyWith,
     add_device_argument,
     batch_size_type,
     eps_type,
+    explicit_options,
     positive_float,
     positive_float_list,
     positive_int,
+    refuse_inert,
     resolve_device,
     run_cli,
     sigterm_as_interrupt,
@@ -63,6 +68,7 @@ from utils.evaluation.suite import (
     count_classes,
     default_attack_dtype,
     evaluate_model,
+    head_count,
 )
 from utils.locks import FolderLock, LockError, check_unlocked
 
@@ -143,7 +149,75 @@ def _attack_arguments(parser):
                              "fp32 on CPU); AutoAttack always runs in fp32")
 
 
+def _always_standalone(args):
+    """``--full-set`` names of attacks that run on every example anyway (the paper's FGSM/PGD-40/C&W,
+    the reference reproductions, attacks at another ε)."""
+    return [s.name for s in args.specs if s.name in args.full_set and s.standalone]
+
+
+def _full_set_idle(args):
+    """``--full-set`` names that would change nothing: not among the attacks --attacks selects (the
+    RA-only ones skipped for a plain model count as selected: the report lists them as skipped),
+    or attacks that always run on every example."""
+    chosen = {s.name for s in args.specs} | set(args.skipped)
+    return [name for name in args.full_set if name not in chosen] + _always_standalone(args)
+
+
+def _full_set_why(args):
+    idle = _full_set_idle(args)
+    if any(name not in _always_standalone(args) for name in idle):
+        return f"--attacks {args.attacks} does not run {', '.join(idle)}"
+    return f"{', '.join(idle)} always run on every example"
+
+
+def _uses(args, test):
+    return any(test(spec) for spec in args.specs)
+
+
+def _no_heads_or(why):
+    """The reason an RA-attack option is idle: the model has no heads, else ``why(args)``."""
+    return lambda a: "the model has no RA heads, so no attack uses it" if not a.heads else why(a)
+
+
+# Options that would change nothing (utils.cli.refuse_inert), kept as data. PARSE_RULES need only the
+# arguments; ATTACK_RULES also see the model (``heads``) and the attacks chosen for it (``specs``,
+# ``skipped``), and are checked after loading, before any output is created.
+PARSE_RULES = (
+    OnlyWith(("full_set",), lambda a: a.cascade,
+             "with --no-cascade every attack already runs on every example"),
+    OnlyWith(("weights",), lambda a: a.model_factory,
+             "a checkpoint's weights come from --ckpt; --weights goes with --model-factory"),
+    OnlyWith(("model_dir", "threat_model", "rb_dataset"), lambda a: a.robustbench,
+             "they choose RobustBench's weights, so they go with --robustbench NAME"),
+)
+ATTACK_RULES = (
+    OnlyWith(("aux_weight",), lambda a: _uses(a, lambda s: s.params.get("aux_weight")),
+             _no_heads_or(lambda a: f"--attacks {a.attacks} runs no attack with p (λ weighs the RA heads only there)")),
+    OnlyWith(("joint_weights",), lambda a: _uses(a, lambda s: s.family == "joint"),
+             _no_heads_or(lambda a: f"--attacks {a.attacks} runs no joint attack")),
+    OnlyWith(("taus",), lambda a: _uses(a, lambda s: s.family == "straight-through"),
+             _no_heads_or(lambda a: f"--attacks {a.attacks} runs no straight-through attack")),
+    OnlyWith(("full_set",), lambda a: not _full_set_idle(a), _full_set_why),
+    OnlyWith(("export_robustbench",), lambda a: _uses(a, lambda s: s.in_threat_model(a.eps)),
+             lambda a: f"--attacks {a.attacks} runs no attack of the threat model, so there is no robust accuracy "
+                       "to export"),
+)
+
+
+def check_attack_options(args, models):
+    """Refuse (:class:`InertOptionError`, one sentence) an option written on the command line that the
+    attacks chosen for the evaluated models would not use. ``models``: ``(specs, skipped, heads)`` of
+    each model (several with ``--ckpt a.pt b.pt``: an option is refused when no model would use it)."""
+    given = set(getattr(args, "given_options", ()))
+    views = [argparse.Namespace(**vars(args), specs=specs, skipped=skipped, heads=heads)
+             for specs, skipped, heads in models]
+    for rule in ATTACK_RULES:
+        if not any(rule.applies(view) for view in views):
+            refuse_inert((rule,), views[0], given)
+
+
 def parse_args(argv=None):
+    argv = sys.argv[1:] if argv is None else list(argv)
     parser = OneLineArgumentParser(description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
     _model_arguments(parser)
     data = parser.add_argument_group("data")
@@ -164,6 +238,11 @@ def parse_args(argv=None):
     run.add_argument("--quiet", action="store_true", help="no progress bars or per-attack lines on stderr")
     review.add_arguments(parser)
     args = parser.parse_args(argv)
+    args.given_options = sorted(explicit_options(parser, argv))  # for the options that would change nothing
+    try:
+        refuse_inert(PARSE_RULES, args, set(args.given_options))
+    except InertOptionError as err:
+        parser.error(str(err))
     args.compare = args.ckpt if args.ckpt and len(args.ckpt) > 1 else None
     args.ckpt = args.ckpt[0] if args.ckpt else None
     review.check_args(parser, args)
@@ -171,8 +250,6 @@ def parse_args(argv=None):
         args.device = str(resolve_device(args.device))
     except ValueError as err:
         parser.error(str(err))
-    if args.weights and not args.model_factory:
-        parser.error("--weights goes with --model-factory; a checkpoint's weights come from --ckpt")
     if args.resume and not args.out_dir:
         parser.error("--resume needs the --out-dir of the run to continue")
     if args.protocol == "reference" and "reference" not in args.attacks.split(","):
@@ -393,6 +470,12 @@ def resume_key(args, meta):
     return json.loads(json.dumps(key))  # tuples become lists, as in the saved file
 
 
+def _input_files(args):
+    """The files this evaluation reads (no output may be written over them)."""
+    files = [args.ckpt, args.weights, args.model_factory.rpartition(":")[0] if args.model_factory else None]
+    return [Path(f) for f in files if f] + review.robustbench_inputs(args)
+
+
 def _source(args):
     if args.robustbench:
         return f"robustbench:{args.rb_dataset}/{args.threat_model}/{args.robustbench}"
@@ -443,7 +526,7 @@ class Progress:
             return "no attack had finished, so nothing is saved: rerun the same command"
         kept = self.out_dir / PARTIAL if (self.out_dir / PARTIAL).exists() else self.out_dir / "results.json"
         return (f"{self.saved} finished attack(s) are saved in {kept}: continue with the same options plus "
-                f"--resume --out-dir {self.out_dir}")
+                f"--resume --out-dir {shlex.quote(str(self.out_dir))}")
 
     def write(self, name, write, content):
         """``write(out_dir / name, content)``; a failed write says what is kept and how to resume."""
@@ -453,18 +536,21 @@ class Progress:
             raise OutputError(f"{err}; {self.resume_hint()}") from None
 
 
-def run(args, progress=None):
-    """Check every input and the output folder, load, attack (saving each attack), report."""
+def run(args, progress=None, options_checked=False):
+    """Check every input and the output folder, load, attack (saving each attack), report.
+    ``options_checked``: the attack options were checked over several models already (compare)."""
     started = datetime.now()
     progress = progress if progress is not None else Progress()
     if not _has_attacks(args.attacks):
         raise EvaluationError(f"--attacks {args.attacks!r} names no attack; give names or a preset "
                               f"({', '.join(PRESETS)})")
     out_dir, previous = _check_outputs(args, started)
-    review.check_outputs(args, out_dir)
+    review.check_outputs(args, out_dir, inputs=_input_files(args))
     model, config, subset = _load(args)
-    choose_attacks(model, subset.x, args.attacks, Settings(eps=args.eps, budget=BUDGETS[args.budget]), args.device,
-                   args.full_set)
+    specs, skipped = choose_attacks(model, subset.x, args.attacks, Settings(eps=args.eps, budget=BUDGETS[args.budget]),
+                                    args.device, args.full_set)
+    if not options_checked:
+        check_attack_options(args, [(specs, skipped, head_count(model))])
     check_finite_logits(model, subset.x, args.device, args.batch_size if isinstance(args.batch_size, int) else 256)
     meta = _meta(args, config, subset.dataset, subset.indices, subset.data_dir, started)
     if previous:
@@ -510,7 +596,8 @@ def _evaluate(args, model, subset, meta, out_dir, finished, progress, started):
 def main(argv=None):
     """Command line of ``test_white_attack.py``: 0 done, 2 refused (one line), 130 interrupted by
     Ctrl-C or SIGTERM (one line saying what is saved and how to resume, as training does)."""
-    errors = (EvaluationError, CheckpointError, datasets.DatasetError, AutoAttackUnavailable, OutputError, LockError)
+    errors = (EvaluationError, CheckpointError, datasets.DatasetError, AutoAttackUnavailable, OutputError, LockError,
+              InertOptionError)
     progress = Progress()
     try:
         with sigterm_as_interrupt():
@@ -526,4 +613,14 @@ def _run_one_or_compare(args, progress):
 
     def load(path):
         return _checkpoint_from_args(argparse.Namespace(**dict(vars(args), ckpt=path)))
-    return compare.run_compare(args, run, load=load)
+
+    compare.check_inputs(args)
+    compare.preflight(args, load)  # every checkpoint readable, one dataset
+    models = []  # every model's attacks, so an option one of them uses is not refused after another's evaluation
+    for path in args.compare:
+        model, _, subset = _load(argparse.Namespace(**dict(vars(args), ckpt=path)))
+        specs, skipped = choose_attacks(model, subset.x, args.attacks, Settings(eps=args.eps, budget=BUDGETS[args.budget]),
+                                        args.device, args.full_set)
+        models.append((specs, skipped, head_count(model)))
+    check_attack_options(args, models)
+    return compare.run_compare(args, lambda one: run(one, progress, options_checked=True))  # checked above

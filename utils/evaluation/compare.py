@@ -36,6 +36,8 @@ def paper_protocol(report):
     (the paper's attacks, each on every example). Returns ``(accuracy, attack names)``."""
     attacks = [a for a in report["attacks"] if a["family"] == "paper" and a.get("in_worst_case", True)
                and a.get("standalone", True)]
+    if not attacks:  # none ran: no robust figure, never the clean accuracy in its place
+        return None, []
     correct = np.array(report["clean"]["correct"], bool)
     for attack in attacks:
         correct &= np.array(attack["correct"], bool)
@@ -55,7 +57,7 @@ def flags_of(report, out_dir):
 def row(name, report, out_dir):
     n = len(report["labels"])
     k = report["worst_case"]["robust_count"]
-    low, high = wilson_interval(k, n) if n else (0.0, 1.0)
+    low, high = (None, None) if k is None else wilson_interval(k, n) if n else (0.0, 1.0)  # no figure: no interval
     paper, paper_attacks = paper_protocol(report)
     return {"model": name, "checkpoint": report["meta"].get("checkpoint"), "n": n,
             "clean": report["clean"]["accuracy"], "paper_protocol": paper, "paper_attacks": paper_attacks,
@@ -64,7 +66,7 @@ def row(name, report, out_dir):
 
 
 def _pct(v):
-    return f"{100 * v:.2f} %"
+    return "—" if v is None else f"{100 * v:.2f} %"
 
 
 def markdown_table(rows, meta, pairs=(), refusal=None):
@@ -76,8 +78,10 @@ def markdown_table(rows, meta, pairs=(), refusal=None):
     for r in rows:
         low, high = r["worst_case_ci95"]
         flags = ", ".join(r["flags"]) if r["flags"] else "none"
-        lines.append(f"| {r['model']} | {_pct(r['clean'])} | {_pct(r['paper_protocol'])} | {_pct(r['worst_case'])} "
-                     f"({r['worst_case_count']}/{r['n']}) | {_pct(low)} – {_pct(high)} | {flags} |")
+        count = "" if r["worst_case_count"] is None else f" ({r['worst_case_count']}/{r['n']})"
+        interval = "—" if low is None else f"{_pct(low)} – {_pct(high)}"
+        lines.append(f"| {r['model']} | {_pct(r['clean'])} | {_pct(r['paper_protocol'])} | {_pct(r['worst_case'])}"
+                     f"{count} | {interval} | {flags} |")
     lines += paired_markdown(list(pairs), refusal)
     lines += ["", "Each model's own report: its sub-folder's report.md (docs/evaluation.md#comparing-models)."]
     return "\n".join(lines) + "\n"
@@ -91,6 +95,8 @@ def pairing_refusal(names, reports):
         if (report.get("meta") or {}).get("indices") is None or report.get("labels") is None:
             return (f"{name}'s results.json records no test-image indices or labels (meta.indices); evaluate it "
                     "again with this version to pair it")
+        if report["worst_case"].get("correct") is None:
+            return f"{name} has no robust figure ({report['worst_case'].get('missing', 'no worst case')})"
     first = reports[0]
     for name, report in zip(names[1:], reports[1:]):
         if list(report["meta"]["indices"]) != list(first["meta"]["indices"]):
@@ -165,14 +171,19 @@ def check_inputs(args):
 def preflight(args, load):
     """Load every checkpoint once with ``load(path) -> (model, config, saved)`` before any work, so a
     broken file or a model of another dataset is refused before the first evaluation starts."""
-    found = {}
+    found, sizes = {}, {}
     for path in args.compare:
-        _, _, saved = load(path)
+        _, config, saved = load(path)
         found[path] = args.dataset or saved.get("dataset")
+        sizes[path] = (config or {}).get("image_size") or saved.get("image_size")
     if len(set(found.values())) > 1:
         listed = ", ".join(f"{Path(p).name}: {d}" for p, d in found.items())
         raise EvaluationError(f"the checkpoints were trained on different datasets ({listed}); compare models of "
                               "one dataset, or pass --dataset")
+    if len({size for size in sizes.values() if size is not None}) > 1:
+        listed = ", ".join(f"{Path(p).parent.name}/{Path(p).name}: {s}×{s}" for p, s in sizes.items() if s)
+        raise EvaluationError(f"the checkpoints take images of different sizes ({listed}), so they cannot be "
+                              "evaluated on the same test images; compare models of one image size")
 
 
 def run_compare(args, evaluate_one, load=None, started=None):
@@ -197,9 +208,15 @@ def run_compare(args, evaluate_one, load=None, started=None):
         one.resume = sub.is_dir() and any(sub.glob("results*.json"))
         evaluate_one(one)
     reports = [json.loads((out_dir / name / "results.json").read_text()) for name in names]
-    if any(r["meta"].get("indices") != reports[0]["meta"].get("indices") for r in reports):
-        raise EvaluationError("the models were evaluated on different examples (their datasets or image sizes "
-                              "differ); compare only models of one dataset")
+    first = reports[0]
+    for name, report in zip(names[1:], reports[1:]):
+        for key in ("dataset", "indices"):
+            if report["meta"].get(key) != first["meta"].get(key):
+                raise EvaluationError(f"{name} was evaluated on other test images than {names[0]} (its {key} "
+                                      "differs); compare only models evaluated on one dataset and subset")
+        if list(report.get("labels") or []) != list(first.get("labels") or []):
+            raise EvaluationError(f"{name}'s test images carry other labels than {names[0]}'s; compare only "
+                                  "models evaluated on the same labelled images")
     meta = {key: reports[0]["meta"].get(key) for key in ("dataset", "subset_seed", "eps", "eps_text", "seed",
                                                          "budget", "attacks_requested", "indices")}
     meta["n"] = len(reports[0]["labels"])

@@ -56,8 +56,9 @@ def is_smoke(meta):
 def _headline(evaluation, smoke=False):
     n, covered = evaluation.n, evaluation.worst_case_results()
     worst = evaluation.worst_case()
-    if not covered:
-        return [(f"**No attack of the threat model ran: there is no robust-accuracy figure.** Clean accuracy "
+    missing = evaluation.missing_robust_figure()
+    if missing:
+        return [(f"**There is no robust-accuracy figure: {missing}.** Clean accuracy "
                 f"{_pct(evaluation.clean_accuracy)}.")]
     if smoke:
         return [(f"Smoke check, no headline: worst case over the weakened attacks {_pct(worst.mean() if n else 0.0)} "
@@ -138,6 +139,9 @@ def _table(evaluation):
         lines.append(_row(r, n, mark))
     worst = evaluation.worst_case()
     total = evaluation.clean_seconds + sum(r.seconds for r in evaluation.results)
+    if evaluation.missing_robust_figure():  # no robust figure: never the clean accuracy in its place
+        lines.append(f"| **worst case (threat model)** | — | — | — (none: see above) | — | — | {total:.1f} |")
+        return lines
     lines.append(f"| **worst case (threat model)** | — | — | **{_pct(worst.mean() if n else 0.0)}** | "
                  f"{int(worst.sum())}/{n} | — | {total:.1f} |")
     return lines
@@ -229,13 +233,23 @@ def markdown_report(evaluation, checks, meta):
     return "\n".join(lines) + "\n"
 
 
+def _worst_case_json(evaluation, worst):
+    """The worst case of results.json; accuracy, count and per-example values are null, and
+    ``missing`` says why, when the run has no robust figure."""
+    record = {"over": [r.name for r in evaluation.worst_case_results()],
+              "excluded": excluded_from_worst_case(evaluation)}
+    missing = evaluation.missing_robust_figure()
+    if missing:
+        return dict(record, accuracy=None, robust_count=None, correct=None, missing=missing)
+    return dict(record, accuracy=float(worst.mean()) if evaluation.n else 0.0, robust_count=int(worst.sum()),
+                correct=[int(v) for v in worst])
+
+
 def json_report(evaluation, checks, meta):
     """Every number of the run, with per-example 0/1 arrays so runs can be merged."""
     worst = evaluation.worst_case()
     smoke = is_smoke(meta)
-    worst_case = {"accuracy": float(worst.mean()) if evaluation.n else 0.0, "robust_count": int(worst.sum()),
-                  "correct": [int(v) for v in worst], "over": [r.name for r in evaluation.worst_case_results()],
-                  "excluded": excluded_from_worst_case(evaluation), "headline": not smoke}
+    worst_case = dict(_worst_case_json(evaluation, worst), headline=not smoke)
     if smoke:
         worst_case["not_a_robustness_figure"] = "smoke budget: every attack at reduced strength"
     return {

@@ -156,6 +156,23 @@ class Evaluation:
         """The attacks of the threat model: same ε as the run, not a reproduction of reference code."""
         return [r for r in self.results if r.in_worst_case]
 
+    def missing_robust_figure(self):
+        """Why this run has no robust figure (a phrase), or None: a worst case is a robust accuracy
+        only when at least one attack of the threat model attacked every clean-correct example it
+        counts (with the cascade, the later attacks see the survivors of that one)."""
+        covered = self.worst_case_results()
+        if not covered:
+            return "no attack of the threat model ran (only reference reproductions or attacks at another ε)"
+        if not any(bool(np.all(r.received[self.clean])) for r in covered):
+            return "no attack of the threat model ran on every clean-correct example"
+        return None
+
+    def robust_accuracy(self):
+        """The worst-case robust accuracy, or None when there is no robust figure."""
+        if self.missing_robust_figure():
+            return None
+        return float(self.worst_case().mean()) if self.n else 0.0
+
     def worst_case(self):
         """Per example: correct clean and under every attack of the threat model."""
         worst = self.clean.copy()

@@ -11,7 +11,7 @@ from pathlib import Path
 from utils.checkpoint import atomic_write_json, atomic_write_text
 from utils.evaluation import indicators, robustbench, sweep
 from utils.evaluation.catalogue import BUDGETS, Settings
-from utils.evaluation.options import check_output_dir, check_output_file
+from utils.evaluation.options import OutputError, check_output_dir, check_output_file, write_json
 from utils.evaluation.report import sweep_section
 from utils.evaluation.suite import choose_attacks, evaluate_model
 
@@ -54,10 +54,8 @@ def add_arguments(parser):
 
 
 def check_args(parser, args):
-    """Options that only make sense together; called by ``parse_args``."""
-    rb_only = [name for name in ("model_dir", "threat_model", "rb_dataset") if getattr(args, name) is not None]
-    if rb_only and not args.robustbench:
-        parser.error(f"--{rb_only[0].replace('_', '-')} goes with --robustbench NAME")
+    """The RobustBench options' defaults; called by ``parse_args`` (which refuses them without
+    --robustbench: ``command.PARSE_RULES``). A smoke budget is never exported."""
     if args.export_robustbench and not BUDGETS[args.budget].evaluation:
         parser.error(f"--budget {args.budget} is a smoke check, not an evaluation: it is never exported; drop "
                      "--export-robustbench or use --budget full")
@@ -66,10 +64,42 @@ def check_args(parser, args):
     args.rb_dataset = args.rb_dataset or "cifar10"
 
 
-def check_outputs(args, out_dir):
-    """Refuse unwritable review outputs before any work (creates nothing)."""
+# What an evaluation writes into its --out-dir (no other output may take these names).
+OUTPUT_FILES = ("report.md", "results.json", "results.partial.json", "eps_sweep.json", "eps_sweep.png", ".lock")
+
+
+def robustbench_inputs(args):
+    """The RobustBench weight file ``--robustbench NAME`` reads (``[]`` without it)."""
+    if not getattr(args, "robustbench", None):
+        return []
+    return [robustbench.weight_path(args.model_dir, args.rb_dataset, args.threat_model, args.robustbench)]
+
+
+def check_export_path(path, out_dir, inputs=()):
+    """Refuse an --export-robustbench path that would overwrite an input (the checkpoint, the
+    weights, the factory file), an output of the same evaluation (results.json, report.md, ... in
+    ``out_dir``, or anything under its eps_sweep/), or an existing file that is not an earlier
+    RobustBench export. A symlink is judged by its target (the export is written through it)."""
+    target = Path(path).resolve()
+    for source in inputs:
+        if Path(source).resolve() == target:
+            raise OutputError(f"--export-robustbench {path} is the input {source} of this evaluation; write the "
+                              "export to a new .json file")
+    own = Path(out_dir).resolve()
+    if (target.parent == own and target.name in OUTPUT_FILES) or own / sweep.FOLDER in target.parents:
+        raise OutputError(f"--export-robustbench {path} is {target.name}, an output of this evaluation in {out_dir}; "
+                          "write the export to another file")
+    if target.exists() and not target.is_dir() and not robustbench.is_model_info(target):
+        raise OutputError(f"--export-robustbench {path} exists and is not an earlier RobustBench export; give a new "
+                          "file name (nothing was written)")
+
+
+def check_outputs(args, out_dir, inputs=()):
+    """Refuse unwritable or clashing review outputs before any work (creates nothing); ``inputs``:
+    the files the evaluation reads."""
     if args.export_robustbench:
         check_output_file(args.export_robustbench)
+        check_export_path(args.export_robustbench, out_dir, inputs)
         if args.robustbench:
             robustbench.check_export({"threat_model": args.threat_model})
     if args.eps_sweep:
@@ -151,5 +181,11 @@ def after_report(args, model, x, y, evaluation, out_dir, report):
         atomic_write_text(Path(out_dir) / "report.md", report)
     if args.export_robustbench:
         info = robustbench.model_info(evaluation.to_json())
-        atomic_write_json(Path(args.export_robustbench), info)
+        export = Path(args.export_robustbench)
+        try:
+            export.parent.mkdir(parents=True, exist_ok=True)  # checked creatable before the evaluation
+        except OSError as err:
+            raise OutputError(f"cannot create the folder of --export-robustbench {export} ({err.strerror}); "
+                              f"the evaluation is saved in {out_dir}") from None
+        write_json(export, info)
     return report

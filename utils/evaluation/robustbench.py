@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
+import json
 import sys
 from pathlib import Path
 
 import torch
 
+from models import CheckpointError, read_checkpoint
 from utils import data as datasets
 from utils.evaluation.catalogue import EvaluationError
 from utils.evaluation.report import eps_text
@@ -72,12 +74,14 @@ def state_dict_candidates(payload):
 
 
 def load_weights(model, path):
-    """Load ``path`` into ``model``: the first candidate whose keys match exactly."""
+    """Load ``path`` into ``model``: the first candidate whose keys match exactly. The file is read
+    by ``models.read_checkpoint`` (``weights_only=True``): a file holding pickled code is refused in
+    our own words, never with torch's advice to turn that safety off."""
     try:
-        payload = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # noqa: BLE001 - any unreadable file is the same one-line error
-        raise RobustBenchError(f"cannot read {path} as plain tensors ({str(err).splitlines()[0]}); it must be "
-                               "RobustBench's weight file for this model") from None
+        payload = read_checkpoint(path, what="RobustBench weight file")
+    except CheckpointError as err:
+        raise RobustBenchError(f"cannot read {path} as plain tensors: {err}; it must be RobustBench's weight file "
+                               "for this model") from None
     wanted = set(model.state_dict())
     for state in state_dict_candidates(payload):
         if set(state) == wanted:
@@ -119,16 +123,32 @@ def _acc(value):
     return None if value is None else f"{100 * value:.2f}"
 
 
+EXPORT_KEYS = ("clean_acc", "autoattack_acc", "external", "footnote", "eps")  # what marks a model-info export
+
+
+def is_model_info(path):
+    """Whether ``path`` holds a RobustBench model-info JSON (an earlier --export-robustbench)."""
+    try:
+        info = json.loads(Path(path).read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(info, dict) and all(key in info for key in EXPORT_KEYS)
+
+
 def model_info(report, *, architecture=None):
     """RobustBench's model_info JSON fields for the evaluation ``report`` (a results.json dict):
     clean accuracy, AutoAttack's own figure (when it ran on every example) and our worst case as
-    the external evaluation. Paper fields (link, name, authors, venue, additional_data) are left
-    for the author to fill."""
+    the external evaluation (null, and the footnote says why, when the report has no robust
+    figure). Paper fields (link, name, authors, venue, additional_data) are left for the author to fill."""
     meta = report["meta"]
     aa = next((a for a in report["attacks"] if a["name"] == "autoattack"), None)
     n, over = meta.get("n_examples", len(report["labels"])), report["worst_case"]["over"]
-    footnote = (f"External evaluation: worst case per example over {len(over)} attacks ({', '.join(over)}) "
-                f"on {n} test examples (subset seed {meta.get('subset_seed')}), ANCRA test_white_attack.py.")
+    if report["worst_case"].get("accuracy") is None:
+        why = report["worst_case"].get("missing") or "no attack of the threat model ran on every example"
+        footnote = f"No external robust accuracy: {why} (ANCRA test_white_attack.py, {n} test examples)."
+    else:
+        footnote = (f"External evaluation: worst case per example over {len(over)} attacks ({', '.join(over)}) "
+                    f"on {n} test examples (subset seed {meta.get('subset_seed')}), ANCRA test_white_attack.py.")
     if aa is None or aa["accuracy"] is None:
         footnote += " AutoAttack did not run on every example (use --full-set autoattack)."
     return {"link": "", "name": "", "authors": "", "additional_data": None, "number_forward_passes": 1,

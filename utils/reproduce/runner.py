@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from utils.checkpoint import BEST, atomic_write_json, atomic_write_text
-from utils.locks import LOCK_NAME, lock_is_stale, read_lock
+from utils.locks import LOCK_NAME, busy_message, lock_is_stale, read_lock
 from utils.reproduce import commands
 from utils.reproduce.launcher import STOP_SIGNALS, Launcher, child_environment
 from utils.reproduce.plan import ROOT
@@ -330,8 +330,10 @@ class StudyRun:
                 "smoke": plan.smoke, "commit": self.commit}
 
     def write_table(self):
-        """Rewrite table.json and table.md (or, for the figures study, the list of figures)."""
-        with self._table_lock:
+        """Rewrite table.json and table.md (or, for the figures study, the list of figures) from the
+        files and state.json as they are now, under the study's lock: the last table written is
+        never older than the last state written by any invocation."""
+        with self._table_lock, self.state.locked():
             items = [self.row_input(row) for row in self.plan.rows]
             study_dir = self.plan.study_dir
             if self.plan.study.evaluate:
@@ -404,8 +406,7 @@ def check_not_busy(run_dir, row_locked):
     run_dir = Path(run_dir)
     owner = read_lock(run_dir)
     if (run_dir / LOCK_NAME).exists() and not lock_is_stale(owner):
-        who = f"pid {owner.get('pid')} on {owner.get('host')} since {owner.get('started')}" if owner else "a process"
-        raise RowBusy(f"{run_dir} is being written by {who}; wait for it to finish (or stop it), then rerun")
+        raise RowBusy(busy_message(run_dir, "a training run", owner))
     if row_locked:
         starter = read_json(run_dir.parent / f"{run_dir.name}.lock") or {}
         raise RowBusy(f"another process still works on {run_dir} (a step started by reproduce.py pid "

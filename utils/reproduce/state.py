@@ -7,12 +7,19 @@ import re
 import subprocess
 import threading
 import time
+from contextlib import contextmanager
 from datetime import datetime
 from pathlib import Path
 
 import torch
 
+from models.loading import load_error_text
 from utils.checkpoint import LAST, atomic_write_json
+
+try:
+    import fcntl
+except ImportError:  # not POSIX: one process per study folder
+    fcntl = None
 
 _CACHE = {}
 RESULTS, PARTIAL = "results.json", "results.partial.json"  # test_white_attack.py's finished and partial files
@@ -51,7 +58,7 @@ def training_progress(run_dir):
         args = payload.get("args") or {}
         progress = (int(payload["epoch"]), int(args.get("epochs", payload["epoch"])))
     except Exception as err:  # corrupt or foreign file: say which, never start over it
-        raise RunStateError(f"cannot read {path} ({type(err).__name__}: {str(err).splitlines()[0][:200]}); resume "
+        raise RunStateError(f"cannot read {path} ({type(err).__name__}: {load_error_text(err)}); resume "
                             f"the run by hand from an epoch_N.pt or move the folder away") from err
     with _CACHE_LOCK:
         _CACHE[key] = progress
@@ -170,23 +177,62 @@ def git_commit(root):
         return "unknown"
 
 
+STATE_LOCK = "state.json.lock"  # serialises every read-modify-write of a study's shared records
+
+
+@contextmanager
+def study_lock(folder):
+    """Exclusive lock of a study folder's shared records (state.json, table.json/.md) across
+    processes, for a short read-modify-write: ``flock`` on ``folder/state.json.lock`` (waits for the
+    other holder; released when the block ends or the process dies). No-op where ``fcntl`` is missing."""
+    if fcntl is None:
+        yield
+        return
+    Path(folder).mkdir(parents=True, exist_ok=True)
+    fd = os.open(Path(folder) / STATE_LOCK, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # closing the descriptor releases the lock
+
+
 class StateFile:
-    """``state.json`` of a study: per row its last status, error and commits (written atomically)."""
+    """``state.json`` of a study: per row its last status, error and commits. Every update re-reads
+    the file and merges one row's fields under :func:`study_lock`, so several reproduce.py
+    invocations on one folder keep each other's records; every read sees the file as it is now."""
 
     def __init__(self, path):
         self.path = Path(path)
-        loaded = read_json(self.path) or {}
-        self.rows = loaded.get("rows", {}) if isinstance(loaded, dict) else {}
         self._lock = threading.Lock()
 
+    @contextmanager
+    def locked(self):
+        """The threads of this process, then the other processes, one at a time."""
+        with self._lock, study_lock(self.path.parent):
+            yield
+
+    def _read(self):
+        loaded = read_json(self.path)
+        rows = loaded.get("rows") if isinstance(loaded, dict) else None
+        return rows if isinstance(rows, dict) else {}
+
+    @property
+    def rows(self):
+        """Every row's entry, as the file holds them now."""
+        return self._read()
+
     def get(self, row):
-        """A copy of ``row``'s entry (empty when it has none)."""
-        with self._lock:
-            return dict(self.rows.get(row, {}))
+        """A copy of ``row``'s entry (empty when it has none); the file is replaced atomically, so a
+        read without the lock sees one whole version."""
+        entry = self._read().get(row, {})
+        return dict(entry) if isinstance(entry, dict) else {}
 
     def update(self, row, **fields):
-        """Merge ``fields`` into ``row``'s entry and save."""
-        with self._lock:
-            entry = self.rows.setdefault(row, {})
+        """Merge ``fields`` into ``row``'s entry as the file holds it now, and save (under the lock)."""
+        with self.locked():
+            rows = self._read()
+            entry = rows.get(row) if isinstance(rows.get(row), dict) else {}
             entry.update(fields, updated=datetime.now().isoformat(timespec="seconds"))
-            atomic_write_json(self.path, {"rows": self.rows})
+            rows[row] = entry
+            atomic_write_json(self.path, {"rows": rows})

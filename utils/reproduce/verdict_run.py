@@ -165,5 +165,9 @@ def run_verdict(plan, args, command, clock=None, echo=print, make_run=None):
     except ValueError as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
+    except OSError as err:  # checked writable up front; a disk filled or a mode changed since: one line
+        print(f"error: cannot write {args.record} ({err.strerror or err}); the verdict is in "
+              f"{plan.study_dir / 'table.md'}: rerun the same command to record it", file=sys.stderr)
+        return 2
     return 0
 

@@ -31,6 +31,15 @@ from utils.cli import (
 )
 from utils.locks import LockError
 from utils.training import resume
+from utils.training.ancra import (
+    STRATEGIES,
+    find_method,
+    format_method_name,
+    get_method,
+    method_names,
+    parse_method_name,
+    split_method_suffix,
+)
 from utils.training.config import (
     DataConfig,
     EvalConfig,
@@ -42,15 +51,6 @@ from utils.training.config import (
     TrainConfig,
 )
 from utils.training.errors import ConfigError, NonFiniteLossError, TrainingInterrupted
-from utils.training.methods import (
-    find_method,
-    format_method_name,
-    get_method,
-    method_names,
-    parse_method_name,
-    split_method_suffix,
-)
-from utils.training.negatives import STRATEGIES
 from utils.training.schedule import Schedule
 from utils.training.setup import check_resume, run
 
@@ -112,8 +112,6 @@ def _model_arguments(parser, defaults):
                        help="RA ablation (WRN, PreActResNet-18): each RA block gets its own BatchNorm instead of "
                             "sharing the network's final one (the reference shares it)")
     model.add_argument("--beta", type=finite_float, default=None, help="TRADES/MART robust-term weight (default 6 / 5)")
-    model.add_argument("--attack-loss", choices=("ce", "kl"), default=None,
-                       help="loss of the training adversarial examples (default: kl for vanilla TRADES, else ce)")
 
 
 def _recipe_arguments(parser):
@@ -334,9 +332,8 @@ def resolve(defaults: Defaults, args, explicit=frozenset()):
         weight_decay = recipe.TINY_IMAGENET_WEIGHT_DECAY if args.dataset == "tiny-imagenet" else arch.weight_decay
     unit = get_method(method)
     method_config = MethodConfig(
-        method=method, anc=anc, strategy=args.strategy, alpha=args.alpha, zeta=args.zeta, beta=args.beta,
-        aux_weight=args.aux_weight, attack_loss=args.attack_loss or unit.attack_loss(anc, ra), eps=eps,
-        step_size=args.step_size, steps=args.attack_steps)
+        method=method, anc=anc, ra=ra, strategy=args.strategy, alpha=args.alpha, zeta=args.zeta, beta=args.beta,
+        aux_weight=args.aux_weight, eps=eps, step_size=args.step_size, attack_steps=args.attack_steps)
     model = ModelConfig(arch=arch.name, num_classes=data.num_classes(args.dataset), reverse_attention=ra,
                         image_size=image_size, separate_bn=bool(args.separate_bn))
     data_config = DataConfig(dataset=args.dataset, data_dir=args.data_dir, image_size=image_size,

@@ -8,35 +8,32 @@ from dataclasses import dataclass
 import torch
 
 from utils import recipe
+from utils.training.ancra import check_strategy, format_method_name, get_method
 from utils.training.errors import ConfigError
-from utils.training.methods import format_method_name, get_method
-from utils.training.negatives import check_strategy
 from utils.training.schedule import Schedule
-
-ATTACK_LOSSES = ("ce", "kl")
 
 
 @dataclass(frozen=True)
 class MethodConfig:
     """What one training batch computes (docs/protocol.md §2–4).
 
-    ``method`` is a registered method name (:mod:`utils.training.methods`). ``attack_loss`` is the
-    loss of the training adversarial examples (see ``Method.attack_loss``). ``aux_weight`` (λ)
+    ``method`` is a registered method name (:mod:`utils.training.ancra`), which also decides the
+    loss of its training attack; ``ra``: the model has reverse-attention heads. ``aux_weight`` (λ)
     enters the losses and the training attacks ("with p") of RA models only; ``beta=None``
     takes the method's default.
     """
 
     method: str = "trades"
     anc: bool = True
+    ra: bool = True
     strategy: str = "random_adv"
     alpha: float = recipe.ALPHA
     zeta: float = recipe.ZETA
     beta: float | None = None
     aux_weight: float = recipe.AUX_WEIGHT
-    attack_loss: str = "ce"
     eps: float = recipe.EPS
     step_size: float = recipe.STEP_SIZE
-    steps: int = recipe.TRAIN_ATTACK_STEPS
+    attack_steps: int = recipe.TRAIN_ATTACK_STEPS
 
     def __post_init__(self):
         method = get_method(self.method)
@@ -44,24 +41,17 @@ class MethodConfig:
             check_strategy(self.strategy)
         except ValueError as err:
             raise ConfigError(str(err)) from None
-        if self.attack_loss not in ATTACK_LOSSES:
-            raise ConfigError(f"unknown attack loss {self.attack_loss!r}; choose one of {', '.join(ATTACK_LOSSES)}")
         if self.anc and not method.allows_anc:
             raise ConfigError(f"--method {method.name} takes no negatives; turn ANC off (--no-anc)")
         if not 0.0 <= self.alpha <= 1.0:
             raise ConfigError(f"--alpha must lie in [0, 1], got {self.alpha}")
-        if self.steps < 1 or self.eps <= 0 or self.step_size <= 0:
+        if self.attack_steps < 1 or self.eps <= 0 or self.step_size <= 0:
             raise ConfigError("the training attack needs --attack-steps >= 1 and positive --eps and --step-size")
 
     @property
     def unit(self):
-        """The registered :class:`~utils.training.methods.Method`."""
+        """The registered :class:`~utils.training.ancra.Method`."""
         return get_method(self.method)
-
-    @property
-    def resolved_beta(self):
-        """β actually used (the method's default unless given)."""
-        return self.unit.default_beta if self.beta is None else self.beta
 
     def name(self, reverse_attention):
         """Method name as in the paper: ``trades-ancra``, ``trades-anc``, ``trades-ra`` or ``trades``."""
@@ -239,8 +229,8 @@ class TrainConfig:
         return {
             "method": m.method, "method_name": self.method_name, "anc": m.anc, "reverse_attention":
             model.reverse_attention, "strategy": m.strategy, "alpha": m.alpha, "zeta": m.zeta, "beta": m.beta,
-            "aux_weight": m.aux_weight, "attack_loss": m.attack_loss, "eps": m.eps, "step_size": m.step_size,
-            "attack_steps": m.steps, "arch": model.arch, "separate_bn": model.separate_bn,
+            "aux_weight": m.aux_weight, "attack_loss": m.unit.attack_loss(m.anc, m.ra), "eps": m.eps,
+            "step_size": m.step_size, "attack_steps": m.attack_steps, "arch": model.arch, "separate_bn": model.separate_bn,
             "dataset": d.dataset, "data_dir": d.data_dir, "image_size": d.image_size, "train_size": d.train_size,
             "eval_size": d.eval_size, "val_size": d.val_size, "data_seed": d.seed,
             "epochs": s.epochs, "batch_size": s.batch_size, "per_rank_batch": s.per_rank_batch, "lr": opt.lr,

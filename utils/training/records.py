@@ -2,6 +2,7 @@
 checkpoint payload and the one-line epoch summary."""
 from __future__ import annotations
 
+import shlex
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -86,7 +87,7 @@ def save_epoch_files(run: RunInfo, records, payload, *, is_best, save_freq):
     except OSError as err:
         raise RunWriteError(f"could not write the checkpoint of epoch {epoch} into {run.run_dir} ({write_reason(err)}); "
                             f"the previous {LAST} and metrics are intact: free space and continue with "
-                            f"--resume {run.run_dir}") from err
+                            f"--resume {shlex.quote(str(run.run_dir))}") from err
     try:
         write_metrics(run.run_dir, records)
         plot_curves(records, run.run_dir / "curves.png", run.title)

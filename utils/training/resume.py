@@ -6,7 +6,7 @@ from pathlib import Path
 from utils.training.errors import ConfigError
 
 NOT_RESTORED = ("resume", "overwrite", "world_size")          # never taken from the resumed run
-IDENTITY = ("method", "anc", "reverse_attention", "arch", "dataset", "image_size")
+IDENTITY = ("method", "anc", "reverse_attention", "attack_loss", "arch", "dataset", "image_size")
 SCHEDULE = ("lr", "momentum", "weight_decay", "milestones")
 
 

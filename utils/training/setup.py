@@ -21,11 +21,12 @@ from utils.checkpoint import (
 from utils.cli import resolve_device
 from utils.locks import FolderLock, check_unlocked
 from utils.training import resume
+from utils.training.ancra import TrainStep
 from utils.training.config import ModelConfig, TrainConfig, prepare_model
 from utils.training.errors import ConfigError
+from utils.training.fast import FastStep
 from utils.training.records import RunInfo, write_reason
 from utils.training.schedule import build_optimizer, build_scheduler, reschedule
-from utils.training.step import TrainStep
 from utils.training.trainer import Trainer
 from utils.training.updates import build_update
 
@@ -201,7 +202,7 @@ def build_trainer(config: TrainConfig, model, splits, device, context, run_dir):
         distributed.share_buffers_each_step(context, unwrap(model), optimizer)
     update = build_update(optimizer, model, awp_gamma=schedule.awp_gamma, awp_warmup=schedule.awp_warmup,
                           ema_decay=schedule.ema)
-    step = TrainStep(model, optimizer, config.method, config.model.num_classes, speed, update)
+    step = FastStep(TrainStep(model, optimizer, config.method, config.model.num_classes, update), speed)
     shard = {"rank": context.rank, "world_size": context.world_size, "device": device}
     eval_loader = lambda split: data.BatchLoader(split, EVAL_BATCH, shuffle=False, augment=False,
                                                  pad=False, **shard)

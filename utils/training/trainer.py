@@ -3,6 +3,7 @@ non-finite loss. Checkpoints are written at epoch ends only, so ``last.pt`` alwa
 clean epoch-end state from which an interrupted epoch restarts (bit-exactly as if never stopped).
 """
 import math
+import shlex
 import sys
 import time
 from dataclasses import asdict
@@ -20,6 +21,7 @@ from utils.checkpoint import (
 )
 from utils.training.config import RECIPE_CHECK, EvalConfig
 from utils.training.errors import ConfigError, NonFiniteLossError, TrainingInterrupted
+from utils.training.fast import FastStep
 from utils.training.monitor import monitor_accuracy
 from utils.training.records import (
     BestSoFar,
@@ -31,17 +33,17 @@ from utils.training.records import (
     summary_line,
     write_reason,
 )
-from utils.training.step import TrainStep
 from utils.training.stop import StopControl
 from utils.training.updates import EMA
 
 
 class Trainer:
-    """Runs epochs of ``step`` over ``train_loader``; after each epoch checks the model (the EMA
-    weights when the step keeps them) on ``eval_loaders`` ({'test': ..., optionally 'val': ...})
-    and writes metrics, curves and checkpoints into ``run.run_dir`` (if not None)."""
+    """Runs epochs of ``step`` (a TrainStep as the speed options run it) over ``train_loader``;
+    after each epoch checks the model (the EMA weights when the step keeps them) on
+    ``eval_loaders`` ({'test': ..., optionally 'val': ...}) and writes metrics, curves and
+    checkpoints into ``run.run_dir`` (if not None)."""
 
-    def __init__(self, step: TrainStep, scheduler, train_loader, eval_loaders, run: RunInfo, *, epochs,
+    def __init__(self, step: FastStep, scheduler, train_loader, eval_loaders, run: RunInfo, *, epochs,
                  eval_config: EvalConfig = RECIPE_CHECK, save_freq=10, quiet=False, sync_every=20,
                  context: distributed.Context = distributed.SINGLE, reseed=None):
         if "test" not in eval_loaders:
@@ -117,9 +119,9 @@ class Trainer:
             last, run_dir = self.run.run_dir / LAST, self.run.run_dir
             if mid_epoch:
                 where = (f"; epoch {epoch} restarts from the epoch-end checkpoint {last} (epoch "
-                         f"{self.completed_epochs}): continue with --resume {run_dir}")
+                         f"{self.completed_epochs}): continue with --resume {shlex.quote(str(run_dir))}")
             else:
-                where = f"; saved {last}, continue with --resume {run_dir}"
+                where = f"; saved {last}, continue with --resume {shlex.quote(str(run_dir))}"
         distributed.barrier(self.context)  # no rank exits (and makes torchrun kill the others) before the save
         when = f"during epoch {epoch}" if mid_epoch else f"after epoch {epoch}"
         raise TrainingInterrupted(f"stopped by {self.stop.reason} {when}{where}")

@@ -1,16 +1,15 @@
-"""The weight update of a training step, with plug-ins around it.
-
-:class:`WeightUpdate` is the default: ``zero_grad``, ``backward``, ``optimizer.step()``. Plug-ins
-(:class:`UpdatePlugin`) may perturb the weights while the loss is computed (:class:`AWP`) and
-act after each optimizer step (:class:`EMA`); those with a ``checkpoint_key`` are saved in the
-checkpoint under that key and restored on resume.
+"""Plug-ins of the training step's weight update (:class:`~utils.training.ancra.WeightUpdate`):
+they may perturb the weights while the loss is computed (:class:`AWP`) and act after each
+optimizer step (:class:`EMA`); those with a ``checkpoint_key`` are saved in the checkpoint under
+that key and restored on resume. Beyond the paper; both off by default.
 """
 import copy
-from contextlib import ExitStack, contextmanager, nullcontext
+from contextlib import contextmanager, nullcontext
 
 import torch
 
 from models import unwrap
+from utils.training.ancra import WeightUpdate
 
 
 class UpdatePlugin:
@@ -30,42 +29,6 @@ class UpdatePlugin:
 
     def load_state_dict(self, state):
         """Restore :meth:`state_dict`'s result (None: the checkpoint had none)."""
-
-
-class WeightUpdate:
-    """One optimizer step on ``loss_fn(model)``: the plug-ins' perturbations are active during the
-    forward and backward and are removed before ``optimizer.step()``."""
-
-    def __init__(self, optimizer, plugins=()):
-        self.optimizer = optimizer
-        self.plugins = list(plugins)
-
-    def __call__(self, model, loss_fn, epoch):
-        """Update ``model``'s weights; returns the loss's metrics."""
-        with ExitStack() as stack:
-            for plugin in self.plugins:
-                stack.enter_context(plugin.perturbed(model, loss_fn, epoch))
-            loss, metrics = loss_fn(model)
-            self.optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-        self.optimizer.step()
-        for plugin in self.plugins:
-            plugin.after_step(model)
-        return metrics
-
-    def find(self, kind):
-        """The plug-in of class ``kind``, or None."""
-        return next((p for p in self.plugins if isinstance(p, kind)), None)
-
-    def state_dict(self):
-        """``{checkpoint_key: state}`` of the plug-ins that keep state."""
-        return {p.checkpoint_key: p.state_dict() for p in self.plugins if p.checkpoint_key}
-
-    def load_state_dict(self, payload):
-        """Give every stateful plug-in its entry of ``payload`` (None when the checkpoint has none)."""
-        for plugin in self.plugins:
-            if plugin.checkpoint_key:
-                plugin.load_state_dict(payload.get(plugin.checkpoint_key))
 
 
 class AWP(UpdatePlugin):
