@@ -26,6 +26,10 @@ def test_smoke_caps_every_pgd_and_lowers_autoattack_full_keeps_the_protocol():
     cap = BUDGETS["smoke"].max_steps
     assert cap < 10 and {name: smoke[name].params["steps"] for name in own} == {n: min(cap, s) for n, s in own.items()}
     assert smoke["fgsm"].params["steps"] == 1
+    for catalogue in (smoke, full):  # the ε = 1 sanity attack can still travel the whole range
+        eps1 = catalogue["pgd40-eps1"].params
+        assert eps1["steps"] * eps1["step_size"] == pytest.approx(2.0)
+    assert full["pgd40-eps1"].params["step_size"] == 0.05
     assert smoke["autoattack"].params["reduced"]["apgd.n_iter"] == 5 and "reduced" not in full["autoattack"].params
     assert not BUDGETS["smoke"].evaluation and BUDGETS["full"].evaluation and BUDGETS["small"].evaluation
 

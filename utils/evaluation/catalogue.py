@@ -169,7 +169,8 @@ def _sanity_specs(settings):
     for name, kw in (("pgd10", {"steps": b.pgd_steps(10), "step_size": step}),
                      ("pgd100", {"steps": b.pgd_steps(100), "step_size": step}),
                      ("pgd40-restarts", {"steps": b.pgd_steps(40), "step_size": step, "restarts": b.restarts}),
-                     ("pgd40-eps1", {"steps": b.pgd_steps(40), "step_size": 0.05, "eps": 1.0})):
+                     # ε = 1 must be reachable: fewer steps (smoke) take proportionally larger ones (40 × 0.05 = 2)
+                     ("pgd40-eps1", {"steps": b.pgd_steps(40), "step_size": 0.05 * 40 / b.pgd_steps(40), "eps": 1.0})):
         params = dict(kw, eps=kw.get("eps", settings.eps), aux_weight=0.0, loss="ce", init="uniform")
         off_threat = params["eps"] != settings.eps
         specs.append(AttackSpec(name, "sanity", ("sanity",), partial(paper_pgd, **params), params, "final",
