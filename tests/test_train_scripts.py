@@ -146,7 +146,8 @@ def test_baselines_script_smoke_with_validation_split(tmp_path, capsys):
     records = metrics(run)
     assert all(r["best"]["split"] == "val" and r["val"]["size"] == 8 for r in records)
     assert "best chosen on the validation split" in (run / "log.txt").read_text()
-    assert "trades | wrn-16-1 on synthetic (24 train, 8 val, 32 test images)" in capsys.readouterr().out
+    train = SMOKE_DEFAULTS["train_size"] - 8
+    assert f"trades | wrn-16-1 on synthetic ({train} train, 8 val, 32 test images)" in capsys.readouterr().out
 
 
 def _weights(path):
