@@ -1,5 +1,7 @@
 """The paper's Fig. 1 / Fig. 3 histograms (NP cosine, NP L2, PP cosine, PP L2; 20 bins, density)
-with several methods overlaid, from .npz files written by feature_distance.py."""
+with several methods overlaid, from .npz files written by feature_distance.py. A label shared by
+several files gets each run's name added; a caption under each figure names the class, dataset, ε,
+NP strategy and runs."""
 import sys
 
 from utils.analysis.features import FeatureError, load_npz
@@ -28,7 +30,7 @@ def run(args):
     for message in mixed_metadata(runs, args.files):
         print(f"warning: {message}", file=sys.stderr)
     labels = args.labels or [str(run["label"]) for run in runs]
-    paths = histogram_figures(runs, labels, args.out_dir, args.bins)
+    paths = histogram_figures(runs, labels, args.out_dir, args.bins, paths=args.files)
     print("saved " + ", ".join(str(p) for p in paths))
     return paths
 

@@ -13,7 +13,7 @@ from utils.analysis.features import (
     save_npz,
     umap_inputs,
 )
-from utils.analysis.plots import umap_embedding, umap_figure
+from utils.analysis.plots import run_name, umap_embedding, umap_figure
 from utils.cli import OneLineArgumentParser, nonnegative_float, run_cli
 from utils.data import DatasetError
 from utils.evaluation.options import (
@@ -21,6 +21,7 @@ from utils.evaluation.options import (
     check_output_dir,
     create_output_dir,
 )
+from utils.evaluation.report import eps_text
 
 
 def parse_args(argv=None):
@@ -49,7 +50,8 @@ def run(args):
     embedding = umap_embedding(inputs["features"], args.seed, args.n_neighbors, args.min_dist)
     create_output_dir(out_dir)  # checked above; made once there is something to save
     n = len(inputs["index"])
-    title = f"{analysis.label} on {analysis.dataset}: {n} test images, natural and PGD-{attack.steps}"
+    title = (f"{analysis.label} ({run_name({'checkpoint': str(args.ckpt)}, args.ckpt)}) on {analysis.dataset}: {n} test "
+             f"images, natural and PGD-{attack.steps} at ε = {eps_text(attack.eps)}")
     paths = umap_figure(embedding, inputs["labels"], inputs["is_adv"], analysis.data.classes, title, out_dir / "umap")
     paths.append(save_npz(out_dir / "umap_embedding.npz", {
         "embedding": embedding, "labels": inputs["labels"], "is_adv": inputs["is_adv"], "index": inputs["index"],

@@ -116,10 +116,29 @@ def start_mode(args, mode):
     return subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env), log, time.perf_counter(), out_dir
 
 
+PROGRESS_EVERY = 30  # seconds between progress lines while a mode runs
+
+
+def saved_attacks(out_dir):
+    """Attacks a mode's run has saved so far (its partial results; the children run --quiet)."""
+    for name in ("results.json", "results.partial.json"):
+        try:
+            return len(json.loads((out_dir / name).read_text()).get("attacks", []))
+        except (OSError, ValueError):
+            continue
+    return 0
+
+
 def wait_mode(args, started):
     """Wait for one mode's process and record its wall time."""
     process, log, start, out_dir = started
-    code = process.wait()
+    while True:
+        try:
+            code = process.wait(timeout=PROGRESS_EVERY)
+            break
+        except subprocess.TimeoutExpired:
+            print(f"[eval_cascade] {out_dir.name}: {saved_attacks(out_dir)} attacks finished "
+                  f"[{time.perf_counter() - start:.0f} s]", file=sys.stderr, flush=True)
     log.close()
     if code != 0:
         raise RunFailed(f"{out_dir.name} run failed (exit {code}); see {out_dir.parent / (out_dir.name + '.log')}")

@@ -168,21 +168,34 @@ def epoch_estimate(step, images_per_s, device, image_size):
     return CIFAR_TRAIN / images_per_s + eval_s, eval_s
 
 
-def measure(args, arch, method, batch, device, speed, peak):
-    """One configuration's figures as a dict."""
+def progress(text, started=None):
+    """One progress line on stderr (the table and the JSON rows stay alone on stdout)."""
+    elapsed = f" [{time.perf_counter() - started:.0f} s]" if started is not None else ""
+    print(f"[train_step] {text}{elapsed}", file=sys.stderr, flush=True)
+
+
+def measure(args, arch, method, batch, device, speed, peak, label="", started=None):
+    """One configuration's figures as a dict; ``label`` (e.g. ``config 1/2``) prefixes its progress lines."""
     torch.manual_seed(0)
     image_size = args.image_size or default_image_size(arch)
+    name = f"{label} {arch} {method} batch {batch}".strip()
     step, x, y = build_step(arch, method, batch, device, speed, args.attack_steps, args.num_classes, image_size)
-    for _ in range(args.warmup):
+    for i in range(args.warmup):
+        progress(f"{name}: warm-up step {i + 1}/{args.warmup}", started)
         step(x, y, 1)
         model_passes(step, x, y)
     # interleaved, median of each: load changes on a shared machine hit both alike
-    rounds = [(timed(lambda: step(x, y, 1), device, 1), timed(lambda: model_passes(step, x, y), device, 1))
-              for _ in range(args.steps)]
+    rounds = []
+    for i in range(args.steps):
+        rounds.append((timed(lambda: step(x, y, 1), device, 1), timed(lambda: model_passes(step, x, y), device, 1)))
+        left = statistics.mean(sum(r) for r in rounds) * (args.steps - i - 1)
+        progress(f"{name}: timed round {i + 1}/{args.steps}, step {1e3 * rounds[-1][0]:.0f} ms, about {left:.0f} s "
+                 "left in this configuration", started)
     step_s = statistics.median(r[0] for r in rounds)
     pass_s = statistics.median(r[1] for r in rounds)
     counted = step if not speed.compile else build_step(arch, method, batch, device, dataclasses.replace(
         speed, compile=False), args.attack_steps, args.num_classes, image_size)[0]
+    progress(f"{name}: counting FLOPs (one more step)", started)
     with FlopCount() as counter:
         counted(x, y, 1)
     flops = counter.flops
@@ -198,6 +211,7 @@ def measure(args, arch, method, batch, device, speed, peak):
            "image_size": image_size,
            "torch": torch.__version__, "threads": torch.get_num_threads()}
     if args.epoch_estimate:
+        progress(f"{name}: timing PGD-20 on {EVAL_IMAGES} images for the epoch estimate", started)
         epoch_s, eval_s = epoch_estimate(step, batch / step_s, device, image_size)
         row.update(cifar_epoch_s=round(epoch_s, 1), eval_1000_s=round(eval_s, 2))
     return row
@@ -259,15 +273,17 @@ def main(argv=None):
     speed = TrainConfig(amp=args.amp, channels_last=args.channels_last, joint_attacks=args.joint_attacks,
                         compile=args.compile).on(device)
     args.peak_source = "nominal (--peak-tflops)" if args.peak_tflops else "measured bf16 matmul"
+    started = time.perf_counter()
+    if not args.peak_tflops:
+        progress(f"measuring the bf16 matmul peak of {device}", started)
     peak = args.peak_tflops or matmul_peak_tflops(device)
     rows = []
-    for arch in args.arch:
-        for method in args.method:
-            for batch in args.batch_size:
-                row = measure(args, arch, method, batch, device, speed, peak)
-                rows.append(row)
-                if args.json:
-                    print(json.dumps(row), flush=True)
+    configs = [(arch, method, batch) for arch in args.arch for method in args.method for batch in args.batch_size]
+    for number, (arch, method, batch) in enumerate(configs, 1):
+        row = measure(args, arch, method, batch, device, speed, peak, f"config {number}/{len(configs)}", started)
+        rows.append(row)
+        if args.json:
+            print(json.dumps(row), flush=True)
     if not args.json:
         print(f"# {rows[0]['device_name']} | torch {torch.__version__} | {speed.describe_speed()} | "
               f"{args.attack_steps}-step attacks | bf16 peak {peak:.2f} TFLOP/s ({args.peak_source}) | "

@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from models import ra_policy
-from tests.toys import ToyRA
+from toys import ToyRA
 from utils.evaluation import adaptive, sanity
 from utils.evaluation.autoattack_adapter import (
     capture_autoattack_output,

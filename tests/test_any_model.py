@@ -188,3 +188,17 @@ def test_an_attack_registered_from_outside_joins_presets_cascade_and_sanity_chec
     finally:
         unregister_attacks(factory)
     assert "toy-flip" not in [s.name for s in attack_catalogue(Settings(), 10, 0)]
+
+
+def build_for_8px():
+    """A factory model for 8×8 inputs: the synthetic test images are 32×32."""
+    return nn.Sequential(nn.Flatten(), nn.Linear(3 * 8 * 8, 10))
+
+
+def test_factory_model_of_the_wrong_input_size_is_one_sentence(tmp_path, capsys):
+    argv = ["--model-factory", f"{__file__}:build_for_8px", "--dataset", "synthetic", "--n-examples", "4",
+            "--attacks", "fgsm", "--quiet", "--device", "cpu", "--out-dir", str(tmp_path / "e")]
+    assert test_white_attack.main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "cannot classify this dataset's 3×32×32" in err and "Traceback" not in err
+    assert not (tmp_path / "e").exists()

@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 import torch
 
-from tests.test_adaptive import GatedToy, toy_data
-from tests.test_evaluation import prototype_data, trained_tiny
+from test_adaptive import GatedToy, toy_data
+from test_evaluation import prototype_data, trained_tiny
 from utils.evaluation.catalogue import (
     COST_APGD,
     COST_AUTOATTACK,

@@ -14,7 +14,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch._dynamo.utils import counters
 
-from tests.toys import ToyRA
+from toys import ToyRA
 from utils import data
 from utils.attacks import attack_mode, pgd, pgd_steps, random_start
 from utils.training.ancra import TrainStep, negative_scores, random_negatives

@@ -285,3 +285,42 @@ def test_loader_shards(n):
     order = single.indices(2)
     for rank in range(world):  # rank r holds global positions r, r+world, ...
         assert shards[rank] == torch.cat([order, order[:24 - n]])[rank::world].tolist()
+
+
+# ----------------------------------------------------------------------------- synthetic data a smoke run can learn
+
+def test_synthetic_classes_are_learnable_and_an_eps_8_attack_breaks_some_not_all():
+    """Template matching on the class patterns (the linear classifier the data are built for): clean
+    accuracy far above chance, and the exact L∞ margin of each example says an attack of ε = 8/255
+    breaks part of the correctly classified images but leaves others (clipping to [0, 1] aside)."""
+    test = D.make_synthetic("test", 500, 16, seed=0)
+    x = test.float().flatten(1) - 0.5
+    patterns = D._synthetic_patterns(0, 10, 16).flatten(1)
+    scores = x @ patterns.T
+    correct = scores.argmax(1) == test.y
+    assert correct.float().mean() > 0.6  # chance: 0.1
+    margin = scores.gather(1, test.y[:, None]) - scores                               # s_y - s_c
+    budget = (8 / 255) * (patterns[test.y][:, None, :] - patterns[None]).abs().sum(2)  # ε ||p_y - p_c||_1
+    robust = correct & ((margin > budget) | (torch.arange(10)[None] == test.y[:, None])).all(1)
+    share = robust.sum() / correct.sum()
+    assert 0.05 < share < 0.95, share
+
+
+@pytest.mark.slow
+def test_a_smoke_resnet_learns_and_attacks_break_some_but_not_all(tmp_path):
+    """The documented smoke run (train_CIFAR10_ResNet.py --smoke) learns the synthetic classes in its
+    two epochs, and PGD at ε = 8/255 breaks some of the smoke test images, not all."""
+    import json
+
+    import test_white_attack
+    from train_CIFAR10_ResNet import DEFAULTS
+    from utils.training.cli import main as train_main
+    assert train_main(DEFAULTS, ["--smoke", "--quiet", "--out-dir", str(tmp_path), "--run-name", "r"]) == 0
+    out = tmp_path / "eval"
+    assert test_white_attack.main(["--ckpt", str(tmp_path / "r" / "best.pt"), "--attacks", "fgsm,pgd40", "--n-examples",
+                                   "64", "--indicators", "0", "--quiet", "--device", "cpu", "--out-dir", str(out)]) == 0
+    results = json.loads((out / "results.json").read_text())
+    clean = sum(results["clean"]["correct"])
+    pgd = next(a for a in results["attacks"] if a["name"] == "pgd40")["robust_count"]
+    assert clean >= 0.35 * 64  # chance: 6.4 of 64
+    assert 0 < pgd < clean  # the attack breaks some, not all

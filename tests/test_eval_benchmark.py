@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from benchmarks import eval_cascade
-from tests.test_eval_trust import _checkpoint
+from test_eval_trust import _checkpoint
 
 ATTACKS = "fgsm,pgd10,st-pgd-ce-t1,transfer-nora"
 
@@ -94,3 +94,19 @@ def test_a_failing_mode_is_one_error_line_and_records_no_timing(tmp_path, capsys
     assert code == 1 and len(err) == 1 and "run failed (exit 2)" in err[0]
     assert not list((tmp_path / "out").rglob(eval_cascade.TIMING))
     assert "--eps" in (tmp_path / "out" / "cascade.log").read_text()  # the child's own error line is in its log
+
+
+def test_progress_lines_count_the_attacks_a_running_mode_saved(tmp_path, monkeypatch, capsys):
+    """The children run --quiet: while one runs, the benchmark says how many attacks it finished."""
+    import subprocess
+    import sys
+    import time
+    (tmp_path / "cascade").mkdir()
+    (tmp_path / "cascade" / "results.partial.json").write_text(json.dumps({"attacks": [{}, {}]}))
+    monkeypatch.setattr(eval_cascade, "PROGRESS_EVERY", 0.05)
+    process = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(0.3)"])
+    log = open(tmp_path / "cascade.log", "a")  # noqa: SIM115 — closed by wait_mode
+    args = type("Args", (), {"ckpt": "x.pt", "attacks": "fgsm", "n_examples": 4, "budget": "small", "extra": [],
+                             "parallel": False})()
+    eval_cascade.wait_mode(args, (process, log, time.perf_counter(), tmp_path / "cascade"))
+    assert "[eval_cascade] cascade: 2 attacks finished" in capsys.readouterr().err

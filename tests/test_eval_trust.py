@@ -21,8 +21,8 @@ import draw_umap
 import feature_distance
 import test_white_attack
 from models import create_model
-from tests.test_adaptive import result_like
-from tests.test_evaluation import prototype_data, trained_tiny
+from test_adaptive import result_like
+from test_evaluation import prototype_data, trained_tiny
 from utils import data as datasets
 from utils import locks
 from utils.analysis.features import METRIC_KEYS, save_npz
@@ -76,7 +76,7 @@ def test_upper_bound_empty_and_warning_rows_are_explained():
     evaluation.checks = checks
     text = evaluation.markdown()
     assert "| autoattack+p ‡ |" in text and "‡ autoattack+p: upper bound" in text and "(3 of 4 skipped)" in text
-    assert "pgd40 attacked no clean-correct example" in text
+    assert "Attacked no clean-correct example (none was left; these rows measure nothing): pgd40." in text
     assert {c["name"]: c["status"] for c in checks}["AutoAttack's own checks"] == "pass"
     assert "Why a check can still read pass" in text
     assert json.loads(json.dumps(evaluation.to_json()))["attacks"][0]["upper_bound"].startswith("upper bound")

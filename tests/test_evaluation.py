@@ -11,7 +11,7 @@ from torch import nn
 
 import test_white_attack
 from models import create_model
-from tests.toys import ToyRA
+from toys import ToyRA
 from utils import data as datasets
 from utils.evaluation.sanity import run_checks
 from utils.evaluation.suite import (

@@ -26,6 +26,8 @@ from utils.analysis.features import (
 from utils.analysis.plots import (
     PANELS,
     combined_histogram,
+    distinct_labels,
+    histogram_caption,
     mixed_metadata,
     panel_histogram,
 )
@@ -216,3 +218,41 @@ def test_draw_umap_is_reproducible(checkpoint, tmp_path):
         image = mpimg.imread(out / "umap.png")
         assert image.shape[0] > 300 and image.std() > 0.05
     np.testing.assert_array_equal(embeddings[0], embeddings[1])
+
+
+def test_more_examples_than_the_test_set_holds_is_refused_in_one_line(checkpoint, tmp_path, capsys):
+    """As the evaluation: never silently fewer examples than asked (the synthetic test split holds 500)."""
+    path, _ = checkpoint
+    assert draw_umap.main(["--ckpt", str(path), "--n-examples", "1000", "--out-dir", str(tmp_path / "u"), *FAST]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "--n-examples 1000 is more than the 500 test images" in err
+    assert feature_distance.main(["--ckpt", str(path), "--n-examples", "1000", "--out-dir", str(tmp_path / "f"),
+                                  *FAST]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "test images of class 0; use at most 50" in err
+    assert not (tmp_path / "u").exists() and not (tmp_path / "f").exists()
+
+
+def test_two_files_of_one_method_get_distinct_labels_and_a_caption_names_class_dataset_eps_runs():
+    runs = [_fake_run(0, 3, "TRADES-ANCRA"), _fake_run(1, 3, "TRADES-ANCRA"), _fake_run(2, 3, "TRADES")]
+    runs[0]["checkpoint"], runs[1]["checkpoint"] = "runs/seed0/best.pt", "runs/seed1/best.pt"
+    for run in runs:
+        run["attack"] = json.dumps({"ae": {"eps": 8 / 255, "steps": 10}})
+    files = ["a.npz", "b.npz", "c.npz"]
+    labels = distinct_labels([r["label"] for r in runs], runs, files)
+    assert labels == ["TRADES-ANCRA (seed0/best.pt)", "TRADES-ANCRA (seed1/best.pt)", "TRADES"]
+    runs[1]["checkpoint"] = "other/seed0/best.pt"  # the same run name: the file names tell them apart
+    assert distinct_labels(["x", "x"], runs[:2], files[:2]) == ["x (a.npz)", "x (b.npz)"]
+    caption = histogram_caption(runs, files)
+    assert caption.startswith("class 3 of cifar10 (test split), adversarial examples PGD-10 at ε = 8/255")
+    assert "NP strategy random_adv, n = 50" in caption and "runs: seed0/best.pt; seed0/best.pt; TRADES.pt" in caption
+    fig = combined_histogram(runs, labels, caption=caption)
+    assert [t.get_text() for t in fig.legends[0].get_texts()] == labels
+    assert fig.legends[1].get_title().get_text() == caption
+
+
+def test_eps_sweep_title_names_the_run_not_only_best_pt():
+    from utils.evaluation.review import run_label
+    assert run_label("/x/runs/cifar10_resnet18_trades-ancra_s0/best.pt") == "cifar10_resnet18_trades-ancra_s0/best.pt"
+    assert run_label("robustbench:cifar10/Linf/Carmon2019Unlabeled") == "robustbench:cifar10/Linf/Carmon2019Unlabeled"
+    assert run_label("my_models.py:build") == "my_models.py:build" and run_label("best.pt") == "best.pt"

@@ -8,7 +8,7 @@ from torch import nn
 from utils.attacks import pgd
 from utils.evaluation import indicators
 from utils.evaluation.catalogue import BUDGETS, Settings, attack_catalogue, select_attacks
-from utils.evaluation.report import indicators_section, json_report
+from utils.evaluation.report import checks_table, flag_summary, json_report
 from utils.evaluation.results import Evaluation
 
 EPS = 8 / 255
@@ -197,6 +197,8 @@ def test_run_indicators_traces_our_pgds_and_reports_them(tiny_model):
         "model", "model"]
     assert all(item["doc"].startswith("docs/evaluation.md#") for item in items)
     evaluation = Evaluation(y.numpy(), np.ones(6, bool), {}, [], indicators=items)
-    text = "\n".join(indicators_section(items))
-    assert "## Indicators of attack failure" in text and "(pgd40)" in text and "see docs/evaluation.md#" in text
+    text = "\n".join(flag_summary([], items) + checks_table([], items))
+    assert "pgd40" in text and "docs/evaluation.md#" in text
+    for name, meaning in indicators.MEANINGS.items():  # each meaning said once, not once per attack
+        assert text.count(meaning) <= 1 and (meaning in text) == (name in {i["name"] for i in items})
     assert json_report(evaluation, [], {})["attack_failure"] == items

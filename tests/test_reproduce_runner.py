@@ -15,7 +15,7 @@ import pytest
 import torch
 
 import reproduce
-from tests.test_reproduce import FakeChildren, _plan, _run
+from test_reproduce import FakeChildren, _plan, _run
 from utils.reproduce import cli
 from utils.reproduce.cli import make_plan
 from utils.reproduce.commands import EvaluationTool

@@ -149,3 +149,16 @@ def test_script_evaluates_a_zoo_entry_built_by_robustbench(tmp_path, monkeypatch
                                    "--out-dir", str(tmp_path / "f")])
     assert code == 2 and "is not in RobustBench's cifar10 Linf zoo" in capsys.readouterr().err
     assert not (tmp_path / "f").exists()
+
+
+def test_default_weight_folder_is_its_own_and_ignored_by_git():
+    """RobustBench's weights never land in the project's models/ source package, and git ignores them."""
+    from pathlib import Path
+
+    from utils.evaluation.command import parse_args
+    root = Path(test_white_attack.__file__).resolve().parent
+    args = parse_args(["--robustbench", "TinyWRN"])
+    assert args.model_dir == robustbench.DEFAULT_MODEL_DIR
+    assert (root / args.model_dir).resolve() != (root / "models").resolve()
+    ignored = (root / ".gitignore").read_text().splitlines()
+    assert Path(args.model_dir).name + "/" in ignored

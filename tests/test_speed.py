@@ -97,8 +97,12 @@ def test_benchmark_prints_one_json_object_per_configuration(capsys):
 
     main(["--arch", "wrn-16-1", "--method", "trades-ancra", "pgd-at", "--batch-size", "4", "--attack-steps", "1",
           "--steps", "1", "--warmup", "0", "--device", "cpu", "--json"])
-    rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    printed = capsys.readouterr()
+    rows = [json.loads(line) for line in printed.out.splitlines()]
     assert [r["method"] for r in rows] == ["trades-ancra", "pgd-at"]
+    # progress on stderr, configuration by configuration (stdout keeps only the JSON rows)
+    assert "[train_step] config 1/2 wrn-16-1 trades-ancra batch 4: timed round 1/1" in printed.err
+    assert "[train_step] config 2/2 wrn-16-1 pgd-at batch 4: counting FLOPs" in printed.err
     for row in rows:
         assert {"arch", "method", "batch_size", "device", "dtype", "images_per_s", "step_ms", "model_pass_ms",
                 "overhead", "tflops", "peak_fraction"} <= set(row)

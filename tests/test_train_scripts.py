@@ -20,12 +20,13 @@ from train_Tiny_ImageNet_PreActResNet import DEFAULTS as TINY
 from utils import data
 from utils.training import ancra
 from utils.training import cli as train_cli
-from utils.training.cli import main
+from utils.training.cli import SMOKE_DEFAULTS, main
 from utils.training.config import FIELDS, as_record, read_record
 
 REPO = Path(__file__).resolve().parents[1]
 # WRN-16-1 keeps script-level tests cheap; the real WRN-34-10 smoke is the same code path.
 SMALL_WRN = ["--smoke", "--depth", "16", "--widen", "1", "--quiet"]
+SMOKE_BATCHES = SMOKE_DEFAULTS["train_size"] // SMOKE_DEFAULTS["batch_size"]  # training batches per smoke epoch
 
 
 def run_dir_files(run):
@@ -146,7 +147,8 @@ def test_baselines_script_smoke_with_validation_split(tmp_path, capsys):
     records = metrics(run)
     assert all(r["best"]["split"] == "val" and r["val"]["size"] == 8 for r in records)
     assert "best chosen on the validation split" in (run / "log.txt").read_text()
-    assert "trades | wrn-16-1 on synthetic (24 train, 8 val, 32 test images)" in capsys.readouterr().out
+    train = SMOKE_DEFAULTS["train_size"] - 8
+    assert f"trades | wrn-16-1 on synthetic ({train} train, 8 val, 32 test images)" in capsys.readouterr().out
 
 
 def _weights(path):
@@ -183,8 +185,8 @@ def _patch_loss(monkeypatch, on_call):
 
 
 def test_nan_loss_stops_with_a_clear_error_and_keeps_last_checkpoint(tmp_path, monkeypatch, capsys):
-    def poison(n, loss, batch_metrics):  # smoke: 2 batches per epoch, so epoch 2 starts at call 3
-        if n >= 3:
+    def poison(n, loss, batch_metrics):  # epoch 2 starts at call SMOKE_BATCHES + 1
+        if n >= SMOKE_BATCHES + 1:
             loss = loss * float("nan")
             batch_metrics["loss"] = loss.detach()
         return loss, batch_metrics
@@ -211,8 +213,8 @@ def test_mid_epoch_stop_keeps_the_epoch_end_checkpoint_and_resume_is_bit_exact(t
     assert main(WRN, SMALL_WRN + out + ["--run-name", "straight"]) == 0
     epoch_one = tmp_path / "epoch1.pt"
 
-    def interrupt(n, loss, batch_metrics):  # smoke: 2 batches per epoch, so call 3 is inside epoch 2
-        if n == 3:
+    def interrupt(n, loss, batch_metrics):  # call SMOKE_BATCHES + 1 is inside epoch 2
+        if n == SMOKE_BATCHES + 1:
             epoch_one.write_bytes((tmp_path / "r" / "last.pt").read_bytes())
             os.kill(os.getpid(), signum)
         return loss, batch_metrics

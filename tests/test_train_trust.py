@@ -24,10 +24,11 @@ from utils import checkpoint
 from utils.locks import LOCK_NAME, read_lock
 from utils.training import ancra
 from utils.training import records as records_module
-from utils.training.cli import main
+from utils.training.cli import SMOKE_DEFAULTS, main
 
 REPO = Path(__file__).resolve().parents[1]
 SMALL_WRN = ["--smoke", "--depth", "16", "--widen", "1", "--quiet"]
+SMOKE_BATCHES = SMOKE_DEFAULTS["train_size"] // SMOKE_DEFAULTS["batch_size"]  # training batches per smoke epoch
 
 
 def snapshot(folder):
@@ -356,7 +357,7 @@ class _FullDisk(io.FileIO):
 
 
 def _disk_full_at_epoch_2(monkeypatch):
-    """From the first batch of epoch 2 on (smoke: 2 batches per epoch), checkpoint files fail to
+    """From the first batch of epoch 2 on (smoke: SMOKE_BATCHES per epoch), checkpoint files fail to
     write as on a full disk (inside torch.save, which wraps the error in a RuntimeError of its own)."""
     full = [False]
     real_open, real_loss = open, ancra.training_loss
@@ -366,7 +367,7 @@ def _disk_full_at_epoch_2(monkeypatch):
 
     def loss(*args, **kwargs):
         loss.calls += 1
-        full[0] = full[0] or loss.calls >= 3
+        full[0] = full[0] or loss.calls >= SMOKE_BATCHES + 1
         return real_loss(*args, **kwargs)
 
     loss.calls = 0

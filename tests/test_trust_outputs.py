@@ -21,11 +21,11 @@ import torch
 import reproduce
 import test_white_attack
 from benchmarks import eval_cascade, gpu_session
-from tests.test_adaptive import result_like
-from tests.test_eval_trust import FAST, _call, _checkpoint, _snapshot
-from tests.test_robustbench import Small, registry
-from tests.test_robustbench import _wrn_checkpoint as plain_checkpoint
-from tests.test_verdict import _verdict_table
+from test_adaptive import result_like
+from test_eval_trust import FAST, _call, _checkpoint, _snapshot
+from test_robustbench import Small, registry
+from test_robustbench import _wrn_checkpoint as plain_checkpoint
+from test_verdict import _verdict_table
 from utils import locks
 from utils.cli import InertOptionError
 from utils.evaluation import command, compare, robustbench, sweep

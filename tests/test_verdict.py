@@ -582,7 +582,9 @@ def test_time_budget_probes_once_then_keeps_its_plan(tmp_path):
 def test_smoke_probe_trains_on_all_smoke_images(tmp_path):
     plan = make_plan(reproduce.parse_args(["verdict", "--smoke", "--out-dir", str(tmp_path)]))
     probe = verdict_run.probe_plan(plan)
-    assert probe.rows[0].options[-4:] == ("--train-size", "32", "--eval-size", "32") and probe.n_examples == 4
+    smoke = verdict_run.SMOKE_DEFAULTS  # the training commands' own smoke sizes
+    assert probe.rows[0].options[-4:] == ("--train-size", str(smoke["train_size"]), "--eval-size",
+                                          str(smoke["eval_size"])) and probe.n_examples == 4
     assert probe.dataset == "synthetic" and probe.smoke and not probe.study.verdict
 
 

@@ -237,6 +237,9 @@ def class_indices(data, target_label, n_examples=None):
     index = (data.y == target_label).nonzero().flatten()
     if len(index) == 0:
         raise FeatureError(f"the test set has no image of class {target_label}; choose another --target-label")
+    if n_examples is not None and n_examples > len(index):  # as the evaluation: refuse, never silently fewer
+        raise FeatureError(f"--n-examples {n_examples} is more than the {len(index)} test images of class "
+                           f"{target_label}; use at most {len(index)}")
     return index if n_examples is None else index[:n_examples]
 
 
@@ -291,6 +294,9 @@ def umap_inputs(analysis, n_examples=500, *, batch_size=200, attack=AttackSettin
     Returns a dict: ``features`` (2N×R, natural rows first), ``labels`` (2N), ``is_adv`` (2N bool)
     and ``index`` (N test-set indices)."""
     model, data = analysis.model, analysis.data
+    if n_examples > len(data):  # as the evaluation: refuse, never silently fewer
+        raise FeatureError(f"--n-examples {n_examples} is more than the {len(data)} test images of {analysis.dataset}; "
+                           f"use at most {len(data)}")
     attack = attack.for_model(model)
     chosen = torch.randperm(len(data), generator=torch.Generator().manual_seed(seed))[:n_examples]
     generator = torch.Generator(device=device).manual_seed(seed)

@@ -1,6 +1,7 @@
 """Figures of the feature analysis (docs/protocol.md §6): the paper's four overlaid histograms (Fig. 1, 3)
 and a UMAP scatter of natural / adversarial features. Headless (Agg backend)."""
 import io
+import json
 import warnings
 from pathlib import Path
 
@@ -47,6 +48,61 @@ def mixed_metadata(runs, paths, keys=("target_label", "dataset", "strategy")):
     return messages
 
 
+def run_name(run, path):
+    """A short name of the run a feature file came from: its checkpoint's folder and file
+    (``RUN/best.pt``), else the feature file's name."""
+    checkpoint = str(run.get("checkpoint") or "")
+    if checkpoint:
+        ckpt = Path(checkpoint)
+        return f"{ckpt.parent.name}/{ckpt.name}" if ckpt.parent.name else ckpt.name
+    return Path(str(path)).name
+
+
+def distinct_labels(labels, runs, paths):
+    """Legend labels that tell every file apart: a label shared by several files (two runs of one
+    method) gets the run's name added, or the file's name when the runs' names are shared too."""
+    labels = [str(label) for label in labels]
+    out = list(labels)
+    for label in set(labels):
+        group = [i for i, other in enumerate(labels) if other == label]
+        if len(group) < 2:
+            continue
+        names = [run_name(runs[i], paths[i]) for i in group]
+        if len(set(names)) < len(names):
+            names = [str(paths[i]) for i in group]
+        for i, name in zip(group, names):
+            out[i] = f"{label} ({name})"
+    return out
+
+
+def _eps_text(eps):
+    k = float(eps) * 255
+    return f"{round(k)}/255" if abs(k - round(k)) < 1e-6 else f"{float(eps):g}"
+
+
+def _joined(values):
+    values = list(dict.fromkeys(str(v) for v in values))
+    return values[0] if len(values) == 1 else "mixed: " + ", ".join(values)
+
+
+def histogram_caption(runs, paths):
+    """What the histograms show, under the figure: class, dataset, ε and steps of the adversarial
+    examples, the NP strategy, n, and which run each legend entry is."""
+    eps, steps = [], []
+    for run in runs:
+        try:
+            ae = json.loads(str(run.get("attack")))["ae"]
+            eps.append(_eps_text(ae["eps"]))
+            steps.append(f"PGD-{ae['steps']}")
+        except (ValueError, KeyError, TypeError):
+            eps.append("?")
+            steps.append("PGD")
+    first = (f"class {_joined(r.get('target_label') for r in runs)} of {_joined(r.get('dataset') for r in runs)} "
+             f"(test split), adversarial examples {_joined(steps)} at ε = {_joined(eps)}, NP strategy "
+             f"{_joined(r.get('strategy') for r in runs)}, n = {_joined(r.get('n_examples') for r in runs)}")
+    return first + "\nruns: " + "; ".join(run_name(run, path) for run, path in zip(runs, paths))
+
+
 def _draw_panel(ax, key, title, xlabel, runs, labels, n_bins, legend):
     """Overlay one metric of every run: translucent bars plus an outline in the run's colour."""
     bins = shared_bins([run[key] for run in runs], n_bins)
@@ -74,35 +130,43 @@ def _save(fig, stem):
     return [write_bytes(path, data) for path, data in images]
 
 
-def combined_histogram(runs, labels, n_bins=20):
-    """The four panels in one 2×2 figure with one legend above them."""
+def combined_histogram(runs, labels, n_bins=20, caption=None):
+    """The four panels in one 2×2 figure with one legend above them and the caption below."""
     fig, axes = plt.subplots(2, 2, figsize=(2 * PANEL_SIZE[0], 2 * PANEL_SIZE[1]), layout="constrained")
     for ax, (key, title, xlabel, _) in zip(axes.flat, PANELS):
         _draw_panel(ax, key, title, xlabel, runs, labels, n_bins, legend=False)
     handles, names = axes.flat[0].get_legend_handles_labels()
     fig.legend(handles, names, loc="outside upper center", ncol=min(len(names), 4), frameon=False)
+    if caption:
+        fig.legend(handles=[], title=caption, loc="outside lower center", frameon=False, title_fontsize="small")
     return fig
 
 
-def panel_histogram(panel, runs, labels, n_bins=20):
-    """One panel of :data:`PANELS` alone, with its own legend."""
+def panel_histogram(panel, runs, labels, n_bins=20, caption=None):
+    """One panel of :data:`PANELS` alone, with its own legend and the caption below."""
     key, title, xlabel, _ = panel
     fig, ax = plt.subplots(figsize=PANEL_SIZE, layout="constrained")
     _draw_panel(ax, key, title, xlabel, runs, labels, n_bins, legend=True)
+    if caption:
+        fig.legend(handles=[], title=caption, loc="outside lower center", frameon=False, title_fontsize="x-small")
     return fig
 
 
-def histogram_figures(runs, labels, out_dir, n_bins=20):
-    """``hist_all`` plus one file per panel (``hist_np_cos``, ...), PNG and PDF; returns the paths."""
+def histogram_figures(runs, labels, out_dir, n_bins=20, paths=None):
+    """``hist_all`` plus one file per panel (``hist_np_cos``, ...), PNG and PDF; returns the paths.
+    ``paths`` (the feature files) make repeated labels distinct and name the runs in the caption."""
     for run in runs:
         for key, title, _, _ in PANELS:
             check_finite(np.asarray(run[key], dtype=np.float64), f"the {title} values of {run.get('label', 'a run')}")
+    files = list(paths) if paths is not None else [f"file {i + 1}" for i in range(len(runs))]
+    labels = distinct_labels(labels, runs, files)
+    caption = histogram_caption(runs, files)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    paths = _save(combined_histogram(runs, labels, n_bins), out_dir / "hist_all")
+    written = _save(combined_histogram(runs, labels, n_bins, caption), out_dir / "hist_all")
     for panel in PANELS:
-        paths += _save(panel_histogram(panel, runs, labels, n_bins), out_dir / panel[3])
-    return paths
+        written += _save(panel_histogram(panel, runs, labels, n_bins, caption), out_dir / panel[3])
+    return written
 
 
 def umap_embedding(features, seed=0, n_neighbors=15, min_dist=0.1):

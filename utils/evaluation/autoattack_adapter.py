@@ -150,12 +150,27 @@ def parse_accuracies(lines):
     return found
 
 
-def run_autoattack(model, x, y, eps, *, num_classes, seed=0, version="standard"):
+def reduce_autoattack(attack, reduced, num_classes):
+    """Lower the built AutoAttack object's own settings: ``reduced`` holds ``("apgd.n_iter", 10)``
+    style pairs naming the package's attributes (a target count never above C − 1). Refuses a
+    name the package does not have, so a renamed attribute can never silently run full strength."""
+    for path, value in reduced:
+        owner_name, _, attribute = path.rpartition(".")
+        owner = getattr(attack, owner_name) if owner_name else attack
+        if not hasattr(owner, attribute):
+            raise AttributeError(f"the AutoAttack package has no setting {path!r}")
+        if attribute == "n_target_classes":
+            value = min(value, num_classes - 1)
+        setattr(owner, attribute, value)
+
+
+def run_autoattack(model, x, y, eps, *, num_classes, seed=0, version="standard", reduced=()):
     """Run AutoAttack on one batch; returns ``(adversarial examples, predictions on them, info)``.
 
     AutoAttack standard uses 9 target classes; with fewer than 10 classes it uses C − 1 (the
-    package would index past the last class otherwise). ``info`` holds the package name, the
-    number of target classes, the per-attack accuracies it logged, its warnings and its log.
+    package would index past the last class otherwise). ``reduced`` lowers the package's own
+    settings (:func:`reduce_autoattack`; the smoke budget), which makes the run no evaluation.
+    ``info`` holds the package name, the number of target classes, the per-attack accuracies it logged, its warnings and its log.
     """
     package = import_autoattack()
     x = x.contiguous()  # a channels-last batch crashes APGD-T's reshapes
@@ -167,6 +182,7 @@ def run_autoattack(model, x, y, eps, *, num_classes, seed=0, version="standard")
             attack = package.AutoAttack(model, norm="Linf", eps=eps, version=version, device=x.device, seed=seed)
         attack.apgd_targeted.n_target_classes = targets
         attack.fab.n_target_classes = targets
+        reduce_autoattack(attack, reduced, num_classes)
         if package.name == "pyautoattack":
             x_adv, y_adv = attack.run_standard_evaluation(x, y, batch_size=x.shape[0])
         else:
@@ -174,7 +190,8 @@ def run_autoattack(model, x, y, eps, *, num_classes, seed=0, version="standard")
     info = {
         "package": package.name,
         "version": version,
-        "target_classes": targets,
+        "target_classes": attack.apgd_targeted.n_target_classes,
+        "reduced": dict(reduced),
         "accuracies": parse_accuracies(log.lines),
         "warnings": log.warnings,
         "log": log.lines,

@@ -33,7 +33,10 @@ AA_PLUS_P_BOUND = ("upper bound: AutoAttack only attacks the points the logit en
 
 @dataclass(frozen=True)
 class Budget:
-    """Strength of the adaptive and sanity attacks (the paper's attacks and AutoAttack are fixed)."""
+    """Strength of the attacks. ``full`` and ``small`` set the adaptive and sanity attacks only (the
+    paper's attacks and AutoAttack are fixed); ``smoke`` also caps every PGD/C&W at ``max_steps``
+    and lowers AutoAttack through the package's own attributes (``autoattack``): a CPU check that
+    every attack family runs, never a robustness figure (``evaluation`` False)."""
 
     name: str
     steps: int           # PGD steps of every adaptive PGD
@@ -41,11 +44,24 @@ class Budget:
     square_queries: int  # Square queries (AutoAttack standard uses 5000)
     restarts: int        # restarts of the sanity PGD-40
     top_k: int           # candidate classes tried by mask enumeration
+    max_steps: int | None = None  # cap on the steps of the paper and sanity PGD/C&W (None: their own)
+    autoattack: tuple = ()  # (attribute of the package's AutoAttack object, value) set after it is built
+    evaluation: bool = True  # False: the report and results.json say it is not a robustness evaluation
+
+    def pgd_steps(self, steps):
+        """``steps`` of a paper or sanity PGD under this budget."""
+        return steps if self.max_steps is None else min(steps, self.max_steps)
 
 
 BUDGETS = {
     "full": Budget("full", steps=100, apgd_iters=100, square_queries=10000, restarts=5, top_k=3),
     "small": Budget("small", steps=10, apgd_iters=20, square_queries=500, restarts=2, top_k=2),
+    # every PGD/C&W at most 5 steps; the AutoAttack package's own knobs lowered: 5 APGD/FAB iterations,
+    # 1 target class, 20 Square queries (measured in docs/evaluation.md#the-smoke-budget)
+    "smoke": Budget("smoke", steps=3, apgd_iters=3, square_queries=20, restarts=2, top_k=2, max_steps=5,
+                    autoattack=(("apgd.n_iter", 5), ("apgd_targeted.n_iter", 5), ("apgd_targeted.n_target_classes", 1),
+                                ("fab.n_iter", 5), ("fab.n_target_classes", 1), ("square.n_queries", 20)),
+                    evaluation=False),
 }
 
 
@@ -68,12 +84,13 @@ def paper_pgd(model, x, y, ctx, **params):
     return Outcome(correct, last)
 
 
-def autoattack(model, x, y, ctx, *, eps, aux_weight, num_classes):
+def autoattack(model, x, y, ctx, *, eps, aux_weight, num_classes, reduced=()):
     """AutoAttack standard on the final logits, or with p on the logit ensemble judged on the model
     (AutoAttack then skips examples the ensemble misclassifies: an upper bound for those)."""
     target = EnsembleView(model, aux_weight) if aux_weight else model
     with attack_mode(model):
-        x_adv, y_adv, info = run_autoattack(target, x, y, eps, num_classes=num_classes, seed=ctx.seed)
+        x_adv, y_adv, info = run_autoattack(target, x, y, eps, num_classes=num_classes, seed=ctx.seed,
+                                              reduced=reduced)
     correct = (y_adv == y) if not aux_weight else still_correct(model, x_adv, y)
     counts = {k: round(v * x.shape[0]) for k, v in info["accuracies"].items()}
     if "clean" in counts:
@@ -84,12 +101,12 @@ def autoattack(model, x, y, ctx, *, eps, aux_weight, num_classes):
 # ---------------------------------------------------------------- registering
 
 def _paper_specs(settings, num_classes):
-    eps, lam = settings.eps, settings.aux_weight
+    eps, lam, b = settings.eps, settings.aux_weight, settings.budget
     step = recipe.STEP_SIZE
     specs = []
     for name, kw in (("fgsm", {"steps": 1, "step_size": eps, "loss": "ce", "init": "none"}),
-                     ("pgd40", {"steps": 40, "step_size": step, "loss": "ce", "init": "uniform"}),
-                     ("cw40", {"steps": 40, "step_size": step, "loss": "cw", "init": "uniform"})):
+                     ("pgd40", {"steps": b.pgd_steps(40), "step_size": step, "loss": "ce", "init": "uniform"}),
+                     ("cw40", {"steps": b.pgd_steps(40), "step_size": step, "loss": "cw", "init": "uniform"})):
         for with_p in (False, True):
             params = dict(kw, eps=eps, aux_weight=lam if with_p else 0.0)
             specs.append(AttackSpec(name + ("+p" if with_p else ""), "paper", ("paper",), partial(paper_pgd, **params),
@@ -98,8 +115,11 @@ def _paper_specs(settings, num_classes):
     for with_p in (False, True):
         weight = lam if with_p else 0.0
         params = {"eps": eps, "version": "standard", "aux_weight": weight}
+        if b.autoattack:
+            params["reduced"] = dict(b.autoattack)
         specs.append(AttackSpec("autoattack+p" if with_p else "autoattack", "paper", ("paper",),
-                                partial(autoattack, eps=eps, aux_weight=weight, num_classes=num_classes), params,
+                                partial(autoattack, eps=eps, aux_weight=weight, num_classes=num_classes,
+                                        reduced=b.autoattack), params,
                                 "heads" if with_p else "final", eps, with_p=with_p, needs_ra=with_p,
                                 needs_autoattack=True, cost=COST_AUTOATTACK, package_checks=True,
                                 upper_bound=AA_PLUS_P_BOUND if with_p else None))
@@ -144,11 +164,13 @@ def _adaptive_specs(settings, num_heads):
 
 
 def _sanity_specs(settings):
-    step = recipe.STEP_SIZE
+    step, b = recipe.STEP_SIZE, settings.budget
     specs = []
-    for name, kw in (("pgd10", {"steps": 10, "step_size": step}), ("pgd100", {"steps": 100, "step_size": step}),
-                     ("pgd40-restarts", {"steps": 40, "step_size": step, "restarts": settings.budget.restarts}),
-                     ("pgd40-eps1", {"steps": 40, "step_size": 0.05, "eps": 1.0})):
+    for name, kw in (("pgd10", {"steps": b.pgd_steps(10), "step_size": step}),
+                     ("pgd100", {"steps": b.pgd_steps(100), "step_size": step}),
+                     ("pgd40-restarts", {"steps": b.pgd_steps(40), "step_size": step, "restarts": b.restarts}),
+                     # ε = 1 must be reachable: fewer steps (smoke) take proportionally larger ones (40 × 0.05 = 2)
+                     ("pgd40-eps1", {"steps": b.pgd_steps(40), "step_size": 0.05 * 40 / b.pgd_steps(40), "eps": 1.0})):
         params = dict(kw, eps=kw.get("eps", settings.eps), aux_weight=0.0, loss="ce", init="uniform")
         off_threat = params["eps"] != settings.eps
         specs.append(AttackSpec(name, "sanity", ("sanity",), partial(paper_pgd, **params), params, "final",

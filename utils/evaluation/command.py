@@ -65,6 +65,7 @@ from utils.evaluation.results import AttackResult
 from utils.evaluation.suite import (
     ATTACK_DTYPES,
     choose_attacks,
+    count_classes,
     default_attack_dtype,
     evaluate_model,
     head_count,
@@ -366,7 +367,7 @@ def load_test_subset(config, saved, *, n_examples, dataset=None, data_dir=None, 
 @torch.no_grad()
 def _check_classes(model, x, dataset, device):
     """The model's logits must have one entry per class of the dataset."""
-    width = model.eval()(x[:1].to(device)).shape[-1]
+    width = count_classes(model, x, device)  # one sentence for a model that cannot take these images
     if width != datasets.num_classes(dataset):
         raise EvaluationError(f"the model outputs {width} logits but {dataset} has {datasets.num_classes(dataset)} "
                               "classes; pass the --dataset it was trained on")

@@ -161,7 +161,7 @@ def attack_indicators(name, trace, returned_correct):
     bad = bad_gradients(trace.start_grad) if trace.start_grad is not None else torch.zeros(n, dtype=torch.bool)
     nan = int((~torch.isfinite(trace.start_grad).all(1)).sum()) if trace.start_grad is not None else 0
     out = [
-        _indicator("silent success", name, "FLAG" if noticeable(silent, n) else "pass",
+        _indicator("silent success", name, "FLAG" if noticeable(silent, n) else "pass" if n else "n/a",
                    {"examples": n, "silent": silent},
                    f"{silent}/{n} examples were fooled at an iterate the attack did not return"
                    + (" (the worst case judges every iterate and counts them; the attack's own last-iterate "
@@ -170,15 +170,19 @@ def attack_indicators(name, trace, returned_correct):
     if losses.shape[0] < 10:
         out.append(_indicator("incomplete optimisation", name, "n/a", {"steps": int(losses.shape[0])},
                               "fewer than 10 steps: nothing to read off the loss trace."))
+    elif n_standing == 0:
+        out.append(_indicator("incomplete optimisation", name, "n/a", {"standing": 0, "rising": 0},
+                              "the attack left no example standing: no loss trace to read."))
     else:
-        share = rising / n_standing if n_standing else 0.0
-        flag = n_standing > 0 and share > INCOMPLETE_SHARE
+        share = rising / n_standing
+        flag = share > INCOMPLETE_SHARE
         out.append(_indicator("incomplete optimisation", name, "FLAG" if flag else "pass",
                               {"standing": n_standing, "rising": rising, "share": share, "limit": INCOMPLETE_SHARE},
                               f"the loss still rose over the last 10 % of steps for {rising}/{n_standing} examples "
                               f"the attack left standing (limit {100 * INCOMPLETE_SHARE:.0f} %)."))
     count = int(bad.sum())
-    out.append(_indicator("unavailable gradients", name, "FLAG" if noticeable(count, n) or nan else "pass",
+    status = "FLAG" if noticeable(count, n) or nan else "pass" if n and trace.start_grad is not None else "n/a"
+    out.append(_indicator("unavailable gradients", name, status,
                           {"examples": n, "bad": count, "non_finite": nan},
                           f"{count}/{n} examples had a zero, NaN or infinite input gradient at the start point"
                           + (f" ({nan} not finite)." if nan else ".")))
@@ -198,7 +202,7 @@ def unstable_predictions(model, x, y, eps, seed=0, draws=NOISE_DRAWS):
         noise = (torch.rand(x.shape, generator=generator, device=x.device) * 2 - 1) * NOISE_FRACTION * eps
         changed |= _predict(model, (x + noise).clamp(0, 1)) != base
     n, count = int(y.numel()), int(changed.sum())
-    return _indicator("unstable predictions", "model", "FLAG" if noticeable(count, n) else "pass",
+    return _indicator("unstable predictions", "model", "FLAG" if noticeable(count, n) else "pass" if n else "n/a",
                       {"examples": n, "changed": count, "radius": NOISE_FRACTION * eps, "draws": draws},
                       f"{count}/{n} predictions changed when classified again or under {draws} draws of noise of "
                       f"radius ε/10.")
@@ -224,7 +228,7 @@ def batch_dependence(model, x, y, batch_size):
     first = _predict(model, x, batch_size)
     second = _predict(model, x, other, torch.arange(n - 1, -1, -1))
     count = int((first != second).sum())
-    return _indicator("batch dependence", "model", "FLAG" if noticeable(count, n) else "pass",
+    return _indicator("batch dependence", "model", "FLAG" if noticeable(count, n) else "pass" if n else "n/a",
                       {"examples": n, "differ": count, "batch_sizes": [batch_size, other]},
                       f"{count}/{n} predictions differ between batches of {batch_size} and reversed batches of {other}.")
 

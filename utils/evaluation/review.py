@@ -40,7 +40,9 @@ def add_arguments(parser):
                             "default) into OUT_DIR/eps_sweep.json and .png; outside the headline; resumable per ε")
     group.add_argument("--indicators", type=non_negative_int, default=100, metavar="N",
                        help="indicators of attack failure on the first N clean-correct examples (default 100; 0: off)")
-    group.add_argument("--model-dir", default=None, help="with --robustbench: RobustBench's model folder (default ./models)")
+    group.add_argument("--model-dir", default=None,
+                       help="with --robustbench: RobustBench's weight folder (its DIR/DATASET/THREAT/NAME.pt layout) "
+                            f"(default {robustbench.DEFAULT_MODEL_DIR})")
     group.add_argument("--threat-model", choices=robustbench.THREAT_MODELS, default=None,
                        help="with --robustbench: which weights (default Linf); our attacks are always L∞")
     group.add_argument("--rb-dataset", choices=robustbench.RB_DATASETS, default=None,
@@ -53,8 +55,11 @@ def add_arguments(parser):
 
 def check_args(parser, args):
     """The RobustBench options' defaults; called by ``parse_args`` (which refuses them without
-    --robustbench: ``command.PARSE_RULES``)."""
-    args.model_dir = args.model_dir or "./models"
+    --robustbench: ``command.PARSE_RULES``). A smoke budget is never exported."""
+    if args.export_robustbench and not BUDGETS[args.budget].evaluation:
+        parser.error(f"--budget {args.budget} is a smoke check, not an evaluation: it is never exported; drop "
+                     "--export-robustbench or use --budget full")
+    args.model_dir = args.model_dir or robustbench.DEFAULT_MODEL_DIR
     args.threat_model = args.threat_model or "Linf"
     args.rb_dataset = args.rb_dataset or "cifar10"
 
@@ -150,11 +155,21 @@ def run_eps_sweep(args, model, x, y, evaluation, out_dir):
                               full_set=full_set)
     summary = sweep.summarise(args.eps_sweep, reports, clean_accuracy=evaluation.clean_accuracy, n=evaluation.n,
                               threat_eps=args.eps, reverse_attention=ra,
-                              model_name=Path(str(evaluation.meta.get("checkpoint"))).name)
+                              model_name=run_label(evaluation.meta.get("checkpoint")))
     summary["attacks"], summary["full_set"], summary["strongest_head_aware"] = names, list(full_set), strongest
     atomic_write_json(Path(out_dir) / "eps_sweep.json", summary)
     sweep.plot_sweep(summary, Path(out_dir) / "eps_sweep.png")
     return summary
+
+
+def run_label(checkpoint):
+    """The model as figure titles name it: a checkpoint by its run folder and file
+    (``cifar10_resnet18_trades-ancra_s0/best.pt``, never only ``best.pt``); anything else as given."""
+    text = str(checkpoint)
+    path = Path(text)
+    if text.startswith("robustbench:") or ".py:" in text or not path.parent.name:
+        return text
+    return f"{path.parent.name}/{path.name}"
 
 
 def after_report(args, model, x, y, evaluation, out_dir, report):

@@ -51,6 +51,9 @@ def zoo(dataset, threat_model):
     return model_dicts[BenchmarkDataset(dataset)][ThreatModel(threat_model)]
 
 
+DEFAULT_MODEL_DIR = "./robustbench_models"  # its own folder (gitignored), not the project's models/ package
+
+
 def weight_path(model_dir, dataset, threat_model, name):
     """RobustBench's layout: MODEL_DIR/DATASET/THREAT/NAME.pt."""
     return Path(model_dir) / dataset / threat_model / f"{name}.pt"
@@ -88,7 +91,7 @@ def load_weights(model, path):
                            "RobustBench's weight file for this model")
 
 
-def load_robustbench(name, *, model_dir="./models", dataset="cifar10", threat_model="Linf", device="cpu",
+def load_robustbench(name, *, model_dir=DEFAULT_MODEL_DIR, dataset="cifar10", threat_model="Linf", device="cpu",
                      registry=None):
     """``(model, config, saved)`` of RobustBench model ``name`` as :func:`load_checkpoint` returns
     them: the zoo's architecture with the weights from ``weight_path``, in eval mode. ``registry``

@@ -109,7 +109,7 @@ def run_batch(model, spec, x, y, idx, seed, device, bf16=False, limit=None):
 
 
 def run_attack(model, spec, x, y, clean, received, *, batch_size, seed, device, eps, bf16=False, progress=True,
-               standalone=True, order=0, limit=None):
+               standalone=True, order=0, limit=None, position=0):
     """Run one attack on the examples in ``received`` (a bool mask over the set), in batches of
     ``limit.size`` (a :class:`BatchLimit`, shared by the attacks of one run; ``batch_size`` without one)."""
     n = len(y)
@@ -122,7 +122,8 @@ def run_attack(model, spec, x, y, clean, received, *, batch_size, seed, device, 
     limit = limit or BatchLimit(batch_size)
     _sync(device)
     start = time.perf_counter()
-    with tqdm(total=len(indices), desc=spec.name, disable=not progress, leave=False, unit="ex") as bar:
+    with tqdm(total=len(indices), desc=spec.name, disable=not progress, leave=False, unit="ex",
+              position=position) as bar:
         done = 0
         while done < len(indices):
             idx = indices[done:done + limit.size]
@@ -142,6 +143,42 @@ def run_attack(model, spec, x, y, clean, received, *, batch_size, seed, device, 
     return AttackResult(spec, seed=this_seed, seconds=time.perf_counter() - start, robust=robust, paper=paper,
                         warnings=warnings, counts=counts, in_worst_case=spec.in_threat_model(eps),
                         standalone=standalone, received=received.copy(), order=order)
+
+
+class SuiteProgress:
+    """The suite's overall bar, above the per-attack bars: attacks done of those left to run (a
+    resumed run counts only the unfinished ones), the attack running now, and tqdm's time
+    estimate, which weights the attacks by their cost rank (``spec.cost``: AutoAttack and Square
+    count more than a PGD), so the estimate does not assume every attack takes as long as the first."""
+
+    def __init__(self, plan, finished=(), enabled=True):
+        self.left = [spec for spec, _ in plan if spec.name not in finished]
+        self.weights = {spec.name: max(1, spec.cost) for spec in self.left}
+        self.count = 0
+        self.bar = tqdm(total=sum(self.weights.values()), desc="suite", disable=not enabled or not self.left,
+                        position=0, unit="cost", bar_format="{desc}: {percentage:3.0f}%|{bar}| "
+                        "[{elapsed}<{remaining}]{postfix}")
+        self._postfix("")
+
+    def _postfix(self, running):
+        text = f"{self.count}/{len(self.left)} attacks done, {len(self.left) - self.count} left"
+        self.bar.set_postfix_str(text + (f"; running {running}" if running else ""), refresh=True)
+
+    def start(self, name):
+        self.current = name
+        self._postfix(name)
+
+    def done(self):
+        self.count += 1
+        self.bar.update(self.weights[self.current])
+        self._postfix("")
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.bar.close()
+        return False
 
 
 def cascade_plan(specs, cascade, full_set=()):
@@ -187,17 +224,21 @@ def run_attacks(model, x, y, specs, *, eps, batch_size=200, seed=0, device="cpu"
         clean, agreement = clean_pass(model, x, y, batch_size, device)
         clean_seconds = time.perf_counter() - start
         results, limit = [], BatchLimit(batch_size)
-        for order, (spec, standalone) in enumerate(cascade_plan(specs, cascade, full_set)):
-            if spec.name in finished:
-                results.append(finished[spec.name])
-                continue
-            received = clean.copy() if standalone else survivors(clean, results)
-            standalone = standalone or np.array_equal(received, clean)  # nothing broken yet: a full-set figure
-            results.append(run_attack(model, spec, x, y, clean, received, batch_size=batch_size, seed=seed,
-                                      device=device, eps=eps, bf16=attack_dtype == "bf16", progress=progress,
-                                      standalone=standalone, order=order, limit=limit))
-            if on_result is not None:
-                on_result(results[-1])
+        plan = cascade_plan(specs, cascade, full_set)
+        with SuiteProgress(plan, finished, enabled=progress) as suite:
+            for order, (spec, standalone) in enumerate(plan):
+                if spec.name in finished:
+                    results.append(finished[spec.name])
+                    continue
+                received = clean.copy() if standalone else survivors(clean, results)
+                standalone = standalone or np.array_equal(received, clean)  # nothing broken yet: a full-set figure
+                suite.start(spec.name)
+                results.append(run_attack(model, spec, x, y, clean, received, batch_size=batch_size, seed=seed,
+                                          device=device, eps=eps, bf16=attack_dtype == "bf16", progress=progress,
+                                          standalone=standalone, order=order, limit=limit, position=1))
+                suite.done()
+                if on_result is not None:
+                    on_result(results[-1])
     finally:
         model.train(was_training)
     return Evaluation(y.cpu().numpy(), clean, agreement, results, list(skipped), clean_seconds, cascade=cascade)

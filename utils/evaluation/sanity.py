@@ -286,9 +286,9 @@ def autoattack_checks(evaluation):
     """AutoAttack's own checks (randomness, zero gradients, Square beating APGD, ...) on the
     AutoAttack runs, passed through. Warnings of the adaptive APGD/Square runs, whose
     surrogates may legitimately have flat losses, are listed in the report but not flagged."""
-    runs = [r for r in evaluation.results if r.package_checks]
+    runs = [r for r in evaluation.results if r.package_checks and r.n_received]
     if not runs:
-        return _check("AutoAttack's own checks", "n/a", {}, "AutoAttack was not run.")
+        return _check("AutoAttack's own checks", "n/a", {}, "AutoAttack was not run on any example.")
     warnings = [f"{r.name}: {w}" for r in runs for w in r.warnings]
     if warnings:
         return _check("AutoAttack's own checks", "FLAG", {"warnings": warnings},

@@ -53,6 +53,7 @@ __all__ = [
     "auto_batch_size",
     "cascade_plan",
     "clean_pass",
+    "count_classes",
     "default_attack_dtype",
     "eps_text",
     "evaluate_model",
@@ -81,20 +82,30 @@ def default_attack_dtype(device):
 
 
 @torch.no_grad()
-def _num_classes(model, x, device):
+def count_classes(model, x, device):
+    """Class count from one forward pass; a model that cannot take these images (built for another
+    input size, say) is refused in one sentence instead of a traceback from inside its layers."""
     was_training = model.training
     model.eval()
     try:
-        return int(model(x[:1].to(device)).shape[1])
+        out = model(x[:1].to(device))
+    except (RuntimeError, ValueError) as err:
+        shape = "×".join(map(str, x.shape[1:]))
+        raise EvaluationError(f"the model cannot classify this dataset's {shape} (C×H×W) images ("
+                              f"{str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__}); "
+                              "build it for that input size or pass the --dataset it was made for") from None
     finally:
         model.train(was_training)
+    if not isinstance(out, torch.Tensor) or out.dim() != 2:
+        raise EvaluationError(f"the model returns {getattr(out, 'shape', type(out).__name__)}, not N×classes logits")
+    return int(out.shape[1])
 
 
 def choose_attacks(model, x, attacks, settings, device, full_set=()):
     """``(specs, skipped)`` for ``attacks`` on this model: its class count from one forward pass,
     its number of RA heads, RA-only attacks skipped when it has none; refuses an empty choice and
     a ``full_set`` name the catalogue does not know."""
-    catalogue = attack_catalogue(settings, _num_classes(model, x, device), head_count(model))
+    catalogue = attack_catalogue(settings, count_classes(model, x, device), head_count(model))
     unknown = [name for name in full_set if name not in {spec.name for spec in catalogue}]
     if unknown:
         raise EvaluationError(f"--full-set names unknown attack {unknown[0]!r}; use attack names such as autoattack")
@@ -135,7 +146,8 @@ def evaluate_model(model, x, y, attacks="all", eps=recipe.EPS, *, aux_weight=rec
     evaluation.meta = dict({"arch": type(model).__name__, "reverse_attention": has_reverse_attention(model),
                             "n_examples": evaluation.n, "eps": eps, "eps_text": eps_text(eps),
                             "aux_weight": aux_weight, "budget": budget, "seed": seed, "device": str(device),
-                            "cascade": cascade, "full_set": list(full_set), "attack_dtype": attack_dtype},
+                            "cascade": cascade, "full_set": list(full_set), "attack_dtype": attack_dtype,
+                            "smoke": not BUDGETS[budget].evaluation},
                            **(meta or {}))
     package = import_autoattack().name if any(spec.needs_autoattack for spec in specs) else None
     evaluation.meta.update(batch_size=batch_size, batch_size_note=note, autoattack_package=package)

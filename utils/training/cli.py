@@ -37,8 +37,10 @@ from utils.training.config import BOOLEAN, FIELDS, MODEL, OPTIONS, PAPER, RUN, T
 from utils.training.errors import ConfigError, NonFiniteLossError, TrainingInterrupted
 from utils.training.setup import check_resume, run
 
-SMOKE_DEFAULTS = {"train_size": 32, "batch_size": 16, "epochs": 2, "milestones": (2,), "eval_size": 32, "eval_steps": 2,
-         "attack_steps": 2, "save_freq": 2, "awp_warmup": 0}  # with --awp-gamma, AWP runs from the first smoke epoch
+# 8 batches per epoch: two epochs of 2 batches left BatchNorm's running statistics at their
+# initial values, so the eval-mode smoke model ignored its input
+SMOKE_DEFAULTS = {"train_size": 64, "batch_size": 8, "epochs": 2, "milestones": (2,), "eval_size": 32, "eval_steps": 2,
+                  "attack_steps": 2, "save_freq": 2, "awp_warmup": 0}  # with --awp-gamma, AWP runs from the first smoke epoch
 SMOKE_REAL_DATA = {"train_size": 256, "eval_size": 64}  # --smoke --dataset NAME: a fixed subset of the real images
 
 
