@@ -131,3 +131,15 @@ def test_report_condenses_passes_and_says_n_a_where_nothing_was_checked():
     summary = flag_summary([], items)
     assert summary[0].startswith("**1 FLAG** of 6 checks") and "silent success (pgd100): 2/4 examples" in summary[2]
     assert "Read: docs/evaluation.md#silent-success." in summary[2]
+
+
+def test_the_smoke_preset_turns_the_cascade_off_and_keeps_one_weight_unless_given(tmp_path):
+    """`--budget smoke` alone is the documented CPU check: no cascade (every family receives every
+    example), one joint weight (2) and one temperature (1); options given explicitly win."""
+    ckpt = str(tmp_path / "x.pt")
+    args = test_white_attack.parse_args(["--ckpt", ckpt, "--budget", "smoke"])
+    assert (args.cascade, tuple(args.joint_weights), tuple(args.taus)) == (False, (2.0,), (1.0,))
+    args = test_white_attack.parse_args(["--ckpt", ckpt, "--budget", "smoke", "--cascade", "--taus", "0.1,10"])
+    assert (args.cascade, tuple(args.joint_weights), tuple(args.taus)) == (True, (2.0,), (0.1, 10.0))
+    full = test_white_attack.parse_args(["--ckpt", ckpt])
+    assert full.cascade and len(full.joint_weights) == 3 and len(full.taus) == 3
