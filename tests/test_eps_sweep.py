@@ -43,18 +43,51 @@ def test_parse_eps_sweep_reads_pixel_units_and_default():
             sweep.parse_eps_sweep(bad)
 
 
+def nested(accuracies, n):
+    """Per-example results of a curve whose balls nest: example i is right at ε_j iff i < acc_j · n."""
+    return [[i < round(acc * n) for i in range(n)] for acc in accuracies]
+
+
 def test_curve_checks_flag_a_rise_and_a_high_end():
-    eps = (0, 2 / 255, 8 / 255, 64 / 255)
+    eps, n = (0, 2 / 255, 8 / 255, 64 / 255), 1000
     curves = {"good": [0.9, 0.6, 0.2, 0.0], "rises": [0.9, 0.3, 0.5, 0.0], "stuck": [0.9, 0.6, 0.4, 0.2],
-              "wiggle": [0.9, 0.5, 0.505, 0.01]}  # +0.5 % at n = 1000 is within one tolerance
-    checks = {c["name"]: c for c in sweep.curve_checks(eps, curves, n=1000)}
+              "wiggle": [0.9, 0.5, 0.505, 0.01]}
+    examples = {name: nested(values, n) for name, values in curves.items()}
+    # wiggle: +0.5 % at 8/255 from 10 examples right only there against 5 right only at 2/255:
+    # exact McNemar P(X >= 10 | 15, 1/2) = 4944/32768 = 0.151, noise
+    at_2 = [i < 500 for i in range(n)]
+    at_8 = [(i < 495) or (500 <= i < 510) for i in range(n)]
+    examples["wiggle"][1:3] = [at_2, at_8]
+    assert sum(at_8) == 505
+    checks = {c["name"]: c for c in sweep.curve_checks(eps, curves, examples, n)}
     assert checks["good falls with ε"]["status"] == "pass"
     assert checks["good reaches ≤ 1 % at the largest ε"]["status"] == "pass"
-    assert checks["rises falls with ε"]["status"] == "FLAG" and checks["rises falls with ε"]["numbers"]["rises"] == [
-        ("2/255", "8/255")]
-    assert checks["stuck reaches ≤ 1 % at the largest ε"]["status"] == "FLAG"
+    rises = checks["rises falls with ε"]  # 200 examples right only at 8/255, none the other way
+    assert rises["status"] == "FLAG" and rises["numbers"]["rises"] == [("2/255", "8/255")]
+    assert "exact one-sided McNemar test at level 0.05" in rises["message"] and "p = 6.2e-61" in rises["message"]
+    assert checks["stuck reaches ≤ 1 % at the largest ε"]["status"] == "FLAG"  # 200 of 1000 above 1 %
     assert checks["wiggle falls with ε"]["status"] == "pass"
     assert checks["wiggle reaches ≤ 1 % at the largest ε"]["status"] == "pass"
+    # the same +5 examples all one way (5 against 0): P = 1/32 = 0.031, beyond noise
+    examples["wiggle"][1:3] = nested([0.5, 0.505], n)
+    assert {c["name"]: c for c in sweep.curve_checks(eps, curves, examples, n)}["wiggle falls with ε"]["status"] == "FLAG"
+    # above 1 % at the largest ε only beyond noise: 2 of 100 (P(X >= 2 | 100, 0.01) = 0.26) passes,
+    # 4 of 100 (0.018) FLAGs
+    for last, status in ((0.02, "pass"), (0.04, "FLAG")):
+        c = {"c": [0.9, 0.5, last]}
+        got = sweep.curve_checks((0, 8 / 255, 64 / 255), c, {"c": nested(c["c"], 100)}, 100)
+        assert {x["name"]: x for x in got}["c reaches ≤ 1 % at the largest ε"]["status"] == status
+
+
+def test_curve_examples_follow_the_curves_points():
+    pgd = {"steps": 40}
+    at_2 = {"worst_case": {"accuracy": 0.5, "correct": [1, 0]}, "attacks": [
+        {"name": "pgd40", "accuracy": 1.0, "correct": [1, 1], "in_worst_case": True, "standalone": True,
+         "sees": "final", "params": pgd},
+        {"name": "pgd10", "accuracy": 0.5, "correct": [0, 1], "in_worst_case": True, "standalone": True,
+         "sees": "final", "params": {"steps": 10}}]}
+    got = sweep.curve_examples((0, 2 / 255), [None, at_2], [1, 1], reverse_attention=False)
+    assert got == {sweep.FINAL: [[True, True], [False, True]], sweep.WORST: [[True, True], [True, False]]}
 
 
 def _report(worst, attacks):

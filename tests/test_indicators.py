@@ -2,6 +2,7 @@
 only observes, the rules on hand tensors, and each indicator fires on a toy model built to fail it and
 stays quiet on a plain linear model."""
 import numpy as np
+import pytest
 import torch
 from torch import nn
 
@@ -129,8 +130,14 @@ def test_silent_success_and_bad_gradient_rules():
     assert indicators.silent_successes(fooled_any, returned_correct).tolist() == [True, False, False, False]
     grad = torch.tensor([[0.0, 0.0], [0.0, 1.0], [float("nan"), 1.0], [float("inf"), 0.0]])
     assert indicators.bad_gradients(grad).tolist() == [True, False, True, True]
-    assert indicators.noticeable(1, 8) and not indicators.noticeable(0, 8)
-    assert not indicators.noticeable(4, 1000) and indicators.noticeable(5, 1000)  # 0.5 % of 1000
+    # exact one-sided binomial test of a share above 0.5 % at level 0.05:
+    # n = 8: P(X >= 1) = 1 - 0.995^8 = 0.0393 <= 0.05, FLAG; n = 16: 1 - 0.995^16 = 0.0771, noise
+    assert indicators.noticeable(1, 8) and not indicators.noticeable(0, 8) and not indicators.noticeable(1, 16)
+    # n = 1000 (expected 5): P(X >= 9) = 0.0676, P(X >= 10) = 0.0315 (sum of the binomial terms)
+    assert not indicators.noticeable(9, 1000) and indicators.noticeable(10, 1000)
+    # incomplete optimisation tests against 10 %: 3 of 10 rising, P(X >= 3 | 10, 0.1) = 0.0702, noise;
+    # 4 of 10: 0.0128, a FLAG
+    assert not indicators.noticeable(3, 10, 0.1) and indicators.noticeable(4, 10, 0.1)
 
 
 # ---------------------------------------------------------------- each indicator fires on its toy, not on a plain model
@@ -141,6 +148,9 @@ def test_silent_success_fires_on_a_detour_and_not_on_a_linear_model():
     assert trace.fooled_any().all() and correct.all()
     items = by_name(indicators.attack_indicators("pgd", trace, correct))
     assert items["silent success"]["status"] == "FLAG" and items["silent success"]["numbers"]["silent"] == 6
+    # the FLAG names its test: 6 of 6 against a share of 0.5 %, p = 0.005^6
+    assert "exact one-sided binomial test at level 0.05, p = 1.6e-14" in items["silent success"]["message"]
+    assert items["silent success"]["numbers"]["p_value"] == pytest.approx(0.005 ** 6)
     trace, correct = traced(Linear(slope=400.0, offset=-3.0), x, y)  # crosses and stays across
     items = by_name(indicators.attack_indicators("pgd", trace, correct))
     assert not correct.any() and items["silent success"]["status"] == "pass"

@@ -160,10 +160,15 @@ def test_a_repeated_sweep_radius_is_refused_in_one_line(ra_ckpt, capsys):
 
 
 def test_the_high_end_check_is_not_run_on_a_small_largest_radius():
-    checks = {c["name"]: c for c in sweep.curve_checks((0, 4 / 255, 8 / 255), {"c": [0.9, 0.6, 0.4]}, n=100)}
+    def nested(accuracies, n=100):
+        return {"c": [[i < round(a * n) for i in range(n)] for a in accuracies]}
+
+    checks = {c["name"]: c for c in sweep.curve_checks((0, 4 / 255, 8 / 255), {"c": [0.9, 0.6, 0.4]},
+                                                       nested([0.9, 0.6, 0.4]), n=100)}
     high = checks["c reaches ≤ 1 % at the largest ε"]
     assert high["status"] == "n/a" and "add 64/255" in high["message"] and "another class fits" not in high["message"]
-    checks = {c["name"]: c for c in sweep.curve_checks((0, 8 / 255, 64 / 255), {"c": [0.9, 0.4, 0.2]}, n=100)}
+    checks = {c["name"]: c for c in sweep.curve_checks((0, 8 / 255, 64 / 255), {"c": [0.9, 0.4, 0.2]},
+                                                       nested([0.9, 0.4, 0.2]), n=100)}
     assert checks["c reaches ≤ 1 % at the largest ε"]["status"] == "FLAG"
 
 

@@ -21,12 +21,13 @@ from utils.attacks import attack_mode, pgd, random_start
 from utils.evaluation.adaptive import PolicyView
 from utils.evaluation.context import AttackContext, full_precision
 from utils.evaluation.runner import attack_seed
-from utils.evaluation.sanity import tolerance
+from utils.evaluation.stats import BINOMIAL_TEST, above_rate, binomial_upper_tail
 
 DOC = "docs/evaluation.md"
 TAIL_FRACTION = 0.1           # "the last 10 % of steps"
 RISE_TOLERANCE = 0.01         # a best-so-far loss rise above 1 % (relative, floor 0.01) counts as still rising
-INCOMPLETE_SHARE = 0.1        # FLAG when more than 10 % of the unbroken examples still rise
+INCOMPLETE_SHARE = 0.1        # FLAG when more than 10 % of the unbroken examples still rise (beyond noise)
+TOLERATED_SHARE = 0.005       # the other indicators FLAG when their share is beyond 0.5 % (beyond noise)
 NOISE_FRACTION = 0.1          # unstable predictions: uniform noise of radius ε/10
 NOISE_DRAWS = 4
 MEANINGS = {
@@ -42,14 +43,25 @@ def _anchor(name):
     return f"{DOC}#{name.replace(' ', '-')}"
 
 
-def _indicator(name, attack, status, numbers, message):
+def _indicator(name, attack, status, numbers, message, evidence=None):
+    """One indicator's record; ``evidence`` ``(count, n, share)``: the exact test behind its status,
+    named in the message of a FLAG (and its p-value kept in ``numbers``)."""
+    if evidence is not None and evidence[1] > 0:
+        count, n, share = evidence
+        p_value = binomial_upper_tail(count, n, share)
+        numbers = dict(numbers, p_value=p_value, tolerated_share=share)
+        if status == "FLAG" and noticeable(count, n, share):
+            message += (f" FLAG: the share is above {100 * share:g} % beyond noise ({BINOMIAL_TEST}, "
+                        f"p = {p_value:.2g}).")
     return {"name": name, "attack": attack, "status": status, "numbers": numbers, "message": message,
             "meaning": MEANINGS[name], "doc": _anchor(name)}
 
 
-def noticeable(count, n):
-    """At least one example and at least the sanity checks' tolerance (one example or 0.5 %)."""
-    return count > 0 and n > 0 and count / n >= tolerance(n) - 1e-12
+def noticeable(count, n, share=TOLERATED_SHARE):
+    """``count`` of ``n`` examples is evidence that the indicator's true share exceeds ``share``: an
+    exact one-sided binomial test at level 0.05 (stats.above_rate), so that a few examples of noise
+    at small n raise no FLAG."""
+    return above_rate(count, n, share)
 
 
 # ---------------------------------------------------------------- the per-iterate trace
@@ -165,7 +177,7 @@ def attack_indicators(name, trace, returned_correct):
                    {"examples": n, "silent": silent},
                    f"{silent}/{n} examples were fooled at an iterate the attack did not return"
                    + (" (the worst case judges every iterate and counts them; the attack's own last-iterate "
-                      "figure misses them)." if silent else ".")),
+                      "figure misses them)." if silent else "."), evidence=(silent, n, TOLERATED_SHARE)),
     ]
     if losses.shape[0] < 10:
         out.append(_indicator("incomplete optimisation", name, "n/a", {"steps": int(losses.shape[0])},
@@ -175,17 +187,19 @@ def attack_indicators(name, trace, returned_correct):
                               "the attack left no example standing: no loss trace to read."))
     else:
         share = rising / n_standing
-        flag = share > INCOMPLETE_SHARE
+        flag = noticeable(rising, n_standing, INCOMPLETE_SHARE)
         out.append(_indicator("incomplete optimisation", name, "FLAG" if flag else "pass",
                               {"standing": n_standing, "rising": rising, "share": share, "limit": INCOMPLETE_SHARE},
                               f"the loss still rose over the last 10 % of steps for {rising}/{n_standing} examples "
-                              f"the attack left standing (limit {100 * INCOMPLETE_SHARE:.0f} %)."))
+                              f"the attack left standing (limit {100 * INCOMPLETE_SHARE:.0f} %).",
+                              evidence=(rising, n_standing, INCOMPLETE_SHARE)))
     count = int(bad.sum())
     status = "FLAG" if noticeable(count, n) or nan else "pass" if n and trace.start_grad is not None else "n/a"
     out.append(_indicator("unavailable gradients", name, status,
                           {"examples": n, "bad": count, "non_finite": nan},
                           f"{count}/{n} examples had a zero, NaN or infinite input gradient at the start point"
-                          + (f" ({nan} not finite)." if nan else ".")))
+                          + (f" ({nan} not finite: a FLAG on its own)." if nan else "."),
+                          evidence=(count, n, TOLERATED_SHARE)))
     return out
 
 
@@ -205,7 +219,7 @@ def unstable_predictions(model, x, y, eps, seed=0, draws=NOISE_DRAWS):
     return _indicator("unstable predictions", "model", "FLAG" if noticeable(count, n) else "pass" if n else "n/a",
                       {"examples": n, "changed": count, "radius": NOISE_FRACTION * eps, "draws": draws},
                       f"{count}/{n} predictions changed when classified again or under {draws} draws of noise of "
-                      f"radius ε/10.")
+                      f"radius ε/10.", evidence=(count, n, TOLERATED_SHARE))
 
 
 def _predict(model, x, batch_size=None, order=None):
@@ -230,7 +244,8 @@ def batch_dependence(model, x, y, batch_size):
     count = int((first != second).sum())
     return _indicator("batch dependence", "model", "FLAG" if noticeable(count, n) else "pass" if n else "n/a",
                       {"examples": n, "differ": count, "batch_sizes": [batch_size, other]},
-                      f"{count}/{n} predictions differ between batches of {batch_size} and reversed batches of {other}.")
+                      f"{count}/{n} predictions differ between batches of {batch_size} and reversed batches of {other}.",
+                      evidence=(count, n, TOLERATED_SHARE))
 
 
 # ---------------------------------------------------------------- over an evaluation

@@ -153,7 +153,7 @@ def run_eps_sweep(args, model, x, y, evaluation, out_dir):
     reports = sweep.run_sweep(evaluate, args.eps_sweep, threat_eps=args.eps, main_report=evaluation.to_json(),
                               names=names, out_dir=out_dir, base_key=dict(key, full_set=list(full_set)),
                               full_set=full_set)
-    summary = sweep.summarise(args.eps_sweep, reports, clean_accuracy=evaluation.clean_accuracy, n=evaluation.n,
+    summary = sweep.summarise(args.eps_sweep, reports, clean_correct=evaluation.clean.tolist(), n=evaluation.n,
                               threat_eps=args.eps, reverse_attention=ra,
                               model_name=run_label(evaluation.meta.get("checkpoint")))
     summary["attacks"], summary["full_set"], summary["strongest_head_aware"] = names, list(full_set), strongest

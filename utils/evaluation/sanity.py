@@ -25,11 +25,6 @@ TRUST_WORST_CASE = "Trust the worst-case row, which includes the adaptive attack
 CASCADE_NA = "the attacks to compare ran in the cascade (survivors only); rerun with --no-cascade for this check."
 
 
-def tolerance(n):
-    """One example or 0.5 %, whichever is larger (the ε sweep's and the indicators' margin)."""
-    return max(0.005, 1.0 / n) if n else 0.0
-
-
 def _check(name, status, numbers, message):
     return {"name": name, "status": status, "numbers": numbers, "message": message}
 

@@ -26,7 +26,7 @@ from utils.checkpoint import atomic_write_json  # noqa: E402
 from utils.cli import eps_type  # noqa: E402
 from utils.evaluation.catalogue import EvaluationError  # noqa: E402
 from utils.evaluation.report import eps_text  # noqa: E402
-from utils.evaluation.sanity import tolerance  # noqa: E402
+from utils.evaluation.stats import BINOMIAL_TEST, MCNEMAR_TEST, above_rate, beyond_noise, mcnemar_exact  # noqa: E402
 
 DEFAULT_SWEEP = tuple(k / 255 for k in (0, 1, 2, 4, 8, 16, 32, 64))
 LARGEST_EPS_MAX_ACCURACY = 0.01
@@ -80,11 +80,34 @@ def sweep_attacks(specs, threat_eps, reverse_attention):
 
 # ---------------------------------------------------------------- curves and checks (pure)
 
-def _standalone(report, sees):
-    accs = [a["accuracy"] for a in report["attacks"] if a.get("in_worst_case", True) and a.get("standalone", True)
+def _standalone_attacks(report, sees):
+    return [a for a in report["attacks"] if a.get("in_worst_case", True) and a.get("standalone", True)
             and a.get("sees") == sees and a["accuracy"] is not None
             and (sees != "final" or "steps" in a.get("params", {}))]
+
+
+def _standalone(report, sees):
+    accs = [a["accuracy"] for a in _standalone_attacks(report, sees)]
     return min(accs) if accs else None
+
+
+def curve_examples(eps_values, reports, clean_correct, reverse_attention):
+    """``{curve: [per-example correctness at each ε, or None]}`` behind :func:`curves_from_reports`:
+    the clean results at ε = 0, the worst case's, or the per-example results of the standalone attack
+    that gave the curve's point (the rises are tested on these, paired by example)."""
+    names = [FINAL, HEADS, WORST] if reverse_attention else [FINAL, WORST]
+    out = {name: [] for name in names}
+    for eps, report in zip(eps_values, reports):
+        for name in names:
+            if eps == 0 or report is None:
+                value = list(clean_correct)
+            elif name == WORST:
+                value = report["worst_case"].get("correct")
+            else:
+                attacks = _standalone_attacks(report, "final" if name == FINAL else "heads")
+                value = min(attacks, key=lambda a: a["accuracy"]).get("correct") if attacks else None
+            out[name].append(None if value is None else [bool(v) for v in value])
+    return out
 
 
 def curves_from_reports(eps_values, reports, clean_accuracy, reverse_attention):
@@ -108,23 +131,39 @@ def _check(name, status, numbers, message):
     return {"name": name, "status": status, "numbers": numbers, "message": message}
 
 
-def curve_checks(eps_values, curves, n):
-    """Per curve: FLAG when accuracy rises with ε (by more than one example or 0.5 %), or when it
-    stays above 1 % at the largest ε if that is at least :data:`LARGE_EPS` (n/a below: a smaller
-    ball need not hold an image of another class)."""
-    tol = tolerance(n)
+def _rise(smaller, larger):
+    """``(more, fewer)``: examples right at the larger ε and wrong at the smaller one, and the reverse."""
+    more = sum(1 for a, b in zip(smaller, larger) if b and not a)
+    fewer = sum(1 for a, b in zip(smaller, larger) if a and not b)
+    return more, fewer
+
+
+def curve_checks(eps_values, curves, examples, n):
+    """Per curve: FLAG when accuracy rises with ε beyond noise (paired by example, ``examples`` from
+    :func:`curve_examples`: an exact one-sided McNemar test at level 0.05), or when it stays above
+    1 % at the largest ε beyond noise (exact one-sided binomial test) if that ε is at least
+    :data:`LARGE_EPS` (n/a below: a smaller ball need not hold an image of another class)."""
     checks = []
     for name, values in curves.items():
-        known = [(e, v) for e, v in zip(eps_values, values) if v is not None]
-        rises = [(eps_text(a[0]), eps_text(b[0])) for a, b in zip(known, known[1:]) if b[1] > a[1] + tol]
+        known = [(e, v, ex) for e, v, ex in zip(eps_values, values, examples[name]) if v is not None]
+        rises, tests = [], []
+        for (ea, va, xa), (eb, vb, xb) in zip(known, known[1:]):
+            if vb <= va or xa is None or xb is None:
+                continue
+            more, fewer = _rise(xa, xb)
+            if beyond_noise(more, fewer):
+                rises.append((eps_text(ea), eps_text(eb)))
+                tests.append(f"{more} examples right only at {eps_text(eb)} against {fewer} right only at "
+                             f"{eps_text(ea)}, p = {mcnemar_exact(more, fewer):.2g}")
         text = ", ".join(f"{a} → {b}" for a, b in rises)
         checks.append(_check(f"{name} falls with ε", "FLAG" if rises else "pass", {"rises": rises},
-                             f"accuracy rises with ε ({text}): a larger ball contains every point of a smaller "
-                             "one, so the attack is failing (gradient masking or too few steps)." if rises else
-                             "accuracy never rises with ε."))
+                             f"accuracy rises with ε beyond noise ({text}; {MCNEMAR_TEST}: {'; '.join(tests)}): a "
+                             "larger ball contains every point of a smaller one, so the attack is failing (gradient "
+                             "masking or too few steps)." if rises else
+                             f"accuracy never rises with ε beyond noise ({MCNEMAR_TEST})."))
         if known:
-            last_eps, last = known[-1]
-            low = last <= LARGEST_EPS_MAX_ACCURACY
+            last_eps, last, _ = known[-1]
+            low = not above_rate(round(last * n), n, LARGEST_EPS_MAX_ACCURACY)
             numbers = {"eps": last_eps, "accuracy": last}
             name_high = f"{name} reaches ≤ 1 % at the largest ε"
             if last_eps < LARGE_EPS - 1e-12:  # too small a ball to expect ~0 %: nothing to judge
@@ -135,9 +174,9 @@ def curve_checks(eps_values, curves, n):
                 continue
             checks.append(_check(name_high, "pass" if low else "FLAG", numbers,
                                  f"{100 * last:.2f} % at ε = {eps_text(last_eps)}"
-                                 + ("." if low else ": at a radius this large an image of another class fits in the "
-                                    "ball, so a working attack reaches ~0 %; the attack is failing (or the output barely "
-                                    "depends on the input).")))
+                                 + ("." if low else f", above 1 % beyond noise ({BINOMIAL_TEST}): at a radius this "
+                                    "large an image of another class fits in the ball, so a working attack reaches "
+                                    "~0 %; the attack is failing (or the output barely depends on the input).")))
     return checks
 
 
@@ -192,13 +231,15 @@ def run_sweep(evaluate, eps_values, *, threat_eps, main_report, names, out_dir, 
     return reports
 
 
-def summarise(eps_values, reports, *, clean_accuracy, n, threat_eps, reverse_attention, model_name):
+def summarise(eps_values, reports, *, clean_correct, n, threat_eps, reverse_attention, model_name):
     """The eps_sweep.json content: radii, curves, checks, where each ε's evaluation lies."""
+    clean_accuracy = sum(bool(v) for v in clean_correct) / n if n else 0.0
     curves = curves_from_reports(eps_values, reports, clean_accuracy, reverse_attention)
+    examples = curve_examples(eps_values, reports, clean_correct, reverse_attention)
     return {"model": model_name, "n_examples": n, "threat_eps": threat_eps, "threat_eps_text": eps_text(threat_eps),
             "eps": list(eps_values), "eps_text": [eps_text(e) if e else "0" for e in eps_values],
             "eps_255": [round(e * 255, 4) for e in eps_values], "curves": curves,
-            "checks": curve_checks(eps_values, curves, n),
+            "checks": curve_checks(eps_values, curves, examples, n),
             "note": "not part of the headline: report.md's worst case counts only the attacks at the threat "
                     "model's ε"}
 
