@@ -148,3 +148,14 @@ def test_models_of_other_image_sizes_or_labels_are_refused(tmp_path):
     run_args = SimpleNamespace(compare=[str(a), str(b)], export_robustbench=None, out_dir=str(out), dataset=None)
     with pytest.raises(EvaluationError, match="b's test images carry other labels than a's"):
         compare.run_compare(run_args, evaluate({"a.pt": [0, 1, 2], "b.pt": [0, 1, 3]}))
+
+
+def test_a_comparison_of_smoke_runs_says_it_is_no_evaluation():
+    from utils.evaluation.report import SMOKE_LABEL
+
+    meta = {"dataset": "synthetic", "n": 4, "subset_seed": 0, "eps_text": "8/255", "smoke": True}
+    rows = [{"model": "a", "clean": 1.0, "paper_protocol": 0.5, "worst_case": 0.25, "worst_case_count": 1, "n": 4,
+             "worst_case_ci95": [0.05, 0.7], "flags": []}]
+    text = compare.markdown_table(rows, meta)
+    assert text.splitlines()[2] == SMOKE_LABEL and "not a robustness evaluation" in text
+    assert SMOKE_LABEL not in compare.markdown_table(rows, dict(meta, smoke=False))

@@ -17,6 +17,7 @@ import numpy as np
 from utils.checkpoint import atomic_write_json, atomic_write_text
 from utils.evaluation.catalogue import EvaluationError
 from utils.evaluation.options import check_output_dir
+from utils.evaluation.report import SMOKE_LABEL, is_smoke
 from utils.evaluation.stats import interval_text, paired_difference_interval, wilson_interval
 
 
@@ -75,6 +76,8 @@ def markdown_table(rows, meta, pairs=(), refusal=None):
              "Paper protocol: per example, the worst of the paper's attacks that ran on every example; worst case: "
              "every attack of the threat model (the headline of each report.md), with its 95 % Wilson interval.", "",
              "| model | clean | paper protocol | worst case | 95 % interval | FLAGs |", "|---|---|---|---|---|---|"]
+    if meta.get("smoke"):
+        lines[1:1] = ["", SMOKE_LABEL]
     for r in rows:
         low, high = r["worst_case_ci95"]
         flags = ", ".join(r["flags"]) if r["flags"] else "none"
@@ -220,6 +223,7 @@ def run_compare(args, evaluate_one, load=None, started=None):
     meta = {key: reports[0]["meta"].get(key) for key in ("dataset", "subset_seed", "eps", "eps_text", "seed",
                                                          "budget", "attacks_requested", "indices")}
     meta["n"] = len(reports[0]["labels"])
+    meta["smoke"] = any(is_smoke(r["meta"]) for r in reports)  # a smoke budget: labelled, never a figure
     rows = [row(name, report, out_dir / name) for name, report in zip(names, reports)]
     refusal = pairing_refusal(names, reports)
     pairs = [] if refusal else paired_rows(names, reports)
