@@ -16,6 +16,7 @@ import torch
 from models import load_model
 from train_baselines import DEFAULTS as BASELINES
 from utils import data, distributed
+from utils.training.cli import SMOKE_DEFAULTS
 from utils.training.cli import main as train_main
 from utils.training.config import TrainConfig
 from utils.training.errors import ConfigError
@@ -79,7 +80,8 @@ def test_torchrun_training_checkpoint_and_resume(tmp_path):
     common = ["train_baselines.py", "--smoke", "--device", "cpu", "--quiet", "--out-dir", tmp_path,
               "--run-name", "ddp"]
     first = _torchrun(*common, cwd=ROOT)
-    assert "2 processes x batch 8 (global 16)" in first.stdout
+    batch = SMOKE_DEFAULTS["batch_size"]  # the global batch, split across the two processes
+    assert f"2 processes x batch {batch // 2} (global {batch})" in first.stdout
     assert first.stdout.count("epoch 2/2") == 1  # rank 0 alone logs
     run_dir = tmp_path / "ddp"
     model, config = load_model(run_dir / "last.pt")  # a single process reads the checkpoint
@@ -159,6 +161,7 @@ def test_torchrun_training_with_awp_and_ema(tmp_path):
     _torchrun("train_baselines.py", "--smoke", "--device", "cpu", "--quiet", "--out-dir", tmp_path,
               "--run-name", "awp", "--awp-gamma", "0.01", "--ema", "0.9", cwd=ROOT)
     payload = torch.load(tmp_path / "awp" / "last.pt", weights_only=True)
-    assert payload["ema"]["updates"] == 4 and payload["args"]["awp_warmup"] == 0
+    steps = SMOKE_DEFAULTS["epochs"] * (SMOKE_DEFAULTS["train_size"] // SMOKE_DEFAULTS["batch_size"])
+    assert payload["ema"]["updates"] == steps and payload["args"]["awp_warmup"] == 0
     _, config = load_model(tmp_path / "awp" / "last.pt")
     assert config["weights"] == "ema"

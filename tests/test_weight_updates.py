@@ -13,7 +13,7 @@ from models import create_model, load_model
 from train_CIFAR10_WideResNet import DEFAULTS as WRN
 from utils import data
 from utils.training.ancra import TrainStep, WeightUpdate
-from utils.training.cli import main
+from utils.training.cli import SMOKE_DEFAULTS, main
 from utils.training.config import TrainConfig
 from utils.training.fast import FastStep
 from utils.training.monitor import monitor_accuracy
@@ -24,6 +24,8 @@ from utils.training.updates import AWP, EMA, build_update
 
 REPO = Path(__file__).resolve().parents[1]
 SMALL_WRN = ["--smoke", "--depth", "16", "--widen", "1", "--quiet"]
+# optimizer steps (and EMA updates) of a whole smoke run: epochs x batches per epoch
+SMOKE_STEPS = SMOKE_DEFAULTS["epochs"] * (SMOKE_DEFAULTS["train_size"] // SMOKE_DEFAULTS["batch_size"])
 
 
 def two_layer(seed=0):
@@ -172,7 +174,7 @@ def test_awp_and_ema_runs_resume_bit_exactly(tmp_path):
     for key in straight["model"]:
         assert torch.equal(straight["model"][key], resumed["model"][key]), key
         assert torch.equal(straight["ema"]["state_dict"][key], resumed["ema"]["state_dict"][key]), key
-    assert straight["ema"]["updates"] == resumed["ema"]["updates"] == 4
+    assert straight["ema"]["updates"] == resumed["ema"]["updates"] == SMOKE_STEPS
 
 
 @pytest.mark.slow
@@ -184,5 +186,5 @@ def test_resnet_smoke_with_awp_and_ema(tmp_path):
     # its own folder, never the plain smoke run's (the documented AWP command replaced the demo run)
     payload = torch.load(tmp_path / "smoke_synthetic_resnet18_trades-ancra_awp0.005_ema0.999_s0" / "last.pt",
                          weights_only=True)
-    assert payload["ema"]["decay"] == 0.999 and payload["ema"]["updates"] == 4
+    assert payload["ema"]["decay"] == 0.999 and payload["ema"]["updates"] == SMOKE_STEPS
     assert (payload["args"]["awp_gamma"], payload["args"]["awp_warmup"]) == (0.005, 0)  # AWP on from epoch 1
