@@ -675,3 +675,12 @@ def test_a_row_without_a_robust_figure_is_refused_not_counted():
     with pytest.raises(ValueError, match=r"^a verdict row's evaluation has no robust figure \(no attack of the "
                                          r"threat model ran\); evaluate it again"):
         verdict.row_verdict(results)
+
+
+def test_the_verdict_reads_headline_then_one_bullet_per_row_then_caveats():
+    built = verdict.build_verdict({"pgd-at": gated_row(), "trades": gated_row(), "trades-ancra": gated_row()})
+    text = verdict.verdict_paragraph(built, _labels(), _settings(), 120)
+    head, rows, tail = text.split("\n\n")
+    assert head.startswith("One trained model per method") and "\n" not in head
+    assert [line[:2] for line in rows.splitlines()] == ["- "] * 3
+    assert tail.startswith("Trained ") and tail.endswith("other attacks.")

@@ -288,7 +288,8 @@ def _row_sentences(label, r):
 
 
 def verdict_paragraph(verdict, labels, settings, paper_epochs):
-    """The generated paragraph in short sentences, one claim each (``labels``: row name → the paper's name)."""
+    """The generated verdict in short sentences, one claim each (``labels``: row name → the paper's name):
+    the models and the gap first, one bullet per row, then what the figures are and are not."""
     several = len(verdict["comparisons"]) > 1
     lines = [_models_sentence(settings)]
     if not verdict["comparisons"]:
@@ -296,9 +297,11 @@ def verdict_paragraph(verdict, labels, settings, paper_epochs):
     for comparison in verdict["comparisons"]:
         lines += _gap_sentences(comparison, labels, several)
     lines += _agreement_sentences(verdict, labels)
+    rows = []  # one bullet per row
     for r in verdict["rows"].values():
         seed = r["seed"] if len(verdict["seeds"]) > 1 else None
-        lines += _row_sentences(_seed_label(labels.get(r["row"], r["row"]), seed), r)
+        rows.append("- " + " ".join(_row_sentences(_seed_label(labels.get(r["row"], r["row"]), seed), r)))
+    head, lines = " ".join(lines), []
     if verdict["pending"]:
         lines.append(f"Not finished yet: {', '.join(labels.get(n, n) for n in verdict['pending'])}.")
     schedule = f"Trained {settings['epochs']} epochs"
@@ -309,7 +312,7 @@ def verdict_paragraph(verdict, labels, settings, paper_epochs):
         lines.append("Smoke run on synthetic data: the numbers mean nothing about CIFAR-10.")
     lines.append(f"Intervals: 95 %, Wilson's for one row, {PAIRED_NAME} for differences.")
     lines.append("They cover the draw of test images, not training seeds, other test sets or other attacks.")
-    return " ".join(lines)
+    return "\n\n".join(part for part in (head, "\n".join(rows), " ".join(lines)) if part)
 
 
 def _line(cells):
