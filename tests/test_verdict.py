@@ -628,6 +628,11 @@ def test_verdict_smoke_chain_with_two_seeds(tmp_path):
     assert "Spread between training seeds" in markdown
     assert "Training " in result.stdout and "evaluation " in result.stdout
     assert verdict.record_problem(table) == "a smoke or synthetic run is never recorded"
+    # the smoke models learn and the attacks have something to break: some row well above the 10 %
+    # of chance, and some row whose worst case is below its clean accuracy
+    rows = built["rows"].values()
+    assert max(r["clean"]["accuracy"] for r in rows) >= 0.25
+    assert any(r["worst_case"]["accuracy"] < r["clean"]["accuracy"] for r in rows)
     print(f"verdict --smoke --seeds 0,1: {seconds:.0f} s")
 
 
